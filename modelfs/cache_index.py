@@ -1,0 +1,197 @@
+"""The LMDB index of the chunk cache: which chunks are on disk, and their LRU order.
+
+Owns four named databases inside ``<cache-dir>/index``:
+
+``meta``     format version, bytes in use, the LRU clock.
+``objects``  object id (16 bytes) -> JSON {etag, size, mtime_ns, chunk_size}.
+``chunks``   object id + chunk number (u64 BE) -> length, xxh3-64, LRU tick.
+``lru``      LRU tick (u64 BE) + object id + chunk number -> b"" (oldest first).
+
+The object id is a hash of (ETag, size), see `ObjectVersion.identity`, so two
+keys holding the same content share chunks and a new version never sees the
+old one's. All methods are blocking and run in worker threads; LMDB
+serialises writers itself. Reads never write: recency is recorded by `touch`,
+which the chunk cache batches.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from .errors import CacheError, CacheFormatError
+
+INDEX_FORMAT = 1
+_CKEY = struct.Struct(">16sQ")
+_CREC = struct.Struct("<IQQ")
+_LKEY = struct.Struct(">Q16sQ")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    length: int
+    checksum: int
+    tick: int
+
+
+@dataclass(frozen=True)
+class Victim:
+    obj_id: bytes
+    chunk: int
+    length: int
+
+
+class CacheIndex:
+    def __init__(self, path: Path, map_size: int = 4 << 30) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            # metasync=False: one fsync per commit instead of two. A system
+            # crash may lose the last commits but never corrupts the index;
+            # a lost record only means a chunk is fetched again.
+            self.env = lmdb.open(
+                str(path), max_dbs=8, map_size=map_size, metasync=False, readahead=False
+            )
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot open cache index {path}: {exc}") from None
+        self._meta = self.env.open_db(b"meta")
+        self._objects = self.env.open_db(b"objects")
+        self._chunks = self.env.open_db(b"chunks")
+        self._lru = self.env.open_db(b"lru")
+        with self.env.begin(write=True) as txn:
+            fmt = txn.get(b"format", db=self._meta)
+            if fmt is None:
+                txn.put(b"format", str(INDEX_FORMAT).encode(), db=self._meta)
+            elif fmt != str(INDEX_FORMAT).encode():
+                raise CacheFormatError(
+                    f"cache index {path} has format {fmt.decode(errors='replace')}, "
+                    f"this modelfs reads format {INDEX_FORMAT}; use another --cache-dir"
+                )
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+
+    # -- helpers (inside a transaction) ----------------------------------
+    def _u64(self, txn: lmdb.Transaction, key: bytes) -> int:
+        raw = txn.get(key, db=self._meta)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def _next_tick(self, txn: lmdb.Transaction) -> int:
+        tick = self._u64(txn, b"tick") + 1
+        txn.put(b"tick", _U64.pack(tick), db=self._meta)
+        return tick
+
+    def _add_used(self, txn: lmdb.Transaction, delta: int) -> None:
+        txn.put(b"used", _U64.pack(max(0, self._u64(txn, b"used") + delta)), db=self._meta)
+
+    # -- queries ---------------------------------------------------------
+    def used(self) -> int:
+        with self.env.begin() as txn:
+            return self._u64(txn, b"used")
+
+    def get(self, obj_id: bytes, chunk: int) -> ChunkRecord | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_CKEY.pack(obj_id, chunk), db=self._chunks)
+        return ChunkRecord(*_CREC.unpack(raw)) if raw else None
+
+    def object_meta(self, obj_id: bytes) -> dict[str, object] | None:
+        with self.env.begin() as txn:
+            raw = txn.get(obj_id, db=self._objects)
+        return json.loads(raw) if raw else None
+
+    def chunks_of(self, obj_id: bytes) -> list[int]:
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._chunks)
+            if cur.set_range(obj_id):
+                for key in cur.iternext(values=False):
+                    oid, n = _CKEY.unpack(key)
+                    if oid != obj_id:
+                        break
+                    out.append(n)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            return {
+                "used_bytes": self._u64(txn, b"used"),
+                "chunks": txn.stat(self._chunks)["entries"],
+                "objects": txn.stat(self._objects)["entries"],
+            }
+
+    # -- updates ---------------------------------------------------------
+    def put(self, obj_id: bytes, chunk: int, length: int, checksum: int, meta: bytes) -> None:
+        """Record a chunk whose bytes are already written to the payload file."""
+        ckey = _CKEY.pack(obj_id, chunk)
+        with self.env.begin(write=True) as txn:
+            if txn.get(obj_id, db=self._objects) is None:
+                txn.put(obj_id, meta, db=self._objects)
+            old = txn.get(ckey, db=self._chunks)
+            if old:
+                rec = ChunkRecord(*_CREC.unpack(old))
+                txn.delete(_LKEY.pack(rec.tick, obj_id, chunk), db=self._lru)
+                self._add_used(txn, -rec.length)
+            tick = self._next_tick(txn)
+            txn.put(ckey, _CREC.pack(length, checksum, tick), db=self._chunks)
+            txn.put(_LKEY.pack(tick, obj_id, chunk), b"", db=self._lru)
+            self._add_used(txn, length)
+
+    def touch(self, keys: Iterable[tuple[bytes, int]]) -> None:
+        """Move chunks to the most-recently-used end (absent ones are skipped)."""
+        with self.env.begin(write=True) as txn:
+            for obj_id, chunk in keys:
+                ckey = _CKEY.pack(obj_id, chunk)
+                raw = txn.get(ckey, db=self._chunks)
+                if raw is None:
+                    continue
+                rec = ChunkRecord(*_CREC.unpack(raw))
+                txn.delete(_LKEY.pack(rec.tick, obj_id, chunk), db=self._lru)
+                tick = self._next_tick(txn)
+                txn.put(ckey, _CREC.pack(rec.length, rec.checksum, tick), db=self._chunks)
+                txn.put(_LKEY.pack(tick, obj_id, chunk), b"", db=self._lru)
+
+    def oldest(self, limit_bytes: int) -> list[Victim]:
+        """Least-recently-used chunks, oldest first, until `limit_bytes` are covered."""
+        out: list[Victim] = []
+        total = 0
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._lru)
+            for key in cur.iternext(values=False):
+                _, obj_id, chunk = _LKEY.unpack(key)
+                raw = txn.get(_CKEY.pack(obj_id, chunk), db=self._chunks)
+                if raw is None:  # pragma: no cover - index invariant
+                    continue
+                length = _CREC.unpack(raw)[0]
+                out.append(Victim(obj_id, chunk, length))
+                total += length
+                if total >= limit_bytes:
+                    break
+        return out
+
+    def remove(self, victims: Iterable[Victim]) -> list[bytes]:
+        """Forget chunks; returns the object ids left with no chunk at all."""
+        touched: set[bytes] = set()
+        with self.env.begin(write=True) as txn:
+            for v in victims:
+                ckey = _CKEY.pack(v.obj_id, v.chunk)
+                raw = txn.get(ckey, db=self._chunks)
+                if raw is None:
+                    continue
+                rec = ChunkRecord(*_CREC.unpack(raw))
+                txn.delete(ckey, db=self._chunks)
+                txn.delete(_LKEY.pack(rec.tick, v.obj_id, v.chunk), db=self._lru)
+                self._add_used(txn, -rec.length)
+                touched.add(v.obj_id)
+            empty = []
+            cur = txn.cursor(db=self._chunks)
+            for obj_id in touched:
+                if not cur.set_range(obj_id) or cur.key()[:16] != obj_id:
+                    txn.delete(obj_id, db=self._objects)
+                    empty.append(obj_id)
+        return empty

@@ -1,0 +1,402 @@
+"""The chunk cache: fetch-once, verify-once access to object bytes.
+
+Owns the cache directory (format file, lock, LMDB index, payload files) and
+the in-memory state that makes reads cheap and safe:
+
+* ``_flights``  one in-progress fetch, verify or eviction per chunk
+  (single-flight: concurrent readers of a missing chunk wait on one GET);
+* ``_verified`` chunks whose checksum was checked during this mount; later
+  reads of them are a bare pread;
+* ``_pins``     chunks a read is about to pread; eviction skips them, so a
+  reader never sees the zeros of a punched hole;
+* ``_touched``  recency updates, written to the index in one batch.
+
+All of that state is touched only from the trio thread; blocking work (S3,
+disk, LMDB writes) runs in worker threads behind capacity limiters.
+
+Write order for a new chunk: payload bytes, then the index record. Eviction
+order: index record removed, then the hole punched. So the index never names
+bytes that were not written; what a crash can leave is described in
+docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import xxhash
+
+from .cache_index import CacheIndex, Victim
+from .config import DEFAULT_CACHE_CAP, DEFAULT_CACHE_SHARE
+from .errors import CacheError, CacheFormatError, CacheLocked
+from .payload import PayloadFile, PayloadStore
+from .store import ObjectStore, ObjectVersion
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+FORMAT_FILE = "modelfs-cache.json"
+TOUCH_FLUSH_INTERVAL = 2.0
+
+ChunkKey = tuple[bytes, int]
+
+
+def checksum(data: bytes | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+@dataclass
+class CachedObject:
+    """One pinned object version, shared by every open handle on it."""
+
+    key: str
+    version: ObjectVersion
+    obj_id: bytes
+    chunk_size: int
+    file: PayloadFile
+    meta: bytes
+    handles: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.version.size
+
+    def chunk_span(self, n: int) -> tuple[int, int]:
+        start = n * self.chunk_size
+        return start, min(start + self.chunk_size, self.size)
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    fetched_chunks: int = 0
+    verified_chunks: int = 0
+    corrupt_chunks: int = 0
+    evicted_chunks: int = 0
+    evicted_bytes: int = 0
+
+
+def _check_format(root: Path) -> None:
+    fmt_path = root / FORMAT_FILE
+    if fmt_path.exists():
+        try:
+            fmt = json.loads(fmt_path.read_text()).get("format")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CacheFormatError(f"cannot read {fmt_path}: {exc}") from None
+        if fmt != CACHE_FORMAT:
+            raise CacheFormatError(
+                f"cache directory {root} has format {fmt!r}, this modelfs reads "
+                f"format {CACHE_FORMAT}; use another --cache-dir or delete it"
+            )
+        return
+    if any(p.name not in ("lock", "modelfs.log") for p in root.iterdir()):
+        raise CacheFormatError(
+            f"{root} is not empty and is not a modelfs cache; use another --cache-dir"
+        )
+    tmp = root / (FORMAT_FILE + ".tmp")
+    tmp.write_text(json.dumps({"format": CACHE_FORMAT}) + "\n")
+    os.replace(tmp, fmt_path)
+
+
+def default_capacity(root: Path, used: int) -> int:
+    free = shutil.disk_usage(root).free
+    return max(64 << 20, min(DEFAULT_CACHE_CAP, int((free + used) * DEFAULT_CACHE_SHARE)))
+
+
+class ChunkCache:
+    def __init__(
+        self,
+        root: Path,
+        store: ObjectStore,
+        *,
+        capacity: int | None = None,
+        fetch_concurrency: int = 16,
+        disk_concurrency: int = 8,
+    ) -> None:
+        self.root = root
+        self.store = store
+        try:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(root, 0o700)
+        except OSError as exc:
+            raise CacheError(f"cannot create cache directory {root}: {exc.strerror}") from None
+        self._lock_fd = self._take_lock(root)
+        try:
+            _check_format(root)
+            self.index = CacheIndex(root / "index")
+            self.payload = PayloadStore(root)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.capacity = (
+            capacity if capacity is not None else default_capacity(root, self.index.used())
+        )
+        self.counters = CacheCounters()
+        self._objects: dict[bytes, CachedObject] = {}
+        self._flights: dict[ChunkKey, _Flight] = {}
+        self._verified: set[ChunkKey] = set()
+        self._pins: Counter[ChunkKey] = Counter()
+        self._touched: dict[ChunkKey, None] = {}
+        self._reserved = 0
+        self._fetch_limiter = trio.CapacityLimiter(fetch_concurrency)
+        self._disk_limiter = trio.CapacityLimiter(disk_concurrency)
+        self._index_limiter = trio.CapacityLimiter(1)
+
+    @staticmethod
+    def _take_lock(root: Path) -> int:
+        fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise CacheLocked(
+                    f"cache directory {root} is in use by another modelfs (pid {holder}); "
+                    "give each mount its own --cache-dir"
+                ) from None
+            raise CacheError(f"cannot lock {root}: {exc.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def close(self) -> None:
+        self._flush_touches_sync()
+        self.payload.close_all()
+        self.index.close()
+        os.close(self._lock_fd)
+
+    # -- objects ---------------------------------------------------------
+    def open_object(self, key: str, version: ObjectVersion, chunk_size: int) -> CachedObject:
+        obj_id = version.identity()
+        obj = self._objects.get(obj_id)
+        if obj is None:
+            meta = self.index.object_meta(obj_id)
+            if meta is not None:
+                # Chunks already cached were cut at the size used then.
+                chunk_size = int(meta["chunk_size"])  # type: ignore[call-overload]
+            meta_bytes = json.dumps(
+                {
+                    "etag": version.etag,
+                    "size": version.size,
+                    "mtime_ns": version.mtime_ns,
+                    "chunk_size": chunk_size,
+                    "key": key,
+                }
+            ).encode()
+            pf = self.payload.acquire(obj_id)
+            obj = CachedObject(key, version, obj_id, chunk_size, pf, meta_bytes)
+            self._objects[obj_id] = obj
+        obj.handles += 1
+        return obj
+
+    def close_object(self, obj: CachedObject) -> None:
+        obj.handles -= 1
+        if obj.handles == 0:
+            del self._objects[obj.obj_id]
+            self.payload.release(obj.obj_id)
+
+    # -- reads -----------------------------------------------------------
+    async def read(self, obj: CachedObject, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the object, short only at EOF."""
+        end = min(offset + size, obj.size)
+        if offset >= end:
+            return b""
+        chunks = range(offset // obj.chunk_size, (end - 1) // obj.chunk_size + 1)
+        with self._pinned(obj.obj_id, chunks):
+            missing = [n for n in chunks if (obj.obj_id, n) not in self._verified]
+            if len(missing) == 1:
+                await self.ensure(obj, missing[0])
+            elif missing:
+                async with trio.open_nursery() as nursery:
+                    for n in missing:
+                        nursery.start_soon(self.ensure, obj, n)
+            self.counters.hits += len(chunks) - len(missing)
+            data = await trio.to_thread.run_sync(
+                obj.file.pread, end - offset, offset, limiter=self._disk_limiter
+            )
+        if len(data) != end - offset:
+            raise CacheError(f"payload file {obj.file.path} is shorter than its index says")
+        for n in chunks:
+            self._touched[(obj.obj_id, n)] = None
+        return data
+
+    @contextlib.contextmanager
+    def _pinned(self, obj_id: bytes, chunks: range) -> Iterator[None]:
+        keys = [(obj_id, n) for n in chunks]
+        self._pins.update(keys)
+        try:
+            yield
+        finally:
+            self._pins.subtract(keys)
+            for k in keys:
+                if self._pins[k] <= 0:
+                    del self._pins[k]
+
+    async def ensure(self, obj: CachedObject, n: int) -> None:
+        """Make chunk `n` present and verified, fetching it at most once."""
+        key = (obj.obj_id, n)
+        while key not in self._verified:
+            flight = self._flights.get(key)
+            if flight is not None:
+                await flight.done.wait()
+                if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
+                    raise flight.error
+                continue  # re-check: it was verified, evicted, or its owner was cancelled
+            flight = self._flights[key] = _Flight()
+            try:
+                await self._load(obj, n)
+            except BaseException as exc:
+                flight.error = exc
+                raise
+            finally:
+                del self._flights[key]
+                flight.done.set()
+
+    async def _load(self, obj: CachedObject, n: int) -> None:
+        key = (obj.obj_id, n)
+        start, end = obj.chunk_span(n)
+        rec = self.index.get(obj.obj_id, n)
+        if rec is not None and rec.length == end - start:
+            ok = await trio.to_thread.run_sync(
+                self._verify_sync,
+                obj.file,
+                start,
+                rec.length,
+                rec.checksum,
+                limiter=self._disk_limiter,
+            )
+            if ok:
+                self.counters.verified_chunks += 1
+                self._verified.add(key)
+                return
+            self.counters.corrupt_chunks += 1
+            log.warning("cached chunk %d of %s failed its checksum; fetching it again", n, obj.key)
+        self.counters.misses += 1
+        data, digest = await trio.to_thread.run_sync(
+            self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
+        )
+        self._reserved += len(data)
+        try:
+            await self._make_room(len(data))
+            await trio.to_thread.run_sync(obj.file.pwrite, data, start, limiter=self._disk_limiter)
+            await trio.to_thread.run_sync(
+                self.index.put,
+                obj.obj_id,
+                n,
+                len(data),
+                digest,
+                obj.meta,
+                limiter=self._index_limiter,
+            )
+        finally:
+            self._reserved -= len(data)
+        self.counters.fetched_chunks += 1
+        self._verified.add(key)
+
+    def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[bytes, int]:
+        data = self.store.get_range(obj.key, obj.version, start, end)
+        return data, checksum(data)
+
+    @staticmethod
+    def _verify_sync(pf: PayloadFile, start: int, length: int, digest: int) -> bool:
+        data = pf.pread(length, start)
+        return len(data) == length and checksum(data) == digest
+
+    # -- eviction --------------------------------------------------------
+    async def _make_room(self, incoming: int) -> None:
+        over = self.index.used() + self._reserved - self.capacity
+        if over <= 0:
+            return
+        await self.flush_touches()
+        # Ask for some slack: pinned or busy chunks are skipped below.
+        candidates = await trio.to_thread.run_sync(
+            self.index.oldest, over + 64 * incoming, limiter=self._index_limiter
+        )
+        victims: list[Victim] = []
+        freed = 0
+        for v in candidates:
+            key = (v.obj_id, v.chunk)
+            if key in self._pins or key in self._flights:
+                continue
+            victims.append(v)
+            freed += v.length
+            if freed >= over:
+                break
+        if not victims:
+            log.debug("cache over capacity by %d bytes, every old chunk is in use", over)
+            return
+        # Claim the victims before leaving the trio thread: a reader that
+        # wants one now waits for the eviction, then fetches it again.
+        flights = {}
+        for v in victims:
+            key = (v.obj_id, v.chunk)
+            self._verified.discard(key)
+            self._touched.pop(key, None)
+            flights[key] = self._flights[key] = _Flight()
+        try:
+            await trio.to_thread.run_sync(self._evict_sync, victims, limiter=self._index_limiter)
+        finally:
+            for key, flight in flights.items():
+                del self._flights[key]
+                flight.done.set()
+        self.counters.evicted_chunks += len(victims)
+        self.counters.evicted_bytes += freed
+
+    def _evict_sync(self, victims: list[Victim]) -> None:
+        chunk_sizes: dict[bytes, int] = {}
+        for v in victims:
+            if v.obj_id not in chunk_sizes:
+                meta = self.index.object_meta(v.obj_id)
+                chunk_sizes[v.obj_id] = int(meta["chunk_size"]) if meta else 0  # type: ignore[call-overload]
+        empty = self.index.remove(victims)
+        for v in victims:
+            if chunk_sizes[v.obj_id]:
+                self.payload.punch(v.obj_id, v.chunk * chunk_sizes[v.obj_id], v.length)
+        for obj_id in empty:
+            self.payload.remove(obj_id)
+
+    # -- recency ---------------------------------------------------------
+    async def flush_touches(self) -> None:
+        if self._touched:
+            keys = list(self._touched)
+            self._touched.clear()
+            await trio.to_thread.run_sync(self.index.touch, keys, limiter=self._index_limiter)
+
+    def _flush_touches_sync(self) -> None:
+        if self._touched:
+            self.index.touch(list(self._touched))
+            self._touched.clear()
+
+    async def run_background(self) -> None:
+        """Periodic chores; runs until cancelled."""
+        while True:
+            await trio.sleep(TOUCH_FLUSH_INTERVAL)
+            try:
+                await self.flush_touches()
+            except Exception:
+                log.exception("cannot record chunk recency in the index")
+
+    def stats(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.index.stats())
+        out["capacity_bytes"] = self.capacity
+        out.update(self.counters.__dict__)
+        return out

@@ -1,0 +1,271 @@
+"""Command line: ``modelfs mount`` and ``modelfs umount``.
+
+Owns argument parsing, logging set-up and daemonisation. Every user error
+ends as one line on stderr, ``modelfs: error: ...``, and a non-zero status;
+a traceback reaches the user only from a bug, and then goes to the log too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_METADATA_TTL,
+    MountConfig,
+    format_size,
+    parse_s3_url,
+    parse_size,
+)
+from .errors import ConfigError, ModelfsError, MountError
+from .mounts import FSTYPE, check_mountpoint, find_mount, fusermount_unmount
+
+log = logging.getLogger("modelfs")
+
+STARTUP_TIMEOUT = 120.0
+UMOUNT_WAIT = 30.0
+
+
+def _size(what: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text, what)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="modelfs",
+        description="Mount an S3-compatible bucket read-only, with a persistent chunk cache.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] on a directory")
+    m.add_argument("source", help="s3://BUCKET[/PREFIX]")
+    m.add_argument("mountpoint", type=Path)
+    m.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
+    m.add_argument("--region")
+    m.add_argument("--profile", help="profile from the shared AWS config")
+    m.add_argument("--addressing-style", choices=("auto", "path", "virtual"), default="auto")
+    m.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="default: $XDG_CACHE_HOME/modelfs, /var/cache/modelfs for root",
+    )
+    m.add_argument(
+        "--cache-size",
+        type=_size("--cache-size"),
+        help="disk budget of the cache (default: 80%% of free space, at most 64 GiB)",
+    )
+    m.add_argument(
+        "--chunk-size",
+        type=_size("--chunk-size"),
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"cache and fetch unit (default {format_size(DEFAULT_CHUNK_SIZE)})",
+    )
+    m.add_argument(
+        "--metadata-ttl",
+        type=float,
+        default=DEFAULT_METADATA_TTL,
+        help=f"seconds listings and attributes are trusted (default {DEFAULT_METADATA_TTL:g})",
+    )
+    m.add_argument("--fetch-concurrency", type=int, default=16, help="parallel GETs (default 16)")
+    m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    m.add_argument("--uid", type=int, help="owner of every file (default: yours)")
+    m.add_argument("--gid", type=int, help="group of every file (default: yours)")
+    m.add_argument("--foreground", "-f", action="store_true", help="do not detach")
+    m.add_argument("--debug", action="store_true", help="verbose logging")
+    m.add_argument("--log-file", type=Path, help="daemon log (default: CACHE_DIR/modelfs.log)")
+
+    u = sub.add_parser("umount", aliases=["unmount"], help="unmount a modelfs mount")
+    u.add_argument("mountpoint", type=Path)
+    u.add_argument("--lazy", "-z", action="store_true", help="detach even if files are open")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> MountConfig:
+    cfg = MountConfig(
+        source=parse_s3_url(args.source),
+        mountpoint=args.mountpoint,
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        profile=args.profile,
+        addressing_style=args.addressing_style,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        chunk_size=args.chunk_size,
+        metadata_ttl=args.metadata_ttl,
+        allow_other=args.allow_other,
+        uid=args.uid,
+        gid=args.gid,
+        foreground=args.foreground,
+        debug=args.debug,
+        log_file=args.log_file,
+        fetch_concurrency=args.fetch_concurrency,
+    )
+    cfg.validate()
+    return cfg
+
+
+def _setup_logging(debug: bool, stream: object = None, path: Path | None = None) -> None:
+    handler: logging.Handler
+    if path is not None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_mount(cfg: MountConfig) -> int:
+    from .daemon import serve
+
+    check_mountpoint(cfg.mountpoint)  # fail before forking on obvious mistakes
+    if cfg.foreground:
+        _setup_logging(cfg.debug)
+
+        def notify(err: str | None) -> None:
+            if err:
+                log.error("%s", err)
+
+        return serve(cfg, notify)
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os._exit(_daemon_child(cfg, write_fd))
+    os.close(write_fd)
+    return _wait_for_daemon(pid, read_fd, cfg)
+
+
+def _daemon_child(cfg: MountConfig, write_fd: int) -> int:
+    os.setsid()
+    sent = False
+
+    def notify(err: str | None) -> None:
+        nonlocal sent
+        if not sent:
+            sent = True
+            line = "OK\n" if err is None else "ERR " + err.replace("\n", " ") + "\n"
+            os.write(write_fd, line.encode())
+            os.close(write_fd)
+
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        log_file = cfg.log_file or cfg.resolved_cache_dir / "modelfs.log"
+        _setup_logging(cfg.debug, path=log_file)
+        from .daemon import serve
+
+        rc = serve(cfg, notify)
+        notify("the daemon stopped before the mount was ready")
+        return rc
+    except ModelfsError as exc:
+        log.error("%s", exc)
+        notify(str(exc))
+        return 1
+    except BaseException as exc:  # a bug: keep the traceback in the log
+        log.exception("daemon failed")
+        notify(f"internal error: {type(exc).__name__}: {exc} (see the log)")
+        return 1
+
+
+def _wait_for_daemon(pid: int, read_fd: int, cfg: MountConfig) -> int:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+            os.kill(pid, signal.SIGKILL)
+            _cleanup_mount(cfg.mountpoint)
+            raise MountError(f"the mount did not become ready within {STARTUP_TIMEOUT:.0f} s")
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    os.close(read_fd)
+    line = buf.decode(errors="replace").strip()
+    if line == "OK":
+        return 0
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    _cleanup_mount(cfg.mountpoint)
+    if line.startswith("ERR "):
+        raise MountError(line[4:])
+    raise MountError("the daemon exited during start-up; see its log")
+
+
+def _cleanup_mount(mnt: Path) -> None:
+    entry = find_mount(mnt)
+    if entry is not None and entry.fstype == FSTYPE:
+        try:
+            fusermount_unmount(mnt, lazy=True)
+        except MountError:
+            pass
+
+
+def cmd_umount(mnt: Path, lazy: bool) -> int:
+    mnt = Path(os.path.abspath(mnt))
+    entry = find_mount(mnt)
+    if entry is None:
+        raise MountError(f"{mnt} is not mounted")
+    if entry.fstype != FSTYPE:
+        raise MountError(f"{mnt} is not a modelfs mount (it is {entry.fstype})")
+    pid = None
+    try:
+        pid = int(os.getxattr(mnt, "user.modelfs.pid"))
+    except (OSError, ValueError):
+        pass  # a dead daemon: unmounting is all that is left to do
+    fusermount_unmount(mnt, lazy=lazy)
+    if pid is not None:
+        deadline = time.monotonic() + UMOUNT_WAIT
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "mount":
+            try:
+                cfg = config_from_args(args)
+            except ConfigError as exc:
+                parser.error(str(exc))
+            return cmd_mount(cfg)
+        return cmd_umount(args.mountpoint, args.lazy)
+    except ModelfsError as exc:
+        print(f"modelfs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

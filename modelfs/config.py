@@ -1,0 +1,152 @@
+"""Parsing and validation of user input: sizes, s3:// URLs, mount options.
+
+Everything a user can type is checked here, before any network or FUSE work,
+so a typo produces a one-line `ConfigError` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+# 8 MiB: see docs/architecture.md ("Choosing the chunk size") for the
+# measurement behind it.
+DEFAULT_CHUNK_SIZE = 8 * MiB
+MIN_CHUNK_SIZE = 64 * KiB
+MAX_CHUNK_SIZE = 1 * GiB
+DEFAULT_METADATA_TTL = 60.0
+# The cache may take at most this share of the free space of its filesystem
+# when --cache-size is not given, and never more than DEFAULT_CACHE_CAP.
+DEFAULT_CACHE_SHARE = 0.8
+DEFAULT_CACHE_CAP = 64 * GiB
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kb": KiB,
+    "kib": KiB,
+    "m": MiB,
+    "mb": MiB,
+    "mib": MiB,
+    "g": GiB,
+    "gb": GiB,
+    "gib": GiB,
+    "t": TiB,
+    "tb": TiB,
+    "tib": TiB,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_BUCKET_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse ``8M``, ``8MiB``, ``1.5G`` or ``4096`` into bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"invalid {what} {text!r}: use a number with an optional unit, e.g. 8M, 10G"
+        )
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value != int(value):
+        raise ConfigError(f"invalid {what} {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # "" or ends with "/"
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def parse_s3_url(url: str) -> S3Location:
+    """``s3://bucket[/prefix]`` -> S3Location; the prefix is a directory."""
+    if not url.startswith("s3://"):
+        raise ConfigError(f"invalid source {url!r}: expected s3://BUCKET[/PREFIX]")
+    rest = url[len("s3://") :]
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise ConfigError(f"invalid bucket name {bucket!r} in {url!r}")
+    prefix = prefix.strip("/")
+    if prefix:
+        if any(part in ("", ".", "..") for part in prefix.split("/")):
+            raise ConfigError(f"invalid prefix in {url!r}: empty, '.' or '..' path parts")
+        prefix += "/"
+    return S3Location(bucket, prefix)
+
+
+def default_cache_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/modelfs")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "modelfs"
+
+
+@dataclass
+class MountConfig:
+    source: S3Location
+    mountpoint: Path
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    addressing_style: str = "auto"
+    cache_dir: Path | None = None
+    cache_size: int | None = None  # None: derived from free space at mount
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    metadata_ttl: float = DEFAULT_METADATA_TTL
+    allow_other: bool = False
+    uid: int | None = None
+    gid: int | None = None
+    foreground: bool = False
+    debug: bool = False
+    log_file: Path | None = None
+    fetch_concurrency: int = 16
+
+    def validate(self) -> None:
+        if self.addressing_style not in ("auto", "path", "virtual"):
+            raise ConfigError("--addressing-style must be auto, path or virtual")
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ConfigError(
+                f"--chunk-size must be between {format_size(MIN_CHUNK_SIZE)} "
+                f"and {format_size(MAX_CHUNK_SIZE)}"
+            )
+        if self.chunk_size % (4 * KiB):
+            raise ConfigError("--chunk-size must be a multiple of 4 KiB")
+        if self.cache_size is not None and self.cache_size < self.chunk_size * 4:
+            raise ConfigError("--cache-size must hold at least four chunks")
+        if self.metadata_ttl < 0:
+            raise ConfigError("--metadata-ttl must be >= 0")
+        for name, val in (("--uid", self.uid), ("--gid", self.gid)):
+            if val is not None and not 0 <= val < 2**32 - 1:
+                raise ConfigError(f"{name} must be a non-negative integer")
+        if self.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
+            raise ConfigError(
+                f"invalid --endpoint-url {self.endpoint_url!r}: expected http(s)://HOST[:PORT]"
+            )
+        if self.fetch_concurrency < 1:
+            raise ConfigError("--fetch-concurrency must be >= 1")
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or default_cache_dir()).absolute()

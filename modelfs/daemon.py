@@ -1,0 +1,111 @@
+"""Mount lifecycle: build the layers, mount, serve, and always unmount.
+
+`serve` runs in the daemon process (or in the foreground). It reports
+readiness through `notify` only after the mounted filesystem has answered a
+stat of its own root, so `modelfs mount` returns when the mount is usable.
+Whatever fails before that is reported through `notify` as one line, and the
+kernel mount, if it was made, is removed before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .chunk_cache import ChunkCache
+from .config import MountConfig
+from .errors import MountError
+from .fs import Operations
+from .mounts import FSTYPE, check_mountpoint
+from .namespace import Namespace
+from .store import ObjectStore, S3Store
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[str | None], None]
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    source = str(cfg.source)
+    opts = {
+        "ro",
+        "default_permissions",
+        f"subtype={FSTYPE.split('.', 1)[1]}",
+        # Commas would split the option string; such prefixes get a plain name.
+        f"fsname={source if ',' not in source else 'modelfs'}",
+    }
+    if cfg.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def build_store(cfg: MountConfig) -> ObjectStore:
+    return S3Store(cfg)
+
+
+def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) -> int:
+    mnt = check_mountpoint(cfg.mountpoint)
+    store = store or build_store(cfg)
+    store.probe(cfg.source.prefix)
+    cache = ChunkCache(
+        cfg.resolved_cache_dir,
+        store,
+        capacity=cfg.cache_size,
+        fetch_concurrency=cfg.fetch_concurrency,
+    )
+    try:
+        ns = Namespace(store, cfg.source.prefix, cfg.metadata_ttl)
+        ops = Operations(
+            ns,
+            cache,
+            chunk_size=cfg.chunk_size,
+            uid=os.getuid() if cfg.uid is None else cfg.uid,
+            gid=os.getgid() if cfg.gid is None else cfg.gid,
+            ttl=cfg.metadata_ttl,
+        )
+        try:
+            pyfuse3.init(ops, str(mnt), fuse_options(cfg))
+        except RuntimeError as exc:
+            raise MountError(f"the kernel refused to mount {mnt}: {exc}") from None
+        try:
+            trio.run(_main, ops, cache, mnt, notify)
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mnt)
+    finally:
+        cache.close()
+    return 0
+
+
+async def _main(ops: Operations, cache: ChunkCache, mnt: Path, notify: Notify) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.run_background)
+        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_announce_ready, mnt, notify)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(mnt: Path, notify: Notify) -> None:
+    try:
+        await trio.to_thread.run_sync(os.stat, mnt)
+    except OSError as exc:
+        notify(f"the mount at {mnt} does not answer: {exc.strerror}")
+        pyfuse3.terminate()
+        return
+    log.info("serving on %s", mnt)
+    notify(None)

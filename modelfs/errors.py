@@ -1,0 +1,57 @@
+"""Domain exceptions shared by every layer below the FUSE operations.
+
+Lower layers (object store, chunk cache, namespace) raise these; only
+`modelfs.fs.Operations` turns them into errno values, and only the CLI turns
+them into one-line messages. Each message is written for a user: it names the
+thing that failed and, where possible, what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class ModelfsError(Exception):
+    """Base class; ``str(exc)`` is a one-line message fit for a user."""
+
+
+class ConfigError(ModelfsError):
+    """Bad command-line or configuration input."""
+
+
+class StoreError(ModelfsError):
+    """The object store failed in a way not covered by a subclass."""
+
+
+class NoSuchObject(StoreError):
+    """The key (or path) does not exist."""
+
+
+class ObjectChanged(StoreError):
+    """The object no longer matches the version pinned at open (HTTP 412)."""
+
+
+class AccessDenied(StoreError):
+    """Credentials are missing, wrong, or lack permission."""
+
+
+class NoSuchBucket(StoreError):
+    """The bucket does not exist on this endpoint."""
+
+
+class EndpointUnreachable(StoreError):
+    """The endpoint could not be reached (DNS, refused, timeout)."""
+
+
+class CacheError(ModelfsError):
+    """The on-disk chunk cache cannot be used."""
+
+
+class CacheFormatError(CacheError):
+    """The cache directory holds a format this version does not understand."""
+
+
+class CacheLocked(CacheError):
+    """Another modelfs process is using the cache directory."""
+
+
+class MountError(ModelfsError):
+    """The mountpoint cannot be used or the kernel refused the mount."""

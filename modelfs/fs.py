@@ -1,0 +1,290 @@
+"""The FUSE operations: the only place that raises `pyfuse3.FUSEError`.
+
+Translates kernel requests into namespace, reader and cache calls, and every
+domain exception into one errno (`errno_for`). The mount is read-only: every
+request that would modify it gets EROFS, and the kernel mount is 'ro' too.
+
+Extended attributes (read-only) expose what a user debugging a mount wants:
+``user.modelfs.etag`` and ``user.modelfs.key`` on files, ``user.modelfs.pid``
+and ``user.modelfs.stats`` (JSON) on the root.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from .chunk_cache import ChunkCache
+from .errors import (
+    AccessDenied,
+    CacheError,
+    EndpointUnreachable,
+    NoSuchObject,
+    ObjectChanged,
+    StoreError,
+)
+from .namespace import ROOT_INODE, Namespace, Node
+from .reader import OpenFile
+from .store import ObjectVersion
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+XATTR_ETAG = b"user.modelfs.etag"
+XATTR_KEY = b"user.modelfs.key"
+XATTR_PID = b"user.modelfs.pid"
+XATTR_STATS = b"user.modelfs.stats"
+
+
+def errno_for(exc: BaseException) -> int:
+    """The single mapping from domain exceptions to errno values."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, NoSuchObject):
+        return errno.ENOENT
+    if isinstance(exc, ObjectChanged):
+        return errno.ESTALE
+    if isinstance(exc, AccessDenied):
+        return errno.EACCES
+    if isinstance(exc, EndpointUnreachable):
+        return errno.EHOSTUNREACH
+    if isinstance(exc, StoreError | CacheError):
+        return errno.EIO
+    if isinstance(exc, NotADirectoryError):
+        return errno.ENOTDIR
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+def _fuse_errors(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (NoSuchObject, NotADirectoryError):
+            raise pyfuse3.FUSEError(errno_for(NoSuchObject())) from None
+        except (StoreError, CacheError, OSError) as exc:
+            code = errno_for(exc)
+            log.warning("%s failed: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _async_erofs(*_: Any, **__: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(
+        self,
+        namespace: Namespace,
+        cache: ChunkCache,
+        *,
+        chunk_size: int,
+        uid: int,
+        gid: int,
+        ttl: float,
+    ) -> None:
+        super().__init__()
+        self.ns = namespace
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.uid = uid
+        self.gid = gid
+        self.ttl = ttl
+        self._mount_ns = time.time_ns()
+        self._files: dict[int, OpenFile] = {}
+        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_fh = 1
+        # The version each inode was last opened at: the kernel page cache may
+        # be kept across opens only while it is unchanged.
+        self._last_version: dict[int, ObjectVersion] = {}
+
+    # -- attributes ------------------------------------------------------
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        a.entry_timeout = self.ttl
+        a.attr_timeout = self.ttl
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_blksize = 128 * 1024
+        if node.is_dir:
+            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_nlink = 2
+            a.st_size = 0
+            mtime = self._mount_ns
+        else:
+            assert node.version is not None
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = node.version.size
+            mtime = node.version.mtime_ns
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        return a
+
+    @_fuse_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            node = self.ns.get(parent_inode)
+        elif name == b"..":
+            node = self.ns.get(self.ns.get(parent_inode).parent)
+        else:
+            return self._attr(await self.ns.lookup(parent_inode, name))
+        node.lookups += 1
+        return self._attr(node)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(self.ns.get(inode))
+
+    async def forget(self, inode_list: Any) -> None:
+        for inode, nlookup in inode_list:
+            self.ns.forget(inode, nlookup)
+
+    # -- directories -----------------------------------------------------
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        children = await self.ns.children(inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        # A snapshot, so offsets stay valid if the listing is refreshed.
+        self._dir_handles[fh] = sorted(children.items())
+        return fh
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dir_handles[fh]
+        for i in range(start_id, len(entries)):
+            name, inode = entries[i]
+            try:
+                node = self.ns.get(inode)
+            except NoSuchObject:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attr(node), i + 1):
+                return
+            node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # -- files -----------------------------------------------------------
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = await self.ns.refresh(inode)
+        if node.is_dir or node.version is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        obj = self.cache.open_object(node.key, node.version, self.chunk_size)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = OpenFile(fh, inode, obj, self.cache)
+        keep = self._last_version.get(inode) == node.version
+        self._last_version[inode] = node.version
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._files[fh]
+        try:
+            return await handle.read(off, size)
+        except ObjectChanged:
+            # New opens should see the new version without waiting for the TTL.
+            self.ns.invalidate_parent(handle.inode)
+            self._last_version.pop(handle.inode, None)
+            raise
+
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+    @_fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = self.cache.capacity // 4096
+        s.f_bfree = s.f_bavail = max(0, self.cache.capacity - self.cache.index.used()) // 4096
+        s.f_files = len(self.ns)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- extended attributes ---------------------------------------------
+    def _xattrs(self, node: Node) -> dict[bytes, Callable[[], bytes]]:
+        if node.inode == ROOT_INODE:
+            return {
+                XATTR_PID: lambda: str(os.getpid()).encode(),
+                XATTR_STATS: lambda: json.dumps(self.stats()).encode(),
+            }
+        if node.is_dir:
+            return {XATTR_KEY: lambda: node.key.encode()}
+        version = node.version
+        assert version is not None
+        return {
+            XATTR_KEY: lambda: node.key.encode(),
+            XATTR_ETAG: lambda: (version.etag or "").encode(),
+        }
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        getter = self._xattrs(self.ns.get(inode)).get(name)
+        if getter is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return getter()
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return list(self._xattrs(self.ns.get(inode)))
+
+    def stats(self) -> dict[str, object]:
+        counters = self.cache.store.counters
+        return {
+            "store": {
+                "list_requests": counters.list_requests,
+                "get_requests": counters.get_requests,
+                "get_bytes": counters.get_bytes,
+            },
+            "cache": self.cache.stats(),
+            "open_files": len(self._files),
+            "inodes": len(self.ns),
+        }
+
+    # -- everything that would write ------------------------------------
+    setattr = _async_erofs
+    mknod = _async_erofs
+    mkdir = _async_erofs
+    unlink = _async_erofs
+    rmdir = _async_erofs
+    symlink = _async_erofs
+    rename = _async_erofs
+    link = _async_erofs
+    write = _async_erofs
+    create = _async_erofs
+    setxattr = _async_erofs
+    removexattr = _async_erofs

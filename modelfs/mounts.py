@@ -1,0 +1,98 @@
+"""Kernel mount table helpers: find a mount, check a mountpoint, unmount.
+
+Shared by the CLI (``modelfs umount``), the daemon's start-up checks and the
+test fixtures, so "is it mounted" has one answer everywhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MountError
+
+FSTYPE = "fuse.modelfs"
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # "major:minor", for /sys/class/bdi
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def find_mount(path: str | Path) -> MountEntry | None:
+    """The mount whose mountpoint is exactly `path` (the last one if stacked)."""
+    target = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) < 5 or len(rfields) < 2:
+                continue
+            if _unescape(fields[4]) == target:
+                found = MountEntry(target, rfields[0], _unescape(rfields[1]), fields[2])
+    return found
+
+
+def check_mountpoint(path: Path) -> Path:
+    """Resolve and vet a mountpoint before anything is started."""
+    mnt = Path(os.path.abspath(path))
+    try:
+        st = os.stat(mnt)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mnt} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mnt} is a disconnected FUSE mount (its daemon died); "
+                f"run 'modelfs umount {mnt}' first"
+            ) from None
+        raise MountError(f"cannot use mountpoint {mnt}: {exc.strerror}") from None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mnt} is not a directory")
+    if os.path.ismount(mnt) or find_mount(mnt) is not None:
+        raise MountError(f"mountpoint {mnt} is busy: something is already mounted there")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("/dev/fuse is missing or not accessible; FUSE is required")
+    if shutil.which("fusermount3") is None and os.geteuid() != 0:
+        raise MountError("fusermount3 not found; install the fuse3 package")
+    return mnt
+
+
+def fusermount_unmount(mnt: str | Path, lazy: bool = False) -> None:
+    """Unmount with fusermount3 (falls back to umount(8) if it is missing)."""
+    tool = shutil.which("fusermount3")
+    if tool:
+        cmd = [tool, "-uz" if lazy else "-u", str(mnt)]
+    else:
+        cmd = ["umount", "-l", str(mnt)] if lazy else ["umount", str(mnt)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        msg = detail[-1] if detail else f"exit status {proc.returncode}"
+        if "busy" in msg.lower():
+            msg += "; close the files using it, or use --lazy"
+        raise MountError(f"cannot unmount {mnt}: {msg}")

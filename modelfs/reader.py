@@ -1,0 +1,35 @@
+"""Open-file handles: one per FUSE open, pinned to one object version.
+
+A handle owns its pinned `CachedObject` and its staleness: once the store
+reports that the object changed (HTTP 412), every later read on the handle
+fails with `ObjectChanged`, even for chunks still cached, so one handle never
+returns bytes of two versions. Read-ahead (issue #3) lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .chunk_cache import CachedObject, ChunkCache
+from .errors import ObjectChanged
+
+
+@dataclass
+class OpenFile:
+    fh: int
+    inode: int
+    obj: CachedObject
+    cache: ChunkCache
+    stale: bool = False
+
+    async def read(self, offset: int, size: int) -> bytes:
+        if self.stale:
+            raise ObjectChanged(f"{self.obj.key} changed since it was opened")
+        try:
+            return await self.cache.read(self.obj, offset, size)
+        except ObjectChanged:
+            self.stale = True
+            raise
+
+    def close(self) -> None:
+        self.cache.close_object(self.obj)
