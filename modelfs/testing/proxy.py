@@ -1,0 +1,179 @@
+"""An HTTP/1.1 reverse proxy in front of a local S3 server that counts.
+
+It records every request (method, path, Range header, status, body bytes
+sent to the client), so tests can prove claims such as "a remount fetches
+nothing" from what actually crossed the wire. It can also hold back each
+response by a fixed first-byte delay and cap each connection's rate, which
+models S3's cost structure on loopback. SigV4 signatures survive because
+the Host header is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import unquote, urlsplit
+
+_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # decoded, without the query string
+    query: str
+    range: str | None
+    status: int
+    body_bytes: int
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _ThreadingServer
+    _conn: http.client.HTTPConnection | None = None
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+    def _upstream(self) -> http.client.HTTPConnection:
+        conn = self._conn
+        if conn is None:
+            proxy = self.server.proxy
+            conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=120)
+            self._conn = conn
+        return conn
+
+    def _forward(self) -> None:
+        proxy = self.server.proxy
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+        conn = self._upstream()
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self._conn = None
+            conn = self._upstream()
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+        if proxy.first_byte_delay:
+            time.sleep(proxy.first_byte_delay)
+        resp_len = resp.getheader("Content-Length")
+        payload: bytes | None = None
+        if resp_len is None and self.command != "HEAD":
+            payload = resp.read()
+            resp_len = str(len(payload))
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP and k.lower() != "content-length":
+                self.send_header(k, v)
+        if resp_len is not None:
+            self.send_header("Content-Length", resp_len)
+        self.end_headers()
+        sent = 0
+        if self.command != "HEAD":
+            started = time.monotonic()
+            while True:
+                if payload is not None:
+                    block, payload = payload[: 1 << 20], payload[1 << 20 :]
+                else:
+                    block = resp.read(1 << 20)
+                if not block:
+                    break
+                self.wfile.write(block)
+                sent += len(block)
+                if proxy.rate:
+                    ahead = sent / proxy.rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        resp.close()
+        split = urlsplit(self.path)
+        proxy._record(
+            Request(
+                self.command,
+                unquote(split.path),
+                split.query,
+                self.headers.get("Range"),
+                resp.status,
+                sent,
+            )
+        )
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    proxy: CountingProxy
+
+
+class CountingProxy:
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        first_byte_delay: float = 0.0,
+        rate: float | None = None,
+    ) -> None:
+        u = urlsplit(upstream_url)
+        self.upstream_host = u.hostname or "127.0.0.1"
+        self.upstream_port = u.port or 80
+        self.first_byte_delay = first_byte_delay
+        self.rate = rate  # bytes per second per connection
+        self._lock = threading.Lock()
+        self.requests: list[Request] = []
+        self._server = _ThreadingServer(("127.0.0.1", 0), _Handler)
+        self._server.proxy = self
+        self.port = self._server.server_address[1]
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _record(self, req: Request) -> None:
+        with self._lock:
+            self.requests.append(req)
+
+    def start(self) -> CountingProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def snapshot(self) -> list[Request]:
+        with self._lock:
+            return list(self.requests)
+
+    def object_gets(self, key_suffix: str = "") -> list[Request]:
+        """GETs of objects (not listings) whose path ends with `key_suffix`."""
+        return [
+            r
+            for r in self.snapshot()
+            if r.method == "GET"
+            and "list-type" not in r.query
+            and r.path.endswith(key_suffix)
+            and r.path.count("/") >= 2
+        ]
+
+    def object_bytes(self, key_suffix: str = "") -> int:
+        return sum(r.body_bytes for r in self.object_gets(key_suffix) if r.status in (200, 206))
