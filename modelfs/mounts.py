@@ -74,6 +74,14 @@ def check_mountpoint(path: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mnt} is not a directory")
     if os.path.ismount(mnt) or find_mount(mnt) is not None:
+        try:
+            os.statvfs(mnt)  # never cached by the kernel, unlike stat
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise MountError(
+                    f"{mnt} is a disconnected FUSE mount (its daemon died); "
+                    f"run 'modelfs umount {mnt}' first"
+                ) from None
         raise MountError(f"mountpoint {mnt} is busy: something is already mounted there")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MountError("/dev/fuse is missing or not accessible; FUSE is required")
