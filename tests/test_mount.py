@@ -132,9 +132,9 @@ def test_concurrent_reads_of_one_missing_chunk_make_one_get(
 @pytest.mark.parametrize(
     "op",
     [
-        lambda p: open(p / "new", "w"),
-        lambda p: open(p / "f", "r+b"),
-        lambda p: open(p / "f", "ab"),
+        lambda p: os.open(p / "new", os.O_WRONLY | os.O_CREAT),
+        lambda p: os.open(p / "f", os.O_RDWR),
+        lambda p: os.open(p / "f", os.O_WRONLY | os.O_APPEND),
         lambda p: os.truncate(p / "f", 0),
         lambda p: os.unlink(p / "f"),
         lambda p: os.rename(p / "f", p / "g"),

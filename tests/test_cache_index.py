@@ -1,0 +1,64 @@
+"""Unit tier: the LMDB chunk index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from modelfs.cache_index import CacheIndex, Victim
+from modelfs.errors import CacheFormatError
+
+A = b"a" * 16
+B = b"b" * 16
+
+
+def test_put_get_used_and_persistence(tmp_path: Path) -> None:
+    idx = CacheIndex(tmp_path / "i")
+    assert idx.get(A, 0) is None
+    idx.put(A, 0, 100, 0xABC, b'{"chunk_size": 100}')
+    idx.put(A, 1, 50, 0xDEF, b'{"chunk_size": 100}')
+    idx.put(A, 1, 50, 0xDEF, b'{"chunk_size": 100}')  # idempotent
+    assert idx.used() == 150
+    idx.close()
+    idx = CacheIndex(tmp_path / "i")
+    rec = idx.get(A, 1)
+    assert rec is not None and (rec.length, rec.checksum) == (50, 0xDEF)
+    assert idx.object_meta(A) == {"chunk_size": 100}
+    assert idx.chunks_of(A) == [0, 1]
+    assert idx.stats() == {"used_bytes": 150, "chunks": 2, "objects": 1}
+
+
+def test_lru_order_follows_touch(tmp_path: Path) -> None:
+    idx = CacheIndex(tmp_path / "i")
+    for n in range(4):
+        idx.put(A, n, 10, n, b"{}")
+    idx.put(B, 0, 10, 9, b"{}")
+    idx.touch([(A, 0), (A, 1), (B, 7)])  # (B, 7) is absent: skipped
+    order = [(v.obj_id, v.chunk) for v in idx.oldest(1000)]
+    assert order == [(A, 2), (A, 3), (B, 0), (A, 0), (A, 1)]
+    assert len(idx.oldest(15)) == 2
+
+
+def test_remove_reports_emptied_objects(tmp_path: Path) -> None:
+    idx = CacheIndex(tmp_path / "i")
+    idx.put(A, 0, 10, 0, b"{}")
+    idx.put(A, 1, 10, 0, b"{}")
+    idx.put(B, 0, 10, 0, b"{}")
+    assert idx.remove([Victim(A, 0, 10), Victim(B, 0, 10)]) == [B]
+    assert idx.used() == 10
+    assert idx.object_meta(B) is None and idx.object_meta(A) == {}
+    assert idx.remove([Victim(A, 1, 10)]) == [A]
+    assert idx.used() == 0 and idx.oldest(100) == []
+
+
+def test_unknown_format_is_refused(tmp_path: Path) -> None:
+    CacheIndex(tmp_path / "i").close()
+    env = lmdb.open(str(tmp_path / "i"), max_dbs=8)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"format", b"42", db=meta)
+    env.close()
+    with pytest.raises(CacheFormatError, match="format 42"):
+        CacheIndex(tmp_path / "i")

@@ -1,0 +1,244 @@
+"""Unit tier: the chunk cache over an in-memory store (no S3, no FUSE)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelfs.chunk_cache import ChunkCache
+from modelfs.errors import CacheFormatError, CacheLocked, ObjectChanged, StoreError
+from modelfs.store import MemoryStore, ObjectVersion
+
+from .data import pattern
+
+CS = 64 * 1024  # chunk size for these tests
+
+
+class SlowStore(MemoryStore):
+    """Holds every GET long enough for concurrent readers to pile up."""
+
+    def __init__(self, delay: float = 0.2) -> None:
+        super().__init__()
+        self.delay = delay
+        self.fail_next: Exception | None = None
+
+    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
+        time.sleep(self.delay)
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        return super().get_range(key, version, start, end)
+
+
+def _read(cache: ChunkCache, key: str, version: ObjectVersion, off: int, size: int) -> bytes:
+    async def main() -> bytes:
+        obj = cache.open_object(key, version, CS)
+        try:
+            return await cache.read(obj, off, size)
+        finally:
+            cache.close_object(obj)
+
+    return trio.run(main)
+
+
+def test_reads_are_exact_and_fetch_each_chunk_once(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = pattern(1, 0, 10 * CS + 77)
+    v = store.put("m/x.bin", data)
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+
+    @settings(
+        max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(st.integers(0, len(data) + 5), st.integers(0, 3 * CS))
+    def check(off: int, size: int) -> None:
+        assert _read(cache, "m/x.bin", v, off, size) == data[off : off + size]
+
+    check()
+    fetched = [(s, e) for _, s, e in store.get_log]
+    assert len(fetched) == len(set(fetched)) <= 11
+    assert all(s % CS == 0 and (e - s == CS or e == len(data)) for s, e in fetched)
+    cache.close()
+
+
+def test_concurrent_readers_share_one_get(tmp_path: Path) -> None:
+    store = SlowStore()
+    data = pattern(2, 0, 3 * CS)
+    v = store.put("k", data)
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    results: list[bytes] = []
+
+    async def main() -> None:
+        obj = cache.open_object("k", v, CS)
+        async with trio.open_nursery() as n:
+            for i in range(10):
+                n.start_soon(lambda i=i: _collect(cache, obj, i))
+        cache.close_object(obj)
+
+    async def _collect(cache: ChunkCache, obj, i: int) -> None:  # type: ignore[no-untyped-def]
+        results.append(await cache.read(obj, CS + i * 100, 4096))
+
+    trio.run(main)
+    assert len(results) == 10
+    assert store.get_log == [("k", CS, 2 * CS)]
+    cache.close()
+
+
+def test_failed_get_reaches_every_waiter_and_is_retried(tmp_path: Path) -> None:
+    store = SlowStore()
+    v = store.put("k", pattern(3, 0, CS))
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    store.fail_next = StoreError("boom")
+    errors: list[BaseException] = []
+
+    async def one(obj) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await cache.read(obj, 0, 10)
+        except StoreError as exc:
+            errors.append(exc)
+
+    async def main() -> None:
+        obj = cache.open_object("k", v, CS)
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(one, obj)
+        assert await cache.read(obj, 0, 10) == pattern(3, 0, 10)
+        cache.close_object(obj)
+
+    trio.run(main)
+    assert len(errors) == 3
+    cache.close()
+
+
+def test_reopened_cache_fetches_nothing(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = pattern(4, 0, 5 * CS)
+    v = store.put("k", data)
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    assert _read(cache, "k", v, 0, len(data)) == data
+    cache.close()
+    store.get_log.clear()
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    assert _read(cache, "k", v, 0, len(data)) == data
+    assert store.get_log == []
+    assert cache.counters.verified_chunks == 5
+    cache.close()
+
+
+@pytest.mark.allow_log("failed its checksum")
+@pytest.mark.parametrize("damage", ["flip", "hole"])
+def test_damaged_payload_is_detected_and_refetched(tmp_path: Path, damage: str) -> None:
+    store = MemoryStore()
+    data = pattern(5, 0, 3 * CS)
+    v = store.put("k", data)
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    assert _read(cache, "k", v, 0, len(data)) == data
+    path = cache.payload.path_of(v.identity())
+    cache.close()
+    with open(path, "r+b") as f:
+        if damage == "flip":
+            f.seek(CS + 10)
+            b = f.read(1)
+            f.seek(CS + 10)
+            f.write(bytes([b[0] ^ 0xFF]))
+        else:  # what a power loss can leave: the index says present, the bytes are gone
+            f.truncate(CS)
+    store.get_log.clear()
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    assert _read(cache, "k", v, 0, len(data)) == data
+    assert cache.counters.corrupt_chunks == (1 if damage == "flip" else 2)
+    assert len(store.get_log) == cache.counters.corrupt_chunks
+    cache.close()
+
+
+def test_eviction_keeps_disk_use_under_capacity(tmp_path: Path) -> None:
+    store = MemoryStore()
+    versions = {f"f{i}": store.put(f"f{i}", pattern(10 + i, 0, 3 * CS)) for i in range(5)}
+    cache = ChunkCache(tmp_path / "c", store, capacity=4 * CS)
+    for key, v in versions.items():
+        assert _read(cache, key, v, 0, 3 * CS) == pattern(int(key[1:]) + 10, 0, 3 * CS)
+        assert cache.index.used() <= 4 * CS
+    assert cache.counters.evicted_chunks >= 11
+    disk = sum(
+        p.stat().st_blocks * 512 for p in (tmp_path / "c" / "data").rglob("*") if p.is_file()
+    )
+    assert disk <= 4 * CS
+    # Fully evicted objects leave no file behind.
+    assert len([p for p in (tmp_path / "c" / "data").rglob("*") if p.is_file()]) <= 2
+    # LRU: the most recent object is still cached, the first was evicted.
+    store.get_log.clear()
+    _read(cache, "f4", versions["f4"], 2 * CS, 10)
+    assert store.get_log == []
+    _read(cache, "f0", versions["f0"], 0, 10)
+    assert store.get_log == [("f0", 0, CS)]
+    cache.close()
+
+
+def test_same_content_under_two_keys_is_fetched_once(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = pattern(6, 0, 2 * CS)
+    va, vb = store.put("a", data), store.put("b", data)
+    # ETag and size match; the mtime differs and does not matter.
+    assert va.identity() == vb.identity()
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    assert _read(cache, "a", va, 0, len(data)) == data
+    assert _read(cache, "b", vb, 0, len(data)) == data
+    assert [k for k, _, _ in store.get_log] == ["a", "a"]
+    cache.close()
+
+
+def test_new_version_gets_new_chunks(tmp_path: Path) -> None:
+    store = MemoryStore()
+    v1 = store.put("k", pattern(7, 0, 2 * CS))
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    assert _read(cache, "k", v1, 0, 10) == pattern(7, 0, 10)
+    v2 = store.put("k", pattern(8, 0, 2 * CS))
+    # The pinned old version: its cached chunk is still served, a missing one
+    # cannot be fetched from the changed object.
+    assert _read(cache, "k", v1, 0, 10) == pattern(7, 0, 10)
+    with pytest.raises(ObjectChanged):
+        _read(cache, "k", v1, CS, 10)
+    assert _read(cache, "k", v2, 0, 2 * CS) == pattern(8, 0, 2 * CS)
+    assert cache.index.stats()["objects"] == 2  # the old version waits for eviction
+    cache.close()
+
+
+def test_chunk_size_of_cached_object_is_kept(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = pattern(9, 0, 4 * CS)
+    v = store.put("k", data)
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    assert _read(cache, "k", v, 0, len(data)) == data
+    cache.close()
+    store.get_log.clear()
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+
+    async def main() -> bytes:
+        obj = cache.open_object("k", v, 4 * CS)  # asks for another chunk size
+        assert obj.chunk_size == CS
+        return await cache.read(obj, 0, len(data))
+
+    assert trio.run(main) == data and store.get_log == []
+    cache.close()
+
+
+def test_cache_dir_lock_and_format(tmp_path: Path) -> None:
+    store = MemoryStore()
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    with pytest.raises(CacheLocked, match=f"pid {os.getpid()}"):
+        ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    cache.close()
+    assert oct((tmp_path / "c").stat().st_mode & 0o777) == oct(0o700)
+    (tmp_path / "c" / "modelfs-cache.json").write_text(json.dumps({"format": 2}))
+    with pytest.raises(CacheFormatError, match="format 2"):
+        ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    # The lock was released on the failed open.
+    (tmp_path / "c" / "modelfs-cache.json").write_text(json.dumps({"format": 1}))
+    ChunkCache(tmp_path / "c", store, capacity=1 << 30).close()

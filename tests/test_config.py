@@ -1,0 +1,80 @@
+"""Unit tier: parsing of user input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelfs.config import MiB, MountConfig, S3Location, parse_s3_url, parse_size
+from modelfs.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("4096", 4096),
+        ("8M", 8 * MiB),
+        ("8MiB", 8 * MiB),
+        ("8mb", 8 * MiB),
+        ("1.5G", 3 << 29),
+        ("2T", 2 << 40),
+        (" 64 K ", 64 << 10),
+        ("0", 0),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1M", "8Q", "1.3", "eight"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "url, loc",
+    [
+        ("s3://bucket", S3Location("bucket", "")),
+        ("s3://bucket/", S3Location("bucket", "")),
+        ("s3://bucket/models/llama", S3Location("bucket", "models/llama/")),
+        ("s3://bucket/models/llama/", S3Location("bucket", "models/llama/")),
+    ],
+)
+def test_parse_s3_url(url: str, loc: S3Location) -> None:
+    assert parse_s3_url(url) == loc
+
+
+@pytest.mark.parametrize(
+    "url", ["bucket/x", "s3://", "s3://b", "s3://bad bucket/x", "s3://b1/a//c", "s3://b1/a/../c"]
+)
+def test_parse_s3_url_rejects(url: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_s3_url(url)
+
+
+def _cfg(**kw: object) -> MountConfig:
+    return MountConfig(source=S3Location("b", ""), mountpoint=Path("/mnt"), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"chunk_size": 1000}, "between"),
+        ({"chunk_size": 64 * 1024 + 1}, "between|multiple"),
+        ({"chunk_size": 66 * 1024}, "multiple of 4 KiB"),
+        ({"cache_size": MiB}, "at least four chunks"),
+        ({"metadata_ttl": -1}, ">= 0"),
+        ({"uid": -5}, "--uid"),
+        ({"endpoint_url": "localhost:9000"}, "endpoint-url"),
+        ({"addressing_style": "odd"}, "addressing-style"),
+    ],
+)
+def test_validate(kw: dict[str, object], msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        _cfg(**kw).validate()
+
+
+def test_defaults_validate() -> None:
+    _cfg().validate()
