@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 import xxhash
@@ -67,6 +68,7 @@ class CachedObject:
     file: PayloadFile
     meta: bytes
     handles: int = 0
+    prefetcher: Any = None  # set by modelfs.prefetch; lives as long as the object
 
     @property
     def size(self) -> int:
@@ -208,6 +210,9 @@ class ChunkCache:
         obj.handles += 1
         return obj
 
+    def retain(self, obj: CachedObject) -> None:
+        obj.handles += 1
+
     def close_object(self, obj: CachedObject) -> None:
         obj.handles -= 1
         if obj.handles == 0:
@@ -238,6 +243,11 @@ class ChunkCache:
         for n in chunks:
             self._touched[(obj.obj_id, n)] = None
         return data
+
+    def is_ready(self, obj: CachedObject, n: int) -> bool:
+        """Verified or being loaded: nothing for read-ahead to do."""
+        key = (obj.obj_id, n)
+        return key in self._verified or key in self._flights
 
     @contextlib.contextmanager
     def _pinned(self, obj_id: bytes, chunks: range) -> Iterator[None]:

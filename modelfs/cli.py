@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_METADATA_TTL,
+    DEFAULT_PREFETCH_WINDOW,
     MountConfig,
     format_size,
     parse_s3_url,
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds listings and attributes are trusted (default {DEFAULT_METADATA_TTL:g})",
     )
     m.add_argument("--fetch-concurrency", type=int, default=16, help="parallel GETs (default 16)")
+    m.add_argument(
+        "--prefetch-window",
+        type=_size("--prefetch-window"),
+        default=DEFAULT_PREFETCH_WINDOW,
+        help="largest read-ahead of a sequential reader; 0 turns it off "
+        f"(default {format_size(DEFAULT_PREFETCH_WINDOW)})",
+    )
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     m.add_argument("--uid", type=int, help="owner of every file (default: yours)")
     m.add_argument("--gid", type=int, help="group of every file (default: yours)")
@@ -112,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         debug=args.debug,
         log_file=args.log_file,
         fetch_concurrency=args.fetch_concurrency,
+        prefetch_window=args.prefetch_window,
     )
     cfg.validate()
     return cfg

@@ -24,6 +24,8 @@ DEFAULT_CHUNK_SIZE = 8 * MiB
 MIN_CHUNK_SIZE = 64 * KiB
 MAX_CHUNK_SIZE = 1 * GiB
 DEFAULT_METADATA_TTL = 60.0
+# Largest read-ahead window of one sequential stream (0 turns read-ahead off).
+DEFAULT_PREFETCH_WINDOW = 256 * MiB
 # The cache may take at most this share of the free space of its filesystem
 # when --cache-size is not given, and never more than DEFAULT_CACHE_CAP.
 DEFAULT_CACHE_SHARE = 0.8
@@ -122,6 +124,10 @@ class MountConfig:
     debug: bool = False
     log_file: Path | None = None
     fetch_concurrency: int = 16
+    prefetch_window: int = DEFAULT_PREFETCH_WINDOW
+    # Kernel read-ahead on the mount (KiB) and FUSE background requests.
+    read_ahead_kb: int = 16384
+    max_background: int = 64
 
     def validate(self) -> None:
         if self.addressing_style not in ("auto", "path", "virtual"):
@@ -144,6 +150,8 @@ class MountConfig:
             raise ConfigError(
                 f"invalid --endpoint-url {self.endpoint_url!r}: expected http(s)://HOST[:PORT]"
             )
+        if self.prefetch_window < 0:
+            raise ConfigError("--prefetch-window must be >= 0")
         if self.fetch_concurrency < 1:
             raise ConfigError("--fetch-concurrency must be >= 1")
 

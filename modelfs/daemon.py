@@ -22,8 +22,10 @@ from .chunk_cache import ChunkCache
 from .config import MountConfig
 from .errors import MountError
 from .fs import Operations
+from .kernel import tune_mount
 from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
+from .prefetch import ReadAhead
 from .store import ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
         except RuntimeError as exc:
             raise MountError(f"the kernel refused to mount {mnt}: {exc}") from None
         try:
-            trio.run(_main, ops, cache, mnt, notify)
+            trio.run(_main, ops, cache, cfg, mnt, notify)
         finally:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mnt)
@@ -83,11 +85,20 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
     return 0
 
 
-async def _main(ops: Operations, cache: ChunkCache, mnt: Path, notify: Notify) -> None:
+async def _main(
+    ops: Operations, cache: ChunkCache, cfg: MountConfig, mnt: Path, notify: Notify
+) -> None:
     async with trio.open_nursery() as nursery:
+        ops.readahead = ReadAhead(
+            cache,
+            nursery.start_soon,
+            max_chunks_in_flight=max(1, cfg.fetch_concurrency - 2),
+            initial_window=2 * cfg.chunk_size,
+            max_window=cfg.prefetch_window,
+        )
         nursery.start_soon(cache.run_background)
         nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(_announce_ready, mnt, notify)
+        nursery.start_soon(_announce_ready, mnt, cfg, notify)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -100,12 +111,13 @@ async def _stop_on_signal() -> None:
             return
 
 
-async def _announce_ready(mnt: Path, notify: Notify) -> None:
+async def _announce_ready(mnt: Path, cfg: MountConfig, notify: Notify) -> None:
     try:
         await trio.to_thread.run_sync(os.stat, mnt)
     except OSError as exc:
         notify(f"the mount at {mnt} does not answer: {exc.strerror}")
         pyfuse3.terminate()
         return
-    log.info("serving on %s", mnt)
+    tuned = tune_mount(mnt, cfg.read_ahead_kb, cfg.max_background)
+    log.info("serving on %s (kernel settings: %s)", mnt, tuned or "defaults")
     notify(None)

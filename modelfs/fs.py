@@ -33,6 +33,7 @@ from .errors import (
     StoreError,
 )
 from .namespace import ROOT_INODE, Namespace, Node
+from .prefetch import ReadAhead
 from .reader import OpenFile
 from .store import ObjectVersion
 
@@ -119,6 +120,8 @@ class Operations(pyfuse3.Operations):
         # The version each inode was last opened at: the kernel page cache may
         # be kept across opens only while it is unchanged.
         self._last_version: dict[int, ObjectVersion] = {}
+        # Set by the daemon once its nursery exists; None disables read-ahead.
+        self.readahead: ReadAhead | None = None
 
     # -- attributes ------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -203,7 +206,7 @@ class Operations(pyfuse3.Operations):
         obj = self.cache.open_object(node.key, node.version, self.chunk_size)
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = OpenFile(fh, inode, obj, self.cache)
+        self._files[fh] = OpenFile(fh, inode, obj, self.cache, self.readahead)
         keep = self._last_version.get(inode) == node.version
         self._last_version[inode] = node.version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
@@ -272,6 +275,7 @@ class Operations(pyfuse3.Operations):
             },
             "cache": self.cache.stats(),
             "open_files": len(self._files),
+            "readahead_chunks": self.readahead.budget.issued_chunks if self.readahead else 0,
             "inodes": len(self.ns),
         }
 

@@ -3,7 +3,7 @@
 A handle owns its pinned `CachedObject` and its staleness: once the store
 reports that the object changed (HTTP 412), every later read on the handle
 fails with `ObjectChanged`, even for chunks still cached, so one handle never
-returns bytes of two versions. Read-ahead (issue #3) lives here.
+returns bytes of two versions. Read-ahead is delegated to the object's shared `Prefetcher`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .chunk_cache import CachedObject, ChunkCache
 from .errors import ObjectChanged
+from .prefetch import ReadAhead
 
 
 @dataclass
@@ -20,11 +21,15 @@ class OpenFile:
     inode: int
     obj: CachedObject
     cache: ChunkCache
+    readahead: ReadAhead | None = None
     stale: bool = False
 
     async def read(self, offset: int, size: int) -> bytes:
         if self.stale:
             raise ObjectChanged(f"{self.obj.key} changed since it was opened")
+        if self.readahead is not None:
+            # Issued before the demand read, so both proceed in parallel.
+            self.readahead.on_read(self.obj, offset, size)
         try:
             return await self.cache.read(self.obj, offset, size)
         except ObjectChanged:

@@ -1,0 +1,170 @@
+"""Sequential read-ahead for one object version, shared by all its handles.
+
+Several streams are tracked per object, because tensor-parallel ranks (and
+several handles in one process) read the same file at different offsets.
+A read continues a stream when it starts near where the stream left off:
+mmap page faults arrive slightly out of order, so a skip of up to
+`SEEK_TOLERANCE` either way keeps the stream. A stream's window starts at
+`initial_window` and doubles with each read that lands inside what was
+already read ahead, up to `max_window`. A stream that does not continue is
+never read ahead for, so random access costs no extra fetches.
+
+Read-ahead only calls `ChunkCache.ensure`, so prefetched bytes land in the
+chunk cache (single-flight, never fetched twice) and are bounded by a
+global budget of chunks in flight, which keeps memory bounded and leaves
+room in the fetch pool for demand reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .chunk_cache import CachedObject, ChunkCache
+from .errors import ModelfsError
+
+log = logging.getLogger(__name__)
+
+SEEK_TOLERANCE = 4 << 20
+MAX_STREAMS = 16
+
+Spawn = Callable[..., Any]
+
+
+@dataclass
+class _Stream:
+    next_off: int  # where the last read of the stream ended
+    window: int
+    ahead_until: int  # read-ahead has been issued up to here
+    reads: int = 1
+    last_used: int = 0
+    progress: int = 0  # bytes consumed since the window last grew
+
+
+class PrefetchBudget:
+    """Chunks in flight for read-ahead, across every object of the mount."""
+
+    def __init__(self, max_chunks: int) -> None:
+        self.max_chunks = max_chunks
+        self.in_flight = 0
+        self.issued_chunks = 0
+
+
+class ReadAhead:
+    """Mount-wide read-ahead settings; hands out one Prefetcher per object."""
+
+    def __init__(
+        self,
+        cache: ChunkCache,
+        spawn: Spawn,
+        *,
+        max_chunks_in_flight: int,
+        initial_window: int,
+        max_window: int,
+    ) -> None:
+        self.cache = cache
+        self.spawn = spawn
+        self.budget = PrefetchBudget(max_chunks_in_flight)
+        self.initial_window = initial_window
+        self.max_window = max_window
+
+    def on_read(self, obj: CachedObject, off: int, size: int) -> None:
+        if self.max_window <= 0:
+            return
+        if obj.prefetcher is None:
+            obj.prefetcher = Prefetcher(
+                obj,
+                self.cache,
+                self.spawn,
+                self.budget,
+                initial_window=self.initial_window,
+                max_window=self.max_window,
+            )
+        obj.prefetcher.on_read(off, size)
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        obj: CachedObject,
+        cache: ChunkCache,
+        spawn: Spawn,
+        budget: PrefetchBudget,
+        *,
+        initial_window: int,
+        max_window: int,
+    ) -> None:
+        self.obj = obj
+        self.cache = cache
+        self.spawn = spawn
+        self.budget = budget
+        self.initial_window = initial_window
+        self.max_window = max_window
+        self.streams: list[_Stream] = []
+        self._clock = 0
+
+    def on_read(self, off: int, size: int) -> None:
+        """Record a demand read [off, off+size) and issue read-ahead for it."""
+        self._clock += 1
+        end = off + size
+        stream = self._match(off)
+        if stream is None:
+            self._add(_Stream(end, self.initial_window, end, last_used=self._clock))
+            return
+        stream.reads += 1
+        stream.last_used = self._clock
+        if end > stream.next_off:
+            stream.progress += end - stream.next_off
+            stream.next_off = end
+        # The window doubles each time the stream consumes half of it.
+        if stream.progress >= stream.window // 2:
+            stream.window = min(self.max_window, stream.window * 2)
+            stream.progress = 0
+        self._issue(stream)
+
+    def _match(self, off: int) -> _Stream | None:
+        best = None
+        for s in self.streams:
+            if s.next_off - SEEK_TOLERANCE <= off <= s.next_off + SEEK_TOLERANCE and (
+                best is None or abs(s.next_off - off) < abs(best.next_off - off)
+            ):
+                best = s
+        return best
+
+    def _add(self, stream: _Stream) -> None:
+        if len(self.streams) >= MAX_STREAMS:
+            self.streams.remove(min(self.streams, key=lambda s: s.last_used))
+        self.streams.append(stream)
+
+    def _issue(self, stream: _Stream) -> None:
+        cs = self.obj.chunk_size
+        target = min(self.obj.size, stream.next_off + stream.window)
+        first = max(stream.ahead_until, stream.next_off) // cs
+        last = (target - 1) // cs
+        n = first
+        while n <= last and self.budget.in_flight < self.budget.max_chunks:
+            if not self.cache.is_ready(self.obj, n):
+                self.budget.in_flight += 1
+                self.budget.issued_chunks += 1
+                self.cache.retain(self.obj)  # the payload file stays open meanwhile
+                self.spawn(self._fetch, n)
+            n += 1
+        stream.ahead_until = max(stream.ahead_until, min(self.obj.size, n * cs))
+
+    async def _fetch(self, n: int) -> None:
+        try:
+            await self.cache.ensure(self.obj, n)
+        except ModelfsError as exc:
+            # The demand read of this chunk will fetch it again and report.
+            log.debug("read-ahead of chunk %d of %s failed: %s", n, self.obj.key, exc)
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("read-ahead of chunk %d of %s failed", n, self.obj.key)
+        finally:
+            self.budget.in_flight -= 1
+            self.cache.close_object(self.obj)

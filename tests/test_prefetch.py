@@ -1,0 +1,103 @@
+"""Unit tier: read-ahead over the chunk cache with an in-memory store."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import trio
+
+from modelfs.chunk_cache import ChunkCache
+from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead
+from modelfs.reader import OpenFile
+from modelfs.store import MemoryStore
+
+from .data import pattern
+
+CS = 64 * 1024
+SIZE = 64 * CS
+
+
+def _run(
+    tmp_path: Path, offsets: list[tuple[int, int]], max_window: int = 16 * CS, size: int = SIZE
+):
+    store = MemoryStore()
+    v = store.put("k", pattern(1, 0, size))
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, fetch_concurrency=8)
+    out: dict[str, object] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ra = ReadAhead(
+                cache,
+                nursery.start_soon,
+                max_chunks_in_flight=6,
+                initial_window=2 * CS,
+                max_window=max_window,
+            )
+            obj = cache.open_object("k", v, CS)
+            h = OpenFile(1, 2, obj, cache, ra)
+            for off, n in offsets:
+                assert await h.read(off, n) == pattern(1, off, min(size, off + n))
+                await trio.sleep(0.001)  # let read-ahead run, as between FUSE requests
+            await trio.sleep(0.1)
+            out["streams"] = len(obj.prefetcher.streams) if obj.prefetcher else 0
+            out["window"] = max((s.window for s in obj.prefetcher.streams), default=0)
+            out["issued"] = ra.budget.issued_chunks
+            h.close()
+
+    trio.run(main)
+    out["gets"] = list(store.get_log)
+    cache.close()
+    return out
+
+
+def test_sequential_reader_is_read_ahead_and_nothing_is_fetched_twice(tmp_path: Path) -> None:
+    reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
+    out = _run(tmp_path, reads)
+    gets = out["gets"]
+    assert len(gets) == len(set(gets)) == SIZE // CS  # each chunk exactly once
+    assert out["issued"] >= SIZE // CS - 4  # nearly all came from read-ahead
+    assert out["window"] == 16 * CS  # the window grew to its maximum
+
+
+def test_out_of_order_faults_keep_one_stream(tmp_path: Path) -> None:
+    reads = []
+    for base in range(0, 32 * CS, 4 * 16 * 1024):
+        block = [base + i * 16 * 1024 for i in range(4)]
+        random.Random(base).shuffle(block)  # faults arrive slightly out of order
+        reads += [(o, 16 * 1024) for o in block]
+    out = _run(tmp_path, reads)
+    assert out["streams"] == 1
+    assert out["issued"] > 0
+
+
+def test_interleaved_readers_get_separate_streams(tmp_path: Path) -> None:
+    a = [(off, 16 * 1024) for off in range(0, 16 * CS, 16 * 1024)]
+    far = 4 * SEEK_TOLERANCE
+    b = [(far + off, 16 * 1024) for off in range(0, 16 * CS, 16 * 1024)]
+    reads = [r for pair in zip(a, b, strict=True) for r in pair]  # two TP ranks, one file
+    out = _run(tmp_path, reads, size=2 * far)
+    assert out["streams"] == 2
+    gets = out["gets"]
+    assert len(gets) == len(set(gets))
+
+
+def test_random_reads_issue_no_read_ahead(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    size = 32 * SEEK_TOLERANCE
+    offsets: list[int] = []
+    while len(offsets) < 12:  # farther apart than the seek tolerance
+        o = rng.randrange(0, size - 4096)
+        if all(abs(o - p) > 2 * SEEK_TOLERANCE for p in offsets):
+            offsets.append(o)
+    out = _run(tmp_path, [(o, 4096) for o in offsets], size=size)
+    assert out["issued"] == 0
+    wanted = {n for o in offsets for n in range(o // CS, (o + 4095) // CS + 1)}
+    assert sorted(s // CS for _, s, _ in out["gets"]) == sorted(wanted)
+
+
+def test_read_ahead_can_be_turned_off(tmp_path: Path) -> None:
+    reads = [(off, 16 * 1024) for off in range(0, 8 * CS, 16 * 1024)]
+    out = _run(tmp_path, reads, max_window=0)
+    assert out["issued"] == 0 and len(out["gets"]) == 8
