@@ -42,7 +42,8 @@ def _run(
                 await trio.sleep(0.001)  # let read-ahead run, as between FUSE requests
             await trio.sleep(0.1)
             out["streams"] = len(obj.prefetcher.streams) if obj.prefetcher else 0
-            out["window"] = max((s.window for s in obj.prefetcher.streams), default=0)
+            streams = obj.prefetcher.streams if obj.prefetcher else []
+            out["window"] = max((s.window for s in streams), default=0)
             out["issued"] = ra.budget.issued_chunks
             h.close()
 
