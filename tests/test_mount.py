@@ -186,19 +186,21 @@ def test_sigterm_unmounts_cleanly(bucket: Bucket, mounter: Mounter) -> None:
 def test_changed_object_gives_estale_and_new_opens_see_new_version(
     bucket: Bucket, mounter: Mounter
 ) -> None:
-    old = pattern(1, 0, 4 * MiB)
-    new = pattern(2, 0, 4 * MiB)
+    old = pattern(1, 0, 40 * MiB)
+    new = pattern(2, 0, 40 * MiB)
     bucket.put("w.bin", old)
+    # No read-ahead, so the chunk read below is still missing when the object
+    # changes (the kernel's own read-ahead stops at 16 MiB).
     m = mounter(
         bucket,
-        args=("--chunk-size", "1M", "--metadata-ttl", "0.5"),
+        args=("--chunk-size", "1M", "--metadata-ttl", "0.5", "--prefetch-window", "0"),
         allow_log=["changed since it was opened"],
     )
     with open(m.path / "w.bin", "rb", buffering=0) as f:
         assert os.pread(f.fileno(), MiB, 0) == old[:MiB]
         bucket.put("w.bin", new)
         with pytest.raises(OSError) as info:
-            os.pread(f.fileno(), MiB, 2 * MiB)  # a chunk not fetched yet
+            os.pread(f.fileno(), MiB, 32 * MiB)  # a chunk not fetched yet
         assert info.value.errno == errno.ESTALE
         # Once stale, the handle never serves bytes again, not even cached
         # ones (dropped from the page cache first, so the read reaches modelfs).
@@ -235,4 +237,15 @@ def test_cache_size_bounds_disk_use(bucket: Bucket, mounter: Mounter) -> None:
     assert blocks <= 5 * MiB + 64 * 1024
     # Evicted chunks are fetched again and still byte-exact.
     assert (m.path / "f0").read_bytes() == files["f0"]
+    m.umount()
+
+
+def test_kernel_read_ahead_is_raised(bucket: Bucket, mounter: Mounter) -> None:
+    bucket.put("f", pattern(9, 0, 3 * MiB))
+    m = mounter(bucket)
+    entry = find_mount(m.path)
+    assert entry is not None and entry.fstype == "fuse.modelfs"
+    bdi = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+    assert int(bdi.read_text()) == 16384
+    assert (m.path / "f").read_bytes() == pattern(9, 0, 3 * MiB)
     m.umount()
