@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -248,4 +249,21 @@ def test_kernel_read_ahead_is_raised(bucket: Bucket, mounter: Mounter) -> None:
     bdi = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
     assert int(bdi.read_text()) == 16384
     assert (m.path / "f").read_bytes() == pattern(9, 0, 3 * MiB)
+    m.umount()
+
+
+def test_after_metadata_ttl_new_opens_see_the_new_version(
+    bucket: Bucket, proxy, mounter: Mounter
+) -> None:
+    bucket.put("cfg.json", b'{"v": 1}')
+    m = mounter(bucket, endpoint_url=proxy.endpoint_url, args=("--metadata-ttl", "1"))
+    assert (m.path / "cfg.json").read_bytes() == b'{"v": 1}'
+    bucket.put("cfg.json", b'{"v": 22}')
+    # Within the TTL the pinned listing (and the cached chunk) still answer.
+    assert (m.path / "cfg.json").read_bytes() == b'{"v": 1}'
+    lists = len([r for r in proxy.snapshot() if "list-type" in r.query])
+    time.sleep(1.5)
+    assert (m.path / "cfg.json").read_bytes() == b'{"v": 22}'
+    assert os.stat(m.path / "cfg.json").st_size == 9
+    assert len([r for r in proxy.snapshot() if "list-type" in r.query]) > lists
     m.umount()
