@@ -26,7 +26,7 @@ from .config import (
     parse_size,
 )
 from .errors import ConfigError, ModelfsError, MountError
-from .mounts import FSTYPE, check_mountpoint, find_mount, fusermount_unmount
+from .mounts import FSTYPE, check_mountpoint, find_mount, fusermount_unmount, process_alive
 
 log = logging.getLogger("modelfs")
 
@@ -249,17 +249,9 @@ def cmd_umount(mnt: Path, lazy: bool) -> int:
     fusermount_unmount(mnt, lazy=lazy)
     if pid is not None:
         deadline = time.monotonic() + UMOUNT_WAIT
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and process_alive(pid):
             time.sleep(0.05)
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

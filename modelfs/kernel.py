@@ -46,9 +46,7 @@ def tune_mount(mnt: Path, read_ahead_kb: int, max_background: int) -> dict[str, 
     if max_background > 0:
         if os.geteuid() == 0 and FUSECTL.is_dir() and not any(FUSECTL.iterdir()):
             # fusectl is usually mounted by systemd; in containers it often is not.
-            subprocess.run(
-                ["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], capture_output=True
-            )
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], capture_output=True)
         minor = entry.device.split(":")[1]
         conn = FUSECTL / minor
         if conn.is_dir():

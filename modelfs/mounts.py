@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,12 @@ def find_mount(path: str | Path) -> MountEntry | None:
     return found
 
 
+def _disconnected(mnt: Path) -> MountError:
+    return MountError(
+        f"{mnt} is a disconnected FUSE mount (its daemon died); run 'modelfs umount {mnt}' first"
+    )
+
+
 def check_mountpoint(path: Path) -> Path:
     """Resolve and vet a mountpoint before anything is started."""
     mnt = Path(os.path.abspath(path))
@@ -64,13 +71,8 @@ def check_mountpoint(path: Path) -> Path:
         raise MountError(f"mountpoint {mnt} does not exist") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise MountError(
-                f"{mnt} is a disconnected FUSE mount (its daemon died); "
-                f"run 'modelfs umount {mnt}' first"
-            ) from None
+            raise _disconnected(mnt) from None
         raise MountError(f"cannot use mountpoint {mnt}: {exc.strerror}") from None
-    import stat
-
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mnt} is not a directory")
     if os.path.ismount(mnt) or find_mount(mnt) is not None:
@@ -78,16 +80,22 @@ def check_mountpoint(path: Path) -> Path:
             os.statvfs(mnt)  # never cached by the kernel, unlike stat
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
-                raise MountError(
-                    f"{mnt} is a disconnected FUSE mount (its daemon died); "
-                    f"run 'modelfs umount {mnt}' first"
-                ) from None
+                raise _disconnected(mnt) from None
         raise MountError(f"mountpoint {mnt} is busy: something is already mounted there")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MountError("/dev/fuse is missing or not accessible; FUSE is required")
     if shutil.which("fusermount3") is None and os.geteuid() != 0:
         raise MountError("fusermount3 not found; install the fuse3 package")
     return mnt
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def fusermount_unmount(mnt: str | Path, lazy: bool = False) -> None:

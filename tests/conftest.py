@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from modelfs.mounts import find_mount
+from modelfs.mounts import find_mount, process_alive
 from modelfs.testing.proxy import CountingProxy
 from modelfs.testing.s3server import JuiceFSGateway, MotoServer
 
@@ -121,14 +121,6 @@ def run_modelfs(
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @dataclass
 class Mount:
     path: Path
@@ -147,12 +139,12 @@ class Mount:
         proc = run_modelfs("umount", str(self.path))
         assert proc.returncode == 0, proc.stderr
         assert find_mount(self.path) is None
-        assert not _alive(self.pid), "daemon still running after umount"
+        assert not process_alive(self.pid), "daemon still running after umount"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         os.kill(self.pid, sig)
         deadline = time.monotonic() + 30
-        while _alive(self.pid) and time.monotonic() < deadline:
+        while process_alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def teardown(self) -> list[str]:
@@ -164,9 +156,9 @@ class Mount:
                 if find_mount(self.path) is None:
                     break
         deadline = time.monotonic() + 10
-        while _alive(self.pid) and time.monotonic() < deadline:
+        while process_alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(self.pid):
+        if process_alive(self.pid):
             problems.append(f"daemon {self.pid} still running")
             os.kill(self.pid, signal.SIGKILL)
         if self.log_file.exists():
