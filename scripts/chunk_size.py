@@ -77,7 +77,8 @@ def main() -> int:
             return SIZE / MiB / (time.perf_counter() - t)
 
         print(
-            "| chunk | cold seq MiB/s | warm seq MiB/s | random 128 KiB read, ms | fetched per byte read |"
+            "| chunk | cold seq MiB/s | warm seq MiB/s "
+            "| random 128 KiB read, ms | fetched per byte read |"
         )
         print("|---|---|---|---|---|")
         for cs in sizes:
