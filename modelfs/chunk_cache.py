@@ -9,7 +9,10 @@ the in-memory state that makes reads cheap and safe:
   reads of them are a bare pread;
 * ``_pins``     chunks a read is about to pread; eviction skips them, so a
   reader never sees the zeros of a punched hole;
-* ``_touched``  recency updates, written to the index in one batch.
+* ``_touched``  recency updates, written to the index in one batch;
+* ``_mem``      the most recently fetched or verified chunks, bounded in
+  bytes: a read they cover is answered with a zero-copy slice instead of a
+  ``pread`` (one copy less per byte on both the cold and the warm path).
 
 All of that state is touched only from the trio thread; blocking work (S3,
 disk, LMDB writes) runs in worker threads behind capacity limiters.
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cachetools
 import trio
 import xxhash
 
@@ -51,6 +55,7 @@ FORMAT_FILE = "modelfs-cache.json"
 TOUCH_FLUSH_INTERVAL = 2.0
 
 ChunkKey = tuple[bytes, int]
+Buffer = bytes | memoryview
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -132,6 +137,7 @@ class ChunkCache:
         capacity: int | None = None,
         fetch_concurrency: int = 16,
         disk_concurrency: int = 8,
+        memory_cache: int = 128 << 20,
     ) -> None:
         self.root = root
         self.store = store
@@ -158,6 +164,9 @@ class ChunkCache:
         self._pins: Counter[ChunkKey] = Counter()
         self._touched: dict[ChunkKey, None] = {}
         self._reserved = 0
+        self._mem: cachetools.LRUCache[ChunkKey, bytes] = cachetools.LRUCache(
+            maxsize=max(1, memory_cache), getsizeof=len
+        )
         self._fetch_limiter = trio.CapacityLimiter(fetch_concurrency)
         self._disk_limiter = trio.CapacityLimiter(disk_concurrency)
         self._index_limiter = trio.CapacityLimiter(1)
@@ -220,7 +229,7 @@ class ChunkCache:
             self.payload.release(obj.obj_id)
 
     # -- reads -----------------------------------------------------------
-    async def read(self, obj: CachedObject, offset: int, size: int) -> bytes:
+    async def read(self, obj: CachedObject, offset: int, size: int) -> Buffer:
         """Bytes [offset, offset+size) of the object, short only at EOF."""
         end = min(offset + size, obj.size)
         if offset >= end:
@@ -235,14 +244,34 @@ class ChunkCache:
                     for n in missing:
                         nursery.start_soon(self.ensure, obj, n)
             self.counters.hits += len(chunks) - len(missing)
-            data = await trio.to_thread.run_sync(
-                obj.file.pread, end - offset, offset, limiter=self._disk_limiter
-            )
+            data = self._from_memory(obj, offset, end, chunks)
+            if data is None:
+                data = await trio.to_thread.run_sync(
+                    obj.file.pread, end - offset, offset, limiter=self._disk_limiter
+                )
         if len(data) != end - offset:
             raise CacheError(f"payload file {obj.file.path} is shorter than its index says")
         for n in chunks:
             self._touched[(obj.obj_id, n)] = None
         return data
+
+    def _from_memory(
+        self, obj: CachedObject, offset: int, end: int, chunks: range
+    ) -> Buffer | None:
+        parts = []
+        for n in chunks:
+            buf = self._mem.get((obj.obj_id, n))
+            if buf is None:
+                return None
+            base = n * obj.chunk_size
+            parts.append(
+                memoryview(buf)[max(offset, base) - base : min(end, base + len(buf)) - base]
+            )
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _remember(self, key: ChunkKey, data: bytes) -> None:
+        if len(data) <= self._mem.maxsize:
+            self._mem[key] = data
 
     def is_ready(self, obj: CachedObject, n: int) -> bool:
         """Verified or being loaded: nothing for read-ahead to do."""
@@ -286,7 +315,7 @@ class ChunkCache:
         start, end = obj.chunk_span(n)
         rec = self.index.get(obj.obj_id, n)
         if rec is not None and rec.length == end - start:
-            ok = await trio.to_thread.run_sync(
+            verified = await trio.to_thread.run_sync(
                 self._verify_sync,
                 obj.file,
                 start,
@@ -294,9 +323,10 @@ class ChunkCache:
                 rec.checksum,
                 limiter=self._disk_limiter,
             )
-            if ok:
+            if verified is not None:
                 self.counters.verified_chunks += 1
                 self._verified.add(key)
+                self._remember(key, verified)
                 return
             self.counters.corrupt_chunks += 1
             log.warning("cached chunk %d of %s failed its checksum; fetching it again", n, obj.key)
@@ -321,15 +351,17 @@ class ChunkCache:
             self._reserved -= len(data)
         self.counters.fetched_chunks += 1
         self._verified.add(key)
+        self._remember(key, data)
 
     def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[bytes, int]:
         data = self.store.get_range(obj.key, obj.version, start, end)
         return data, checksum(data)
 
     @staticmethod
-    def _verify_sync(pf: PayloadFile, start: int, length: int, digest: int) -> bool:
+    def _verify_sync(pf: PayloadFile, start: int, length: int, digest: int) -> bytes | None:
+        """The chunk's bytes if they match their checksum, else None."""
         data = pf.pread(length, start)
-        return len(data) == length and checksum(data) == digest
+        return data if len(data) == length and checksum(data) == digest else None
 
     # -- eviction --------------------------------------------------------
     async def _make_room(self, incoming: int) -> None:

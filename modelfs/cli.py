@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_MEMORY_CACHE,
     DEFAULT_METADATA_TTL,
     DEFAULT_PREFETCH_WINDOW,
     MountConfig,
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest read-ahead of a sequential reader; 0 turns it off "
         f"(default {format_size(DEFAULT_PREFETCH_WINDOW)})",
     )
+    m.add_argument(
+        "--memory-cache",
+        type=_size("--memory-cache"),
+        default=DEFAULT_MEMORY_CACHE,
+        help="RAM for recently used chunks, on top of the fetches in flight "
+        f"(default {format_size(DEFAULT_MEMORY_CACHE)})",
+    )
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     m.add_argument("--uid", type=int, help="owner of every file (default: yours)")
     m.add_argument("--gid", type=int, help="group of every file (default: yours)")
@@ -121,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         log_file=args.log_file,
         fetch_concurrency=args.fetch_concurrency,
         prefetch_window=args.prefetch_window,
+        memory_cache=args.memory_cache,
     )
     cfg.validate()
     return cfg

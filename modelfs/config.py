@@ -26,6 +26,8 @@ MAX_CHUNK_SIZE = 1 * GiB
 DEFAULT_METADATA_TTL = 60.0
 # Largest read-ahead window of one sequential stream (0 turns read-ahead off).
 DEFAULT_PREFETCH_WINDOW = 256 * MiB
+# Recently fetched or verified chunks kept in RAM to answer reads without a pread.
+DEFAULT_MEMORY_CACHE = 128 * MiB
 # The cache may take at most this share of the free space of its filesystem
 # when --cache-size is not given, and never more than DEFAULT_CACHE_CAP.
 DEFAULT_CACHE_SHARE = 0.8
@@ -125,6 +127,7 @@ class MountConfig:
     log_file: Path | None = None
     fetch_concurrency: int = 16
     prefetch_window: int = DEFAULT_PREFETCH_WINDOW
+    memory_cache: int = DEFAULT_MEMORY_CACHE
     # Kernel read-ahead on the mount (KiB) and FUSE background requests.
     read_ahead_kb: int = 16384
     max_background: int = 64

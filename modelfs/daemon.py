@@ -60,6 +60,7 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
         store,
         capacity=cfg.cache_size,
         fetch_concurrency=cfg.fetch_concurrency,
+        memory_cache=cfg.memory_cache,
     )
     try:
         ns = Namespace(store, cfg.source.prefix, cfg.metadata_ttl)

@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from .chunk_cache import ChunkCache
+from .chunk_cache import Buffer, ChunkCache
 from .errors import (
     AccessDenied,
     CacheError,
@@ -211,8 +211,10 @@ class Operations(pyfuse3.Operations):
         self._last_version[inode] = node.version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
+    # pyfuse3 takes any contiguous buffer, so a memoryview slice of a cached
+    # chunk goes to the kernel without a copy; its stub says bytes.
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]
         handle = self._files[fh]
         try:
             return await handle.read(off, size)

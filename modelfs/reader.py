@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .chunk_cache import CachedObject, ChunkCache
+from .chunk_cache import Buffer, CachedObject, ChunkCache
 from .errors import ObjectChanged
 from .prefetch import ReadAhead
 
@@ -24,7 +24,7 @@ class OpenFile:
     readahead: ReadAhead | None = None
     stale: bool = False
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> Buffer:
         if self.stale:
             raise ObjectChanged(f"{self.obj.key} changed since it was opened")
         if self.readahead is not None:

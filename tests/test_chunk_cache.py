@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from modelfs.chunk_cache import ChunkCache
 from modelfs.errors import CacheFormatError, CacheLocked, ObjectChanged, StoreError
+from modelfs.payload import PayloadFile
 from modelfs.store import MemoryStore, ObjectVersion
 
 from .data import pattern
@@ -242,3 +243,26 @@ def test_cache_dir_lock_and_format(tmp_path: Path) -> None:
     # The lock was released on the failed open.
     (tmp_path / "c" / "modelfs-cache.json").write_text(json.dumps({"format": 1}))
     ChunkCache(tmp_path / "c", store, capacity=1 << 30).close()
+
+
+def test_recent_chunks_are_served_from_memory_within_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MemoryStore()
+    data = pattern(11, 0, 4 * CS)
+    v = store.put("k", data)
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, memory_cache=2 * CS)
+    for n in range(4):
+        assert _read(cache, "k", v, n * CS, CS) == data[n * CS : (n + 1) * CS]
+    assert sum(len(b) for b in cache._mem.values()) <= 2 * CS
+    preads: list[tuple[int, int]] = []
+    real = PayloadFile.pread
+    monkeypatch.setattr(
+        PayloadFile, "pread", lambda self, n, off: preads.append((n, off)) or real(self, n, off)
+    )
+    # The two most recent chunks are answered from memory, the older from the file.
+    assert _read(cache, "k", v, 2 * CS + 5, CS) == data[2 * CS + 5 : 3 * CS + 5]
+    assert preads == []
+    assert _read(cache, "k", v, 10, 10) == data[10:20]
+    assert preads == [(10, 10)]
+    cache.close()
