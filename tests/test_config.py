@@ -78,3 +78,16 @@ def test_validate(kw: dict[str, object], msg: str) -> None:
 
 def test_defaults_validate() -> None:
     _cfg().validate()
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from modelfs.config import default_cache_dir
+
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert default_cache_dir() == Path("/var/cache/modelfs")
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "modelfs"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "modelfs"

@@ -82,6 +82,11 @@ def test_chunks_are_fetched_once_across_remount_and_kill(
     # Every byte came over the wire exactly once, in ranged, conditional GETs.
     assert proxy.object_bytes() == total
     assert all(r.range and r.range.startswith("bytes=") for r in gets)
+    etags = {
+        f"/{bucket.name}/{k}": bucket.client.head_object(Bucket=bucket.name, Key=k)["ETag"]
+        for k in TREE
+    }
+    assert all(r.if_match == etags[r.path] for r in gets)
     assert len(gets) == len({(r.path, r.range) for r in gets})
     m.umount()
 

@@ -38,6 +38,7 @@ class Request:
     range: str | None
     status: int
     body_bytes: int
+    if_match: str | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -111,6 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.headers.get("Range"),
                 resp.status,
                 sent,
+                self.headers.get("If-Match"),
             )
         )
 
