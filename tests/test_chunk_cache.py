@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,15 +119,26 @@ def test_failed_get_reaches_every_waiter_and_is_retried(tmp_path: Path) -> None:
     cache.close()
 
 
-def test_reopened_cache_fetches_nothing(tmp_path: Path) -> None:
+def _filled_and_reopened(
+    tmp_path: Path, seed: int, nchunks: int, damage: Callable[[Path], None] | None = None
+) -> tuple[MemoryStore, ObjectVersion, bytes, ChunkCache]:
+    """Cache a whole object, close the cache, optionally damage the payload,
+    reopen: what a remount sees. The store's GET log starts empty."""
     store = MemoryStore()
-    data = pattern(4, 0, 5 * CS)
+    data = pattern(seed, 0, nchunks * CS)
     v = store.put("k", data)
     cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
     assert _read(cache, "k", v, 0, len(data)) == data
+    path = cache.payload.path_of(v.identity())
     cache.close()
+    if damage is not None:
+        damage(path)
     store.get_log.clear()
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    return store, v, data, ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+
+
+def test_reopened_cache_fetches_nothing(tmp_path: Path) -> None:
+    store, v, data, cache = _filled_and_reopened(tmp_path, 4, 5)
     assert _read(cache, "k", v, 0, len(data)) == data
     assert store.get_log == []
     assert cache.counters.verified_chunks == 5
@@ -136,23 +148,17 @@ def test_reopened_cache_fetches_nothing(tmp_path: Path) -> None:
 @pytest.mark.allow_log("failed its checksum")
 @pytest.mark.parametrize("damage", ["flip", "hole"])
 def test_damaged_payload_is_detected_and_refetched(tmp_path: Path, damage: str) -> None:
-    store = MemoryStore()
-    data = pattern(5, 0, 3 * CS)
-    v = store.put("k", data)
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
-    assert _read(cache, "k", v, 0, len(data)) == data
-    path = cache.payload.path_of(v.identity())
-    cache.close()
-    with open(path, "r+b") as f:
-        if damage == "flip":
-            f.seek(CS + 10)
-            b = f.read(1)
-            f.seek(CS + 10)
-            f.write(bytes([b[0] ^ 0xFF]))
-        else:  # what a power loss can leave: the index says present, the bytes are gone
-            f.truncate(CS)
-    store.get_log.clear()
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    def harm(path: Path) -> None:
+        with open(path, "r+b") as f:
+            if damage == "flip":
+                f.seek(CS + 10)
+                b = f.read(1)
+                f.seek(CS + 10)
+                f.write(bytes([b[0] ^ 0xFF]))
+            else:  # what a power loss can leave: the index says present, the bytes are gone
+                f.truncate(CS)
+
+    store, v, data, cache = _filled_and_reopened(tmp_path, 5, 3, harm)
     assert _read(cache, "k", v, 0, len(data)) == data
     assert cache.counters.corrupt_chunks == (1 if damage == "flip" else 2)
     assert len(store.get_log) == cache.counters.corrupt_chunks
@@ -212,14 +218,7 @@ def test_new_version_gets_new_chunks(tmp_path: Path) -> None:
 
 
 def test_chunk_size_of_cached_object_is_kept(tmp_path: Path) -> None:
-    store = MemoryStore()
-    data = pattern(9, 0, 4 * CS)
-    v = store.put("k", data)
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
-    assert _read(cache, "k", v, 0, len(data)) == data
-    cache.close()
-    store.get_log.clear()
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    store, v, data, cache = _filled_and_reopened(tmp_path, 9, 4)
 
     async def main() -> bytes:
         obj = cache.open_object("k", v, 4 * CS)  # asks for another chunk size
