@@ -229,8 +229,10 @@ class S3Store:
         else:
             import datetime
 
+            # HTTP dates have whole seconds; rounding up keeps a server that
+            # compares sub-second mtimes from refusing an unchanged object.
             kwargs["IfUnmodifiedSince"] = datetime.datetime.fromtimestamp(
-                version.mtime_ns / 1e9, tz=datetime.UTC
+                -(-version.mtime_ns // 10**9), tz=datetime.UTC
             )
         try:
             resp = self._client.get_object(**kwargs)
