@@ -270,6 +270,9 @@ class ChunkCache:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _remember(self, key: ChunkKey, data: bytes) -> None:
+        # Always replace: an entry left from before an eviction could hold
+        # the chunk as cut with another chunk size.
+        self._mem.pop(key, None)
         if len(data) <= self._mem.maxsize:
             self._mem[key] = data
 
@@ -393,6 +396,7 @@ class ChunkCache:
             key = (v.obj_id, v.chunk)
             self._verified.discard(key)
             self._touched.pop(key, None)
+            self._mem.pop(key, None)
             flights[key] = self._flights[key] = _Flight()
         try:
             await trio.to_thread.run_sync(self._evict_sync, victims, limiter=self._index_limiter)
