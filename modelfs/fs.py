@@ -78,8 +78,8 @@ def _fuse_errors(
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except (NoSuchObject, NotADirectoryError):
-            raise pyfuse3.FUSEError(errno_for(NoSuchObject())) from None
+        except (NoSuchObject, NotADirectoryError) as exc:  # ordinary answers: no log line
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
         except (StoreError, CacheError, OSError) as exc:
             code = errno_for(exc)
             log.warning("%s failed: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))

@@ -65,13 +65,17 @@ class PayloadStore:
         name = obj_id.hex()
         return self.root / name[:2] / name
 
-    def acquire(self, obj_id: bytes) -> PayloadFile:
+    def acquire(self, obj_id: bytes, create: bool = True) -> PayloadFile:
+        """Open (or share) an object's file; FileNotFoundError if absent and not `create`."""
         with self._lock:
             pf = self._open.get(obj_id)
             if pf is None:
                 path = self.path_of(obj_id)
-                path.parent.mkdir(mode=0o700, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                flags = os.O_RDWR | os.O_CLOEXEC
+                if create:
+                    path.parent.mkdir(mode=0o700, exist_ok=True)
+                    flags |= os.O_CREAT
+                fd = os.open(path, flags, 0o600)
                 pf = self._open[obj_id] = PayloadFile(path, fd)
             pf.refs += 1
             return pf
@@ -90,8 +94,10 @@ class PayloadStore:
             return
         pf = None
         try:
-            pf = self.acquire(obj_id)
+            pf = self.acquire(obj_id, create=False)
             punch_hole(pf.fd, offset, length)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 self._punch_supported = False

@@ -40,7 +40,6 @@ class _Stream:
     next_off: int  # where the last read of the stream ended
     window: int
     ahead_until: int  # read-ahead has been issued up to here
-    reads: int = 1
     last_used: int = 0
     progress: int = 0  # bytes consumed since the window last grew
 
@@ -115,7 +114,6 @@ class Prefetcher:
         if stream is None:
             self._add(_Stream(end, self.initial_window, end, last_used=self._clock))
             return
-        stream.reads += 1
         stream.last_used = self._clock
         if end > stream.next_off:
             stream.progress += end - stream.next_off

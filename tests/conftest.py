@@ -77,12 +77,6 @@ class Bucket:
     def put(self, key: str, data: bytes) -> str:
         return str(self.client.put_object(Bucket=self.name, Key=key, Body=data)["ETag"])
 
-    def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
-        kw: dict[str, Any] = {}
-        if start is not None:
-            kw["Range"] = f"bytes={start}-{(end or 0) - 1}"
-        return bytes(self.client.get_object(Bucket=self.name, Key=key, **kw)["Body"].read())
-
 
 def _make_bucket(server: Any) -> Bucket:
     client = server.client()
