@@ -1,6 +1,9 @@
-"""Command line: ``modelfs mount`` and ``modelfs umount``.
+"""Command line: ``modelfs mount`` and ``modelfs umount``, and the mount(8) forms.
 
-Owns argument parsing, logging set-up and daemonisation. Every user error
+Owns argument parsing, logging set-up and daemonisation. ``modelfs SOURCE
+MOUNTPOINT -o OPTIONS`` (how mount.fuse3 calls us for fstab type
+``fuse.modelfs``) and the ``mount.modelfs`` helper (type ``modelfs``) are
+rewritten into ``modelfs mount`` by `modelfs.mountopts`. Every user error
 ends as one line on stderr, ``modelfs: error: ...``, and a non-zero status;
 a traceback reaches the user only from a bug, and then goes to the log too.
 """
@@ -27,7 +30,15 @@ from .config import (
     parse_size,
 )
 from .errors import ConfigError, ModelfsError, MountError
-from .mounts import FSTYPE, check_mountpoint, find_mount, fusermount_unmount, process_alive
+from .mountopts import expand_o, helper_argv
+from .mounts import (
+    FSTYPE,
+    check_mountpoint,
+    clear_stale_mount,
+    find_mount,
+    fusermount_unmount,
+    process_alive,
+)
 
 log = logging.getLogger("modelfs")
 
@@ -58,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
     m.add_argument("--region")
     m.add_argument("--profile", help="profile from the shared AWS config")
+    m.add_argument(
+        "--credentials-file",
+        type=Path,
+        help="AWS shared-credentials file to read instead of ~/.aws/credentials",
+    )
     m.add_argument("--addressing-style", choices=("auto", "path", "virtual"), default="auto")
     m.add_argument(
         "--cache-dir",
@@ -116,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         endpoint_url=args.endpoint_url,
         region=args.region,
         profile=args.profile,
+        credentials_file=args.credentials_file,
         addressing_style=args.addressing_style,
         cache_dir=args.cache_dir,
         cache_size=args.cache_size,
@@ -155,6 +172,13 @@ def _setup_logging(debug: bool, stream: object = None, path: Path | None = None)
 def cmd_mount(cfg: MountConfig) -> int:
     from .daemon import serve
 
+    # A dead modelfs mount left by a crashed daemon is cleared, so that
+    # mounting again is all the recovery it takes.
+    if clear_stale_mount(cfg.mountpoint):
+        print(
+            f"modelfs: removed the disconnected mount a dead daemon left on {cfg.mountpoint}",
+            file=sys.stderr,
+        )
     check_mountpoint(cfg.mountpoint)  # fail before forking on obvious mistakes
     if cfg.foreground:
         _setup_logging(cfg.debug)
@@ -263,8 +287,36 @@ def cmd_umount(mnt: Path, lazy: bool) -> int:
     return 0
 
 
+COMMANDS = ("mount", "umount", "unmount")
+
+
+def _mount_option_names(parser: argparse.ArgumentParser) -> tuple[frozenset[str], frozenset[str]]:
+    """Long options of ``modelfs mount``: (flags, options taking a value)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags: set[str] = set()
+    valued: set[str] = set()
+    for action in sub.choices["mount"]._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--") and opt != "--help":
+                (flags if action.nargs == 0 else valued).add(opt[2:])
+    return frozenset(flags), frozenset(valued)
+
+
+def normalize_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``SOURCE MNT -o OPTS`` -> ``mount SOURCE MNT --opt value ...``."""
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["mount", *argv]
+    if argv and argv[0] == "mount":
+        argv = ["mount", *expand_o(argv[1:], *_mount_option_names(parser))]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        argv = normalize_argv(parser, list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        parser.error(str(exc))
     args = parser.parse_args(argv)
     try:
         if args.command == "mount":
@@ -279,3 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """``mount.modelfs``: the helper mount(8) runs for fstab type ``modelfs``."""
+    try:
+        args, fake = helper_argv(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        print(f"mount.modelfs: error: {exc}", file=sys.stderr)
+        return 1
+    if fake:
+        return 0
+    return main(["mount", *args])

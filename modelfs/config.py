@@ -114,6 +114,7 @@ class MountConfig:
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
+    credentials_file: Path | None = None
     addressing_style: str = "auto"
     cache_dir: Path | None = None
     cache_size: int | None = None  # None: derived from free space at mount
@@ -153,6 +154,12 @@ class MountConfig:
             raise ConfigError(
                 f"invalid --endpoint-url {self.endpoint_url!r}: expected http(s)://HOST[:PORT]"
             )
+        if self.credentials_file is not None:
+            self.credentials_file = self.credentials_file.absolute()
+            if not self.credentials_file.is_file() or not os.access(self.credentials_file, os.R_OK):
+                raise ConfigError(
+                    f"credentials file {self.credentials_file} is missing or not readable"
+                )
         if self.prefetch_window < 0:
             raise ConfigError("--prefetch-window must be >= 0")
         if self.fetch_concurrency < 1:

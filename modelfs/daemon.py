@@ -26,6 +26,7 @@ from .kernel import tune_mount
 from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
 from .prefetch import ReadAhead
+from .sdnotify import notify as sd_notify
 from .store import ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ async def _stop_on_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s, unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
             pyfuse3.terminate()
             return
 
@@ -122,3 +124,6 @@ async def _announce_ready(mnt: Path, cfg: MountConfig, notify: Notify) -> None:
     tuned = tune_mount(mnt, cfg.read_ahead_kb, cfg.max_background)
     log.info("serving on %s (kernel settings: %s)", mnt, tuned or "defaults")
     notify(None)
+    # MAINPID: with a forking `modelfs mount` the daemon is not the process
+    # systemd started; with --foreground it is, and the line is harmless.
+    sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.source} on {mnt}")

@@ -58,13 +58,38 @@ def find_mount(path: str | Path) -> MountEntry | None:
 
 def _disconnected(mnt: Path) -> MountError:
     return MountError(
-        f"{mnt} is a disconnected FUSE mount (its daemon died); run 'modelfs umount {mnt}' first"
+        f"{mnt} is a disconnected FUSE mount (its daemon died); unmount it first "
+        f"(fusermount3 -uz {mnt})"
     )
+
+
+def _is_disconnected(mnt: Path) -> bool:
+    try:
+        os.statvfs(mnt)  # never answered from the kernel's caches, unlike stat
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def clear_stale_mount(path: Path) -> bool:
+    """Lazily unmount a modelfs mount whose daemon died; True if there was one.
+
+    Such a mount answers "Transport endpoint is not connected" until it is
+    removed. A dead mount of another filesystem is never touched.
+    """
+    mnt = Path(os.path.abspath(path))
+    entry = find_mount(mnt)
+    if entry is None or entry.fstype != FSTYPE or not _is_disconnected(mnt):
+        return False
+    fusermount_unmount(mnt, lazy=True)
+    return True
 
 
 def check_mountpoint(path: Path) -> Path:
     """Resolve and vet a mountpoint before anything is started."""
     mnt = Path(os.path.abspath(path))
+    if find_mount(mnt) is not None and _is_disconnected(mnt):
+        raise _disconnected(mnt)
     try:
         st = os.stat(mnt)
     except FileNotFoundError:
@@ -76,11 +101,6 @@ def check_mountpoint(path: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mnt} is not a directory")
     if os.path.ismount(mnt) or find_mount(mnt) is not None:
-        try:
-            os.statvfs(mnt)  # never cached by the kernel, unlike stat
-        except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
-                raise _disconnected(mnt) from None
         raise MountError(f"mountpoint {mnt} is busy: something is already mounted there")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MountError("/dev/fuse is missing or not accessible; FUSE is required")

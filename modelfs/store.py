@@ -107,12 +107,21 @@ class S3Store:
     def __init__(self, cfg: MountConfig, *, pool_size: int | None = None) -> None:
         import boto3
         import botocore.config
+        import botocore.session
 
         self.bucket = cfg.source.bucket
         self.counters = StoreCounters()
         self._endpoint = cfg.endpoint_url or "the default AWS endpoint"
         try:
-            session = boto3.Session(profile_name=cfg.profile, region_name=cfg.region)
+            # Credentials come from boto3's chain (environment, shared files,
+            # web identity, instance metadata); --credentials-file only
+            # replaces which shared-credentials file the chain reads.
+            core = botocore.session.Session()
+            if cfg.credentials_file is not None:
+                core.set_config_variable("credentials_file", str(cfg.credentials_file))
+            session = boto3.Session(
+                botocore_session=core, profile_name=cfg.profile, region_name=cfg.region
+            )
         except Exception as exc:  # ProfileNotFound and friends
             raise AccessDenied(f"cannot load AWS profile {cfg.profile!r}: {exc}") from exc
         pool = pool_size or cfg.fetch_concurrency + 4
