@@ -1,11 +1,13 @@
 """The LMDB index of the chunk cache: which chunks are on disk, and their LRU order.
 
-Owns four named databases inside ``<cache-dir>/index``:
+Owns five named databases inside ``<cache-dir>/index``:
 
 ``meta``     format version, bytes in use, the LRU clock.
-``objects``  object id (16 bytes) -> JSON {etag, size, mtime_ns, chunk_size}.
+``objects``  object id (16 bytes) -> JSON {etag, size, mtime_ns, chunk_size, key}.
 ``chunks``   object id + chunk number (u64 BE) -> length, xxh3-64, LRU tick.
 ``lru``      LRU tick (u64 BE) + object id + chunk number -> b"" (oldest first).
+``atime``    object id -> last access, Unix seconds (u64), for ``modelfs cache ls``.
+             Added without a format change: a cache without it shows "-".
 
 The object id is a hash of (ETag, size), see `ObjectVersion.identity`, so two
 keys holding the same content share chunks and a new version never sees the
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -47,22 +51,50 @@ class Victim:
     length: int
 
 
+@dataclass(frozen=True)
+class ObjectEntry:
+    obj_id: bytes
+    meta: dict[str, object]
+    cached_bytes: int
+    chunks: int
+    atime: int | None
+
+
 class CacheIndex:
-    def __init__(self, path: Path, map_size: int = 4 << 30) -> None:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def __init__(self, path: Path, map_size: int = 4 << 30, *, readonly: bool = False) -> None:
+        """`readonly` opens an index another process may be writing (LMDB
+        allows any number of readers beside one writer): for inspection."""
+        if not readonly:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             # metasync=False: one fsync per commit instead of two. A system
             # crash may lose the last commits but never corrupts the index;
             # a lost record only means a chunk is fetched again.
             self.env = lmdb.open(
-                str(path), max_dbs=8, map_size=map_size, metasync=False, readahead=False
+                str(path),
+                max_dbs=8,
+                map_size=map_size,
+                metasync=False,
+                readahead=False,
+                readonly=readonly,
+                create=not readonly,
             )
+            self._meta = self.env.open_db(b"meta", create=not readonly)
+            self._objects = self.env.open_db(b"objects", create=not readonly)
+            self._chunks = self.env.open_db(b"chunks", create=not readonly)
+            self._lru = self.env.open_db(b"lru", create=not readonly)
         except lmdb.Error as exc:
             raise CacheError(f"cannot open cache index {path}: {exc}") from None
-        self._meta = self.env.open_db(b"meta")
-        self._objects = self.env.open_db(b"objects")
-        self._chunks = self.env.open_db(b"chunks")
-        self._lru = self.env.open_db(b"lru")
+        try:
+            self._atime: Any = self.env.open_db(b"atime", create=not readonly)
+        except lmdb.NotFoundError:
+            self._atime = None  # an index written before `atime` existed, read-only
+        if readonly:
+            with self.env.begin() as txn:
+                fmt = txn.get(b"format", db=self._meta)
+            if fmt != str(INDEX_FORMAT).encode():
+                raise CacheFormatError(f"cache index {path} has an unknown format")
+            return
         with self.env.begin(write=True) as txn:
             fmt = txn.get(b"format", db=self._meta)
             if fmt is None:
@@ -74,7 +106,8 @@ class CacheIndex:
                 )
 
     def close(self) -> None:
-        self.env.sync(True)
+        if not self.env.flags()["readonly"]:
+            self.env.sync(True)
         self.env.close()
 
     # -- helpers (inside a transaction) ----------------------------------
@@ -141,15 +174,18 @@ class CacheIndex:
             txn.put(ckey, _CREC.pack(length, checksum, tick), db=self._chunks)
             txn.put(_LKEY.pack(tick, obj_id, chunk), b"", db=self._lru)
             self._add_used(txn, length)
+            txn.put(obj_id, _U64.pack(int(time.time())), db=self._atime)
 
     def touch(self, keys: Iterable[tuple[bytes, int]]) -> None:
         """Move chunks to the most-recently-used end (absent ones are skipped)."""
+        now = _U64.pack(int(time.time()))
         with self.env.begin(write=True) as txn:
             for obj_id, chunk in keys:
                 ckey = _CKEY.pack(obj_id, chunk)
                 raw = txn.get(ckey, db=self._chunks)
                 if raw is None:
                     continue
+                txn.put(obj_id, now, db=self._atime)
                 rec = ChunkRecord(*_CREC.unpack(raw))
                 txn.delete(_LKEY.pack(rec.tick, obj_id, chunk), db=self._lru)
                 tick = self._next_tick(txn)
@@ -193,5 +229,38 @@ class CacheIndex:
             for obj_id in touched:
                 if not cur.set_range(obj_id) or cur.key()[:16] != obj_id:
                     txn.delete(obj_id, db=self._objects)
+                    txn.delete(obj_id, db=self._atime)
                     empty.append(obj_id)
         return empty
+
+    # -- inspection (``modelfs cache``) -------------------------------------
+    def objects(self) -> list[ObjectEntry]:
+        """Every cached object with its cached bytes and last access."""
+        out = []
+        with self.env.begin() as txn:
+            ccur = txn.cursor(db=self._chunks)
+            for obj_id, raw in txn.cursor(db=self._objects):
+                total = n = 0
+                if ccur.set_range(obj_id):
+                    for key, rec in ccur:
+                        if key[:16] != obj_id:
+                            break
+                        total += _CREC.unpack(rec)[0]
+                        n += 1
+                at = txn.get(obj_id, db=self._atime) if self._atime is not None else None
+                out.append(
+                    ObjectEntry(
+                        bytes(obj_id), json.loads(raw), total, n, _U64.unpack(at)[0] if at else None
+                    )
+                )
+        return out
+
+    def all_chunks(self) -> list[tuple[Victim, int]]:
+        """(chunk, checksum) for every chunk, in object order (for verify)."""
+        out = []
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self._chunks):
+                obj_id, n = _CKEY.unpack(k)
+                length, digest, _ = _CREC.unpack(v)
+                out.append((Victim(obj_id, n, length), digest))
+        return out

@@ -12,7 +12,9 @@ the in-memory state that makes reads cheap and safe:
 * ``_touched``  recency updates, written to the index in one batch;
 * ``_mem``      the most recently fetched or verified chunks, bounded in
   bytes: a read they cover is answered with a zero-copy slice instead of a
-  ``pread`` (one copy less per byte on both the cold and the warm path).
+  ``pread`` (one copy less per byte on both the cold and the warm path);
+* ``_prefetched`` chunks read-ahead fetched from the origin that no read has
+  used yet: used ones and evicted ones are counted, for the metrics.
 
 All of that state is touched only from the trio thread; blocking work (S3,
 disk, LMDB writes) runs in worker threads behind capacity limiters.
@@ -88,12 +90,19 @@ class CachedObject:
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    fetched: bool = False  # the bytes came from the origin, not the disk
 
 
 @dataclass
 class CacheCounters:
     hits: int = 0
     misses: int = 0
+    # Bytes handed to readers, by whether their chunk had to come from the origin.
+    hit_bytes: int = 0
+    miss_bytes: int = 0
+    prefetch_fetched_bytes: int = 0
+    prefetch_used_bytes: int = 0
+    prefetch_wasted_bytes: int = 0
     fetched_chunks: int = 0
     verified_chunks: int = 0
     corrupt_chunks: int = 0
@@ -163,6 +172,7 @@ class ChunkCache:
         self._verified: set[ChunkKey] = set()
         self._pins: Counter[ChunkKey] = Counter()
         self._touched: dict[ChunkKey, None] = {}
+        self._prefetched: dict[ChunkKey, int] = {}
         self._reserved = 0
         self._mem: cachetools.LRUCache[ChunkKey, bytes] = cachetools.LRUCache(
             maxsize=max(1, memory_cache), getsizeof=len
@@ -235,14 +245,20 @@ class ChunkCache:
         if offset >= end:
             return b""
         chunks = range(offset // obj.chunk_size, (end - 1) // obj.chunk_size + 1)
+        fetched: set[int] = set()
+
+        async def load(n: int) -> None:
+            if await self.ensure(obj, n):
+                fetched.add(n)
+
         with self._pinned(obj.obj_id, chunks):
             missing = [n for n in chunks if (obj.obj_id, n) not in self._verified]
             if len(missing) == 1:
-                await self.ensure(obj, missing[0])
+                await load(missing[0])
             elif missing:
                 async with trio.open_nursery() as nursery:
                     for n in missing:
-                        nursery.start_soon(self.ensure, obj, n)
+                        nursery.start_soon(load, n)
             self.counters.hits += len(chunks) - len(missing)
             data = self._from_memory(obj, offset, end, chunks)
             if data is None:
@@ -252,7 +268,15 @@ class ChunkCache:
         if len(data) != end - offset:
             raise CacheError(f"payload file {obj.file.path} is shorter than its index says")
         for n in chunks:
-            self._touched[(obj.obj_id, n)] = None
+            key = (obj.obj_id, n)
+            self._touched[key] = None
+            used = self._prefetched.pop(key, 0)
+            self.counters.prefetch_used_bytes += used
+        miss = sum(
+            min(end, (n + 1) * obj.chunk_size) - max(offset, n * obj.chunk_size) for n in fetched
+        )
+        self.counters.miss_bytes += miss
+        self.counters.hit_bytes += end - offset - miss
         return data
 
     def _from_memory(
@@ -293,27 +317,35 @@ class ChunkCache:
                 if self._pins[k] <= 0:
                     del self._pins[k]
 
-    async def ensure(self, obj: CachedObject, n: int) -> None:
-        """Make chunk `n` present and verified, fetching it at most once."""
+    async def ensure(self, obj: CachedObject, n: int, *, prefetch: bool = False) -> bool:
+        """Make chunk `n` present and verified, fetching it at most once.
+
+        True when the bytes had to come from the origin (by this call or by
+        the flight it waited for); `prefetch` marks read-ahead's calls.
+        """
         key = (obj.obj_id, n)
+        fetched = False
         while key not in self._verified:
             flight = self._flights.get(key)
             if flight is not None:
                 await flight.done.wait()
                 if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
                     raise flight.error
+                fetched = fetched or flight.fetched
                 continue  # re-check: it was verified, evicted, or its owner was cancelled
             flight = self._flights[key] = _Flight()
             try:
-                await self._load(obj, n)
+                flight.fetched = await self._load(obj, n, prefetch)
+                fetched = fetched or flight.fetched
             except BaseException as exc:
                 flight.error = exc
                 raise
             finally:
                 del self._flights[key]
                 flight.done.set()
+        return fetched
 
-    async def _load(self, obj: CachedObject, n: int) -> None:
+    async def _load(self, obj: CachedObject, n: int, prefetch: bool = False) -> bool:
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
         rec = self.index.get(obj.obj_id, n)
@@ -330,7 +362,7 @@ class ChunkCache:
                 self.counters.verified_chunks += 1
                 self._verified.add(key)
                 self._remember(key, verified)
-                return
+                return False
             self.counters.corrupt_chunks += 1
             log.warning("cached chunk %d of %s failed its checksum; fetching it again", n, obj.key)
         self.counters.misses += 1
@@ -353,8 +385,12 @@ class ChunkCache:
         finally:
             self._reserved -= len(data)
         self.counters.fetched_chunks += 1
+        if prefetch:
+            self._prefetched[key] = len(data)
+            self.counters.prefetch_fetched_bytes += len(data)
         self._verified.add(key)
         self._remember(key, data)
+        return True
 
     def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[bytes, int]:
         data = self.store.get_range(obj.key, obj.version, start, end)
@@ -369,14 +405,24 @@ class ChunkCache:
     # -- eviction --------------------------------------------------------
     async def _make_room(self, incoming: int) -> None:
         over = self.index.used() + self._reserved - self.capacity
+        if over > 0:
+            # Ask for some slack: pinned or busy chunks are skipped.
+            await self._evict(over, over + 64 * incoming)
+
+    async def shrink_to(self, target: int) -> tuple[int, int]:
+        """Evict least-recently-used chunks until at most `target` bytes are
+        cached (chunks being read are kept). Returns (chunks, bytes) evicted."""
+        over = self.index.used() - target
         if over <= 0:
-            return
+            return 0, 0
+        return await self._evict(over, over)
+
+    async def _evict(self, over: int, ask: int) -> tuple[int, int]:
         await self.flush_touches()
-        # Ask for some slack: pinned or busy chunks are skipped below.
         candidates = await trio.to_thread.run_sync(
-            self.index.oldest, over + 64 * incoming, limiter=self._index_limiter
+            self.index.oldest, ask, limiter=self._index_limiter
         )
-        victims: list[Victim] = []
+        victims = []
         freed = 0
         for v in candidates:
             key = (v.obj_id, v.chunk)
@@ -388,7 +434,16 @@ class ChunkCache:
                 break
         if not victims:
             log.debug("cache over capacity by %d bytes, every old chunk is in use", over)
-            return
+            return 0, 0
+        await self._remove(victims)
+        log.debug("evicted %d chunks (%d bytes)", len(victims), freed)
+        return len(victims), freed
+
+    async def drop(self, victims: list[Victim]) -> None:
+        """Forget chunks found bad on disk (``modelfs cache verify --repair``)."""
+        await self._remove([v for v in victims if (v.obj_id, v.chunk) not in self._flights])
+
+    async def _remove(self, victims: list[Victim]) -> None:
         # Claim the victims before leaving the trio thread: a reader that
         # wants one now waits for the eviction, then fetches it again.
         flights = {}
@@ -397,6 +452,7 @@ class ChunkCache:
             self._verified.discard(key)
             self._touched.pop(key, None)
             self._mem.pop(key, None)
+            self.counters.prefetch_wasted_bytes += self._prefetched.pop(key, 0)
             flights[key] = self._flights[key] = _Flight()
         try:
             await trio.to_thread.run_sync(self._evict_sync, victims, limiter=self._index_limiter)
@@ -405,7 +461,7 @@ class ChunkCache:
                 del self._flights[key]
                 flight.done.set()
         self.counters.evicted_chunks += len(victims)
-        self.counters.evicted_bytes += freed
+        self.counters.evicted_bytes += sum(v.length for v in victims)
 
     def _evict_sync(self, victims: list[Victim]) -> None:
         chunk_sizes: dict[bytes, int] = {}
@@ -444,5 +500,7 @@ class ChunkCache:
     def stats(self) -> dict[str, object]:
         out: dict[str, object] = dict(self.index.stats())
         out["capacity_bytes"] = self.capacity
+        out["prefetch_pending_bytes"] = sum(self._prefetched.values())
+        out["open_objects"] = len(self._objects)
         out.update(self.counters.__dict__)
         return out

@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="RAM for recently used chunks, on top of the fetches in flight "
         f"(default {format_size(DEFAULT_MEMORY_CACHE)})",
     )
+    m.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     m.add_argument("--uid", type=int, help="owner of every file (default: yours)")
     m.add_argument("--gid", type=int, help="group of every file (default: yours)")
@@ -147,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         fetch_concurrency=args.fetch_concurrency,
         prefetch_window=args.prefetch_window,
         memory_cache=args.memory_cache,
+        metrics_addr=args.metrics_addr,
     )
     cfg.validate()
     return cfg

@@ -129,6 +129,7 @@ class MountConfig:
     fetch_concurrency: int = 16
     prefetch_window: int = DEFAULT_PREFETCH_WINDOW
     memory_cache: int = DEFAULT_MEMORY_CACHE
+    metrics_addr: str | None = None  # HOST:PORT of the Prometheus endpoint
     # Kernel read-ahead on the mount (KiB) and FUSE background requests.
     read_ahead_kb: int = 16384
     max_background: int = 64
@@ -162,6 +163,16 @@ class MountConfig:
                 )
         if self.prefetch_window < 0:
             raise ConfigError("--prefetch-window must be >= 0")
+        if self.metrics_addr is not None:
+            from .metrics import parse_addr
+
+            try:
+                parse_addr(self.metrics_addr)
+            except ValueError:
+                raise ConfigError(
+                    f"invalid --metrics-addr {self.metrics_addr!r}: expected HOST:PORT, "
+                    "e.g. 127.0.0.1:9100"
+                ) from None
         if self.fetch_concurrency < 1:
             raise ConfigError("--fetch-concurrency must be >= 1")
 

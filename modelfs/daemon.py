@@ -12,17 +12,21 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
+from . import control
 from .chunk_cache import ChunkCache
 from .config import MountConfig
 from .errors import MountError
 from .fs import Operations
 from .kernel import tune_mount
+from .metrics import make_registry, parse_addr
 from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
 from .prefetch import ReadAhead
@@ -63,6 +67,7 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
         fetch_concurrency=cfg.fetch_concurrency,
         memory_cache=cfg.memory_cache,
     )
+    metrics_server = None
     try:
         ns = Namespace(store, cfg.source.prefix, cfg.metadata_ttl)
         ops = Operations(
@@ -73,6 +78,15 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
             gid=os.getgid() if cfg.gid is None else cfg.gid,
             ttl=cfg.metadata_ttl,
         )
+        ops.info = {
+            "source": str(cfg.source),
+            "mountpoint": str(mnt),
+            "cache_dir": str(cache.root),
+            "pid": os.getpid(),
+            "started": time.time(),
+        }
+        if cfg.metrics_addr:
+            metrics_server = _start_metrics(cfg.metrics_addr, ops)
         try:
             pyfuse3.init(ops, str(mnt), fuse_options(cfg))
         except RuntimeError as exc:
@@ -83,8 +97,22 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mnt)
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         cache.close()
     return 0
+
+
+def _start_metrics(addr: str, ops: Operations) -> Any:
+    from prometheus_client import start_http_server
+
+    host, port = parse_addr(addr)
+    try:
+        server, _ = start_http_server(port, host, registry=make_registry(ops.stats))
+    except OSError as exc:
+        raise MountError(f"cannot serve metrics on {addr}: {exc.strerror}") from None
+    log.info("metrics at http://%s/metrics", addr)
+    return server
 
 
 async def _main(
@@ -99,10 +127,26 @@ async def _main(
             max_window=cfg.prefetch_window,
         )
         nursery.start_soon(cache.run_background)
+        nursery.start_soon(_sample_rates, ops)
+        nursery.start_soon(_serve_control, cache)
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(_announce_ready, mnt, cfg, notify)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _sample_rates(ops: Operations) -> None:
+    while True:
+        ops.sample_rates()
+        await trio.sleep(1.0)
+
+
+async def _serve_control(cache: ChunkCache) -> None:
+    try:
+        await control.serve(cache)
+    except OSError as exc:
+        # The mount works without it; only `modelfs cache gc|clear` need it.
+        log.warning("no control socket in %s: %s", cache.root, exc.strerror)
 
 
 async def _stop_on_signal() -> None:

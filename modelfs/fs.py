@@ -32,6 +32,7 @@ from .errors import (
     ObjectChanged,
     StoreError,
 )
+from .metrics import RecentRates
 from .namespace import ROOT_INODE, Namespace, Node
 from .prefetch import ReadAhead
 from .reader import OpenFile
@@ -122,6 +123,9 @@ class Operations(pyfuse3.Operations):
         self._last_version: dict[int, ObjectVersion] = {}
         # Set by the daemon once its nursery exists; None disables read-ahead.
         self.readahead: ReadAhead | None = None
+        # Facts about the mount shown by `modelfs stats` (source, mountpoint...).
+        self.info: dict[str, Any] = {}
+        self.rates = RecentRates()
 
     # -- attributes ------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -267,19 +271,26 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         return list(self._xattrs(self.ns.get(inode)))
 
-    def stats(self) -> dict[str, object]:
-        counters = self.cache.store.counters
+    def stats(self) -> dict[str, Any]:
         return {
-            "store": {
-                "list_requests": counters.list_requests,
-                "get_requests": counters.get_requests,
-                "get_bytes": counters.get_bytes,
-            },
+            **self.info,
+            "store": self.cache.store.counters.snapshot(),
             "cache": self.cache.stats(),
             "open_files": len(self._files),
             "readahead_chunks": self.readahead.budget.issued_chunks if self.readahead else 0,
             "inodes": len(self.ns),
+            "last_minute": self.rates.rates(),
         }
+
+    def sample_rates(self) -> None:
+        """Called once a second by the daemon; feeds the last-minute rates."""
+        c = self.cache.counters
+        self.rates.sample(
+            {
+                "origin_bytes_per_s": self.cache.store.counters.get_bytes,
+                "served_bytes_per_s": c.hit_bytes + c.miss_bytes,
+            }
+        )
 
     # -- everything that would write ------------------------------------
     setattr = _async_erofs

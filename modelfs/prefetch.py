@@ -155,7 +155,7 @@ class Prefetcher:
 
     async def _fetch(self, n: int) -> None:
         try:
-            await self.cache.ensure(self.obj, n)
+            await self.cache.ensure(self.obj, n, prefetch=True)
         except ModelfsError as exc:
             # The demand read of this chunk will fetch it again and report.
             log.debug("read-ahead of chunk %d of %s failed: %s", n, self.obj.key, exc)

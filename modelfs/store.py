@@ -12,7 +12,9 @@ layers above; it enforces If-Match the same way a real server does.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,6 +29,8 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .config import MountConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,13 +67,28 @@ class Listing:
     prefixes: list[str] = field(default_factory=list)
 
 
+# Upper bounds (seconds) of the GET latency histogram; +Inf is implied.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 @dataclass
 class StoreCounters:
-    """Requests and payload bytes received; read by the stats xattr."""
+    """What was asked of the origin and what it sent; read by stats and metrics.
+
+    Plain integers under a lock, updated once per request: the metrics
+    module exports them at scrape time, so the store never imports
+    prometheus-client.
+    """
 
     list_requests: int = 0
     get_requests: int = 0
     get_bytes: int = 0
+    retries: int = 0
+    in_flight: int = 0
+    # result ("ok", "stale", "not_found", "denied", "unreachable", "error") -> count
+    get_results: dict[str, int] = field(default_factory=dict)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_get(self, nbytes: int) -> None:
@@ -80,6 +99,47 @@ class StoreCounters:
     def add_list(self) -> None:
         with self.lock:
             self.list_requests += 1
+
+    def start_get(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+
+    def end_get(self, result: str, seconds: float, retries: int = 0) -> None:
+        i = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
+        with self.lock:
+            self.in_flight -= 1
+            self.retries += retries
+            self.get_results[result] = self.get_results.get(result, 0) + 1
+            self.latency_counts[i] += 1
+            self.latency_sum += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "list_requests": self.list_requests,
+                "get_requests": self.get_requests,
+                "get_bytes": self.get_bytes,
+                "retries": self.retries,
+                "in_flight": self.in_flight,
+                "get_results": dict(self.get_results),
+                "latency_counts": list(self.latency_counts),
+                "latency_sum": self.latency_sum,
+            }
+
+
+def result_of(exc: BaseException | None) -> str:
+    """The `result` label of a finished request."""
+    if exc is None:
+        return "ok"
+    for kind, label in (
+        (ObjectChanged, "stale"),
+        (NoSuchObject, "not_found"),
+        (AccessDenied, "denied"),
+        (EndpointUnreachable, "unreachable"),
+    ):
+        if isinstance(exc, kind):
+            return label
+    return "error"
 
 
 class ObjectStore(Protocol):
@@ -243,20 +303,42 @@ class S3Store:
             kwargs["IfUnmodifiedSince"] = datetime.datetime.fromtimestamp(
                 -(-version.mtime_ns // 10**9), tz=datetime.UTC
             )
+        t0 = time.monotonic()
+        self.counters.start_get()
+        error: StoreError | None = None
+        retries = 0
         try:
-            resp = self._client.get_object(**kwargs)
-            data: bytes = resp["Body"].read()
-        except Exception as exc:
-            raise self._translate(exc, what) from None
-        self.counters.add_get(len(data))
-        # Servers that ignore If-Match would hand us a different version;
-        # the response's own ETag and length catch that.
-        got_etag = resp.get("ETag")
-        if version.etag and got_etag and got_etag != version.etag:
-            raise ObjectChanged(f"{what}: object changed since it was opened")
-        if len(data) != end - start:
-            raise StoreError(f"{what}: short read ({len(data)} of {end - start} bytes)")
-        return data
+            try:
+                resp = self._client.get_object(**kwargs)
+                retries = int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+                data: bytes = resp["Body"].read()
+            except Exception as exc:
+                error = self._translate(exc, what)
+                raise error from None
+            self.counters.add_get(len(data))
+            # Servers that ignore If-Match would hand us a different version;
+            # the response's own ETag and length catch that.
+            got_etag = resp.get("ETag")
+            if version.etag and got_etag and got_etag != version.etag:
+                error = ObjectChanged(f"{what}: object changed since it was opened")
+                raise error
+            if len(data) != end - start:
+                error = StoreError(f"{what}: short read ({len(data)} of {end - start} bytes)")
+                raise error
+            return data
+        finally:
+            elapsed = time.monotonic() - t0
+            self.counters.end_get(result_of(error), elapsed, retries)
+            log.debug(
+                "GET %s bytes=%d-%d etag=%s: %s in %.1f ms%s",
+                key,
+                start,
+                end - 1,
+                version.etag or "-",
+                result_of(error),
+                elapsed * 1000,
+                f" after {retries} retries" if retries else "",
+            )
 
 
 class MemoryStore:

@@ -1,0 +1,155 @@
+"""What a running mount reports: Prometheus metrics and recent throughput.
+
+Owns turning the layers' plain counters (`StoreCounters`, `CacheCounters`,
+the open-file table) into Prometheus metric families at scrape time, the
+HTTP endpoint behind ``--metrics-addr``, and the one-minute throughput that
+``modelfs stats`` shows. The layers below never import prometheus-client:
+counting costs them an integer increment, and nothing is computed unless
+someone scrapes.
+
+Byte counters say where the bytes came from in their name: ``origin`` (the
+bucket) or ``cache`` (the local chunk cache).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from .store import LATENCY_BUCKETS
+
+RATE_WINDOW = 60.0  # seconds behind the "last minute" throughput
+
+
+class RecentRates:
+    """Byte counters sampled once a second; rates over the last minute."""
+
+    def __init__(self, window: float = RATE_WINDOW) -> None:
+        self.window = window
+        self._samples: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
+
+    def sample(self, counters: dict[str, int], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, dict(counters)))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+
+    def rates(self) -> dict[str, float]:
+        """Per-second rate of each counter over the samples kept (0 if < 2)."""
+        if len(self._samples) < 2:
+            return {}
+        (t0, first), (t1, last) = self._samples[0], self._samples[-1]
+        span = max(t1 - t0, 1e-9)
+        return {k: (last[k] - first.get(k, 0)) / span for k in last}
+
+
+class ModelfsCollector(Collector):
+    """Exports one `stats()` snapshot (see `fs.Operations.stats`) per scrape."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats()
+        store, cache = s["store"], s["cache"]
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"modelfs_{name}", doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"modelfs_{name}", doc, value=value)
+
+        yield counter(
+            "origin_received_bytes", "Payload bytes received from the origin", store["get_bytes"]
+        )
+        requests = CounterMetricFamily(
+            "modelfs_origin_requests", "Requests sent to the origin", labels=["op", "result"]
+        )
+        for result, n in sorted(store["get_results"].items()):
+            requests.add_metric(["get", result], n)
+        requests.add_metric(["list", "ok"], store["list_requests"])
+        yield requests
+        yield counter(
+            "origin_retries", "Requests the S3 client retried (5xx, throttling)", store["retries"]
+        )
+        buckets, acc = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), store["latency_counts"], strict=True):
+            acc += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+        yield HistogramMetricFamily(
+            "modelfs_origin_get_seconds",
+            "Latency of ranged GETs, whole body received",
+            buckets=buckets,
+            sum_value=store["latency_sum"],
+        )
+        errors = CounterMetricFamily(
+            "modelfs_errors", "Failed origin reads and corrupt cached chunks", labels=["kind"]
+        )
+        for result, n in sorted(store["get_results"].items()):
+            if result != "ok":
+                errors.add_metric([result], n)
+        errors.add_metric(["corrupt_chunk"], cache["corrupt_chunks"])
+        yield errors
+        yield counter(
+            "cache_hit_bytes",
+            "Bytes served to readers from chunks already cached",
+            cache["hit_bytes"],
+        )
+        yield counter(
+            "cache_miss_bytes",
+            "Bytes served to readers whose chunk had to come from the origin",
+            cache["miss_bytes"],
+        )
+        yield counter(
+            "prefetch_origin_bytes",
+            "Bytes read-ahead fetched from the origin",
+            cache["prefetch_fetched_bytes"],
+        )
+        yield counter(
+            "prefetch_used_bytes",
+            "Read-ahead bytes a reader then used",
+            cache["prefetch_used_bytes"],
+        )
+        yield counter(
+            "prefetch_wasted_bytes",
+            "Read-ahead bytes evicted before any reader used them",
+            cache["prefetch_wasted_bytes"],
+        )
+        yield gauge(
+            "prefetch_pending_bytes",
+            "Read-ahead bytes cached and not used yet",
+            cache["prefetch_pending_bytes"],
+        )
+        yield gauge("cache_size_bytes", "Bytes held by the chunk cache", cache["used_bytes"])
+        yield gauge(
+            "cache_capacity_bytes", "Disk budget of the chunk cache", cache["capacity_bytes"]
+        )
+        yield counter("cache_evicted_bytes", "Bytes evicted from the cache", cache["evicted_bytes"])
+        yield counter("cache_evictions", "Chunks evicted from the cache", cache["evicted_chunks"])
+        yield gauge("open_files", "Files open through the mount", s["open_files"])
+        yield gauge("origin_requests_in_flight", "GETs in progress", store["in_flight"])
+
+
+def make_registry(stats: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ModelfsCollector(stats))
+    return registry
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
