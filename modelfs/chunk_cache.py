@@ -364,7 +364,15 @@ class ChunkCache:
                 self._remember(key, verified)
                 return False
             self.counters.corrupt_chunks += 1
-            log.warning("cached chunk %d of %s failed its checksum; fetching it again", n, obj.key)
+            log.warning(
+                "cached chunk %d of %s (bytes %d-%d, etag %s) failed its checksum; "
+                "fetching it again",
+                n,
+                obj.key,
+                start,
+                end - 1,
+                obj.version.etag or "-",
+            )
         self.counters.misses += 1
         data, digest = await trio.to_thread.run_sync(
             self._fetch_sync, obj, start, end, limiter=self._fetch_limiter

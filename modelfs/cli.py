@@ -11,6 +11,7 @@ a traceback reaches the user only from a bug, and then goes to the log too.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import select
@@ -127,6 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", aliases=["unmount"], help="unmount a modelfs mount")
     u.add_argument("mountpoint", type=Path)
     u.add_argument("--lazy", "-z", action="store_true", help="detach even if files are open")
+
+    st = sub.add_parser("stats", help="what a running mount is doing")
+    st.add_argument("mountpoint", type=Path)
+    st.add_argument("--json", action="store_true", help="the raw counters, as JSON")
+
+    c = sub.add_parser("cache", help="inspect or trim a cache directory (mounted or not)")
+    csub = c.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    actions = {
+        "ls": "cached objects: key, ETag, cached bytes of the size, last access",
+        "du": "space used by the cache",
+        "verify": "check every cached chunk against its checksum",
+        "gc": "evict least-recently-used chunks down to SIZE",
+        "clear": "evict everything not being read",
+    }
+    for name, text in actions.items():
+        a = csub.add_parser(name, help=text, description=text)
+        a.add_argument(
+            "--cache-dir",
+            type=Path,
+            help="default: $XDG_CACHE_HOME/modelfs, /var/cache/modelfs for root",
+        )
+        if name == "verify":
+            a.add_argument("--repair", action="store_true", help="drop the corrupt chunks")
+        if name == "gc":
+            a.add_argument("size", type=_size("SIZE"), metavar="SIZE", help="e.g. 10G")
     return p
 
 
@@ -158,19 +184,34 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
     return cfg
 
 
+def journal_stderr() -> bool:
+    """True when stderr is systemd's journal stream (systemd sets
+    $JOURNAL_STREAM to its device:inode); journald then adds time and pid."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def _setup_logging(debug: bool, stream: object = None, path: Path | None = None) -> None:
     handler: logging.Handler
+    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     if path is not None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         handler = logging.FileHandler(path)
     else:
         handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    )
+        if journal_stderr():
+            fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Never below WARNING, even with --debug: botocore's debug output
+    # carries request headers (signatures, session tokens).
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -217,11 +258,16 @@ def _daemon_child(cfg: MountConfig, write_fd: int) -> int:
             os.close(write_fd)
 
     try:
+        # Under systemd (a .mount unit, or mount(8) run by one) stderr is the
+        # journal: keep it and log there unless --log-file says otherwise.
+        to_journal = cfg.log_file is None and journal_stderr()
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
+        for fd in (0, 1) if to_journal else (0, 1, 2):
             os.dup2(devnull, fd)
-        log_file = cfg.log_file or cfg.resolved_cache_dir / "modelfs.log"
-        _setup_logging(cfg.debug, path=log_file)
+        if to_journal:
+            _setup_logging(cfg.debug)
+        else:
+            _setup_logging(cfg.debug, path=cfg.log_file or cfg.resolved_cache_dir / "modelfs.log")
         from .daemon import serve
 
         rc = serve(cfg, notify)
@@ -293,7 +339,7 @@ def cmd_umount(mnt: Path, lazy: bool) -> int:
     return 0
 
 
-COMMANDS = ("mount", "umount", "unmount")
+COMMANDS = ("mount", "umount", "unmount", "stats", "cache")
 
 
 def _mount_option_names(parser: argparse.ArgumentParser) -> tuple[frozenset[str], frozenset[str]]:
@@ -317,6 +363,14 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     return argv
 
 
+def cmd_stats(mnt: Path, as_json: bool) -> int:
+    from .report import read_stats, render_stats
+
+    stats = read_stats(mnt)
+    print(json.dumps(stats, indent=2, sort_keys=True) if as_json else render_stats(stats))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -331,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as exc:
                 parser.error(str(exc))
             return cmd_mount(cfg)
+        if args.command == "stats":
+            return cmd_stats(args.mountpoint, args.json)
+        if args.command == "cache":
+            from .report import cmd_cache
+
+            return cmd_cache(args.cache_command, args)
         return cmd_umount(args.mountpoint, args.lazy)
     except ModelfsError as exc:
         print(f"modelfs: error: {exc}", file=sys.stderr)

@@ -34,6 +34,11 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def payload_path(cache_root: Path, obj_id: bytes) -> Path:
+    name = obj_id.hex()
+    return cache_root / "data" / name[:2] / name
+
+
 class PayloadFile:
     """An open payload file; use through `PayloadStore.acquire/release`."""
 
@@ -62,8 +67,7 @@ class PayloadStore:
         self._punch_supported = True
 
     def path_of(self, obj_id: bytes) -> Path:
-        name = obj_id.hex()
-        return self.root / name[:2] / name
+        return payload_path(self.root.parent, obj_id)
 
     def acquire(self, obj_id: bytes, create: bool = True) -> PayloadFile:
         """Open (or share) an object's file; FileNotFoundError if absent and not `create`."""

@@ -1,0 +1,220 @@
+"""``modelfs cache ls|du|verify|gc|clear``: managing a cache directory.
+
+Owns the cache commands, which work whether or not a mount is using the
+directory:
+
+* inspection (``ls``, ``du``, the checking half of ``verify``) opens the
+  LMDB index read-only and reads payload files directly; LMDB lets any
+  number of readers run beside the daemon's writes;
+* changes (``gc``, ``clear``, ``verify --repair``) go to the daemon over its
+  control socket when one holds the cache's lock, because only the daemon
+  knows which chunks are being read; with no daemon they open the cache
+  (taking the lock) and do the same work in-process.
+
+A chunk evicted by a running daemon while ``verify`` reads it may look
+corrupt for a moment; every failure is checked again against the index
+before it is reported, so only chunks still recorded are reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import control
+from .cache_index import CacheIndex, ObjectEntry, Victim
+from .chunk_cache import FORMAT_FILE, ChunkCache, checksum
+from .errors import CacheError, StoreError
+from .payload import payload_path
+from .store import Listing, ObjectVersion, StoreCounters
+
+
+def _require_cache(root: Path) -> None:
+    if not (root / FORMAT_FILE).exists():
+        raise CacheError(f"{root} is not a modelfs cache directory (no {FORMAT_FILE})")
+
+
+def daemon_pid(root: Path) -> int | None:
+    """The pid of the daemon holding the cache's lock, or None if it is free."""
+    try:
+        fd = os.open(root / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        return None  # closing the descriptor below drops the shared lock
+    finally:
+        os.close(fd)
+
+
+def _index(root: Path) -> CacheIndex:
+    _require_cache(root)
+    return CacheIndex(root / "index", readonly=True)
+
+
+def ls(root: Path) -> list[ObjectEntry]:
+    index = _index(root)
+    try:
+        return sorted(index.objects(), key=lambda e: str(e.meta.get("key", "")))
+    finally:
+        index.close()
+
+
+@dataclass
+class Usage:
+    used_bytes: int  # chunk bytes the index records
+    chunks: int
+    objects: int
+    payload_disk_bytes: int  # blocks the payload files occupy
+    index_disk_bytes: int
+    fs_free_bytes: int
+
+
+def du(root: Path) -> Usage:
+    index = _index(root)
+    try:
+        st = index.stats()
+    finally:
+        index.close()
+    payload = sum(p.stat().st_blocks * 512 for p in (root / "data").rglob("*") if p.is_file())
+    idx = sum(p.stat().st_blocks * 512 for p in (root / "index").iterdir())
+    return Usage(
+        st["used_bytes"],
+        st["chunks"],
+        st["objects"],
+        payload,
+        idx,
+        shutil.disk_usage(root).free,
+    )
+
+
+def verify(root: Path, progress: Callable[[int], None] | None = None) -> tuple[int, list[Victim]]:
+    """Check every cached chunk against its checksum.
+
+    Returns (chunks checked, bad chunks). `progress` is called with the
+    bytes of each chunk checked."""
+    index = _index(root)
+    # object id -> (payload fd, chunk size), or None when the file is missing
+    files: dict[bytes, tuple[int, int] | None] = {}
+    try:
+        chunks = index.all_chunks()
+        bad: list[Victim] = []
+        for victim, digest in chunks:
+            if victim.obj_id not in files:
+                files[victim.obj_id] = _open_payload(root, index, victim.obj_id)
+            if not _chunk_ok(files[victim.obj_id], victim, digest):
+                rec = index.get(victim.obj_id, victim.chunk)
+                # Still recorded with the same checksum: really corrupt, not
+                # evicted by a running daemon while we read it.
+                if rec is not None and rec.checksum == digest:
+                    bad.append(victim)
+            if progress:
+                progress(victim.length)
+        return len(chunks), bad
+    finally:
+        for handle in files.values():
+            if handle is not None:
+                os.close(handle[0])
+        index.close()
+
+
+def _open_payload(root: Path, index: CacheIndex, obj_id: bytes) -> tuple[int, int] | None:
+    meta = index.object_meta(obj_id)
+    if meta is None:
+        return None
+    try:
+        fd = os.open(payload_path(root, obj_id), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    return fd, int(meta["chunk_size"])  # type: ignore[call-overload]
+
+
+def _chunk_ok(handle: tuple[int, int] | None, v: Victim, digest: int) -> bool:
+    if handle is None:
+        return False
+    fd, chunk_size = handle
+    data = os.pread(fd, v.length, v.chunk * chunk_size)
+    return len(data) == v.length and checksum(data) == digest
+
+
+class _NoOrigin:
+    """The store of an offline cache: cache changes never need the origin."""
+
+    counters = StoreCounters()
+
+    def list_dir(self, prefix: str) -> Listing:
+        raise StoreError("offline")
+
+    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
+        raise StoreError("offline")
+
+    def probe(self, prefix: str) -> None:
+        return None
+
+
+def _offline(root: Path, work: Callable[[ChunkCache], Any]) -> Any:
+    cache = ChunkCache(root, _NoOrigin())
+    try:
+        return trio.run(work, cache)
+    finally:
+        cache.close()
+
+
+def gc(root: Path, target: int) -> tuple[int, int]:
+    """Evict least-recently-used chunks down to `target` bytes: (chunks, bytes)."""
+    _require_cache(root)
+    if daemon_pid(root) is not None:
+        reply = control.request(root, {"op": "shrink", "target": target})
+        return int(reply["chunks"]), int(reply["bytes"])
+
+    async def work(cache: ChunkCache) -> tuple[int, int]:
+        return await cache.shrink_to(target)
+
+    result: tuple[int, int] = _offline(root, work)
+    _remove_orphans(root)
+    return result
+
+
+def _remove_orphans(root: Path) -> int:
+    """Payload files no index record names (left by a crash mid-eviction)."""
+    index = _index(root)
+    try:
+        known = {e.obj_id.hex() for e in index.objects()}
+    finally:
+        index.close()
+    removed = 0
+    for path in (root / "data").glob("*/*"):
+        if path.name not in known:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def repair(root: Path, bad: list[Victim]) -> None:
+    """Drop chunks `verify` found corrupt; they are fetched again when read."""
+    if not bad:
+        return
+    if daemon_pid(root) is not None:
+        control.request(
+            root, {"op": "drop", "chunks": [[v.obj_id.hex(), v.chunk, v.length] for v in bad]}
+        )
+        return
+
+    async def work(cache: ChunkCache) -> None:
+        await cache.drop(bad)
+
+    _offline(root, work)

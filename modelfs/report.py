@@ -1,0 +1,141 @@
+"""Human-readable output of ``modelfs stats`` and ``modelfs cache``.
+
+Owns reading a running mount's counters (the ``user.modelfs.stats`` xattr
+of its root) and turning them, and the cache commands' results, into text.
+The work itself is in `modelfs.cache_admin`; the numbers in `modelfs.fs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import cache_admin
+from .config import default_cache_dir, format_size
+from .errors import CacheError, MountError
+from .mounts import FSTYPE, find_mount
+
+
+def read_stats(mnt: Path) -> dict[str, Any]:
+    mnt = Path(os.path.abspath(mnt))
+    entry = find_mount(mnt)
+    if entry is None:
+        raise MountError(f"{mnt} is not mounted")
+    if entry.fstype != FSTYPE:
+        raise MountError(f"{mnt} is not a modelfs mount (it is {entry.fstype})")
+    try:
+        return dict(json.loads(os.getxattr(mnt, "user.modelfs.stats")))
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"{mnt} is a dead mount (its daemon is gone)") from None
+        raise MountError(f"cannot read the counters of {mnt}: {exc.strerror}") from None
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    parts = [(s // 86400, "d"), (s // 3600 % 24, "h"), (s // 60 % 60, "m"), (s % 60, "s")]
+    out = "".join(f"{v}{u}" for v, u in parts if v)
+    return out or "0s"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
+def render_stats(s: dict[str, Any]) -> str:
+    store, cache, recent = s["store"], s["cache"], s.get("last_minute", {})
+    served = cache["hit_bytes"] + cache["miss_bytes"]
+    errors = sum(n for r, n in store["get_results"].items() if r != "ok")
+    gets = sum(store["latency_counts"])
+    mean_ms = 1000 * store["latency_sum"] / gets if gets else 0.0
+    lines = [
+        f"modelfs {s.get('source', '?')} on {s.get('mountpoint', '?')} "
+        f"(pid {s.get('pid', '?')}, up {_duration(time.time() - s.get('started', time.time()))})",
+        f"served     {format_size(served)} to readers, {_pct(cache['hit_bytes'], served)} "
+        f"from the cache; last minute {format_size(recent.get('served_bytes_per_s', 0))}/s",
+        f"origin     {format_size(store['get_bytes'])} in {store['get_requests']} GETs "
+        f"(mean {mean_ms:.0f} ms, {errors} failed, {store['retries']} retried), "
+        f"{store['list_requests']} listings; "
+        f"last minute {format_size(recent.get('origin_bytes_per_s', 0))}/s",
+        f"prefetch   {format_size(cache['prefetch_fetched_bytes'])} fetched ahead: "
+        f"{format_size(cache['prefetch_used_bytes'])} used, "
+        f"{format_size(cache['prefetch_wasted_bytes'])} evicted unused, "
+        f"{format_size(cache['prefetch_pending_bytes'])} not read yet",
+        f"cache      {format_size(cache['used_bytes'])} of {format_size(cache['capacity_bytes'])} "
+        f"({_pct(cache['used_bytes'], cache['capacity_bytes'])}) in {s.get('cache_dir', '?')}: "
+        f"{cache['chunks']} chunks of {cache['objects']} objects; "
+        f"{cache['evicted_chunks']} chunks evicted, {cache['corrupt_chunks']} found corrupt",
+        f"now        {s['open_files']} open files, {store['in_flight']} GETs in flight",
+    ]
+    return "\n".join(lines)
+
+
+def _root(args: argparse.Namespace) -> Path:
+    root = (args.cache_dir or default_cache_dir()).absolute()
+    if not root.is_dir():
+        raise CacheError(f"cache directory {root} does not exist")
+    return root
+
+
+def cmd_cache(action: str, args: argparse.Namespace) -> int:
+    root = _root(args)
+    if action == "ls":
+        print(f"{'CACHED':>10} {'SIZE':>10} {'%':>4}  {'LAST ACCESS':<19}  {'ETAG':<34}  KEY")
+        for e in cache_admin.ls(root):
+            size = int(e.meta.get("size", 0))  # type: ignore[call-overload]
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.atime)) if e.atime else "-"
+            print(
+                f"{format_size(e.cached_bytes):>10} {format_size(size):>10} "
+                f"{_pct(e.cached_bytes, size):>4}  {when:<19}  "
+                f"{str(e.meta.get('etag') or '-'):<34}  {e.meta.get('key', '?')}"
+            )
+        return 0
+    if action == "du":
+        u = cache_admin.du(root)
+        print(f"cache      {root}")
+        print(f"chunks     {format_size(u.used_bytes)} in {u.chunks} chunks of {u.objects} objects")
+        print(
+            f"on disk    {format_size(u.payload_disk_bytes + u.index_disk_bytes)} "
+            f"(payload {format_size(u.payload_disk_bytes)}, "
+            f"index {format_size(u.index_disk_bytes)})"
+        )
+        print(f"free       {format_size(u.fs_free_bytes)} on its filesystem")
+        return 0
+    if action == "verify":
+        from tqdm import tqdm
+
+        with tqdm(
+            total=cache_admin.du(root).used_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="verify",
+            disable=None,  # no bar when stderr is not a terminal
+        ) as bar:
+            checked, bad = cache_admin.verify(root, bar.update)
+        print(f"checked {checked} chunks: {len(bad)} corrupt")
+        if bad:
+            for v in bad[:20]:
+                print(f"corrupt: object {v.obj_id.hex()} chunk {v.chunk} ({v.length} bytes)")
+            if args.repair:
+                cache_admin.repair(root, bad)
+                print(f"dropped {len(bad)} corrupt chunks; they are fetched again when read")
+                return 0
+            print("run 'modelfs cache verify --repair' to drop them", file=sys.stderr)
+            return 1
+        return 0
+    if action in ("gc", "clear"):
+        target = args.size if action == "gc" else 0
+        chunks, nbytes = cache_admin.gc(root, target)
+        print(
+            f"evicted {chunks} chunks, {format_size(nbytes)}; "
+            f"{format_size(cache_admin.du(root).used_bytes)} left"
+        )
+        return 0
+    raise AssertionError(action)
