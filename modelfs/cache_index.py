@@ -138,6 +138,22 @@ class CacheIndex:
             raw = txn.get(obj_id, db=self._objects)
         return json.loads(raw) if raw else None
 
+    def _sum_chunks(self, txn: lmdb.Transaction, obj_id: bytes) -> tuple[int, int]:
+        """(bytes, chunks) cached for one object."""
+        total = n = 0
+        cur = txn.cursor(db=self._chunks)
+        if cur.set_range(obj_id):
+            for key, rec in cur:
+                if key[:16] != obj_id:
+                    break
+                total += _CREC.unpack(rec)[0]
+                n += 1
+        return total, n
+
+    def cached_bytes(self, obj_id: bytes) -> int:
+        with self.env.begin() as txn:
+            return self._sum_chunks(txn, obj_id)[0]
+
     def chunks_of(self, obj_id: bytes) -> list[int]:
         out = []
         with self.env.begin() as txn:
@@ -238,15 +254,8 @@ class CacheIndex:
         """Every cached object with its cached bytes and last access."""
         out = []
         with self.env.begin() as txn:
-            ccur = txn.cursor(db=self._chunks)
             for obj_id, raw in txn.cursor(db=self._objects):
-                total = n = 0
-                if ccur.set_range(obj_id):
-                    for key, rec in ccur:
-                        if key[:16] != obj_id:
-                            break
-                        total += _CREC.unpack(rec)[0]
-                        n += 1
+                total, n = self._sum_chunks(txn, bytes(obj_id))
                 at = txn.get(obj_id, db=self._atime) if self._atime is not None else None
                 out.append(
                     ObjectEntry(

@@ -18,7 +18,9 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import (
     DEFAULT_CHUNK_SIZE,
@@ -57,6 +59,43 @@ def _size(what: str):  # type: ignore[no-untyped-def]
     return parse
 
 
+def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that reads the bucket through a chunk cache."""
+    p.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
+    p.add_argument("--region")
+    p.add_argument("--profile", help="profile from the shared AWS config")
+    p.add_argument(
+        "--credentials-file",
+        type=Path,
+        help="AWS shared-credentials file to read instead of ~/.aws/credentials",
+    )
+    p.add_argument("--addressing-style", choices=("auto", "path", "virtual"), default="auto")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="default: $XDG_CACHE_HOME/modelfs, /var/cache/modelfs for root",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=_size("--cache-size"),
+        help="disk budget of the cache (default: 80%% of free space, at most 64 GiB)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_size("--chunk-size"),
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"cache and fetch unit (default {format_size(DEFAULT_CHUNK_SIZE)})",
+    )
+    p.add_argument("--fetch-concurrency", type=int, default=16, help="parallel GETs (default 16)")
+    p.add_argument(
+        "--memory-cache",
+        type=_size("--memory-cache"),
+        default=DEFAULT_MEMORY_CACHE,
+        help="RAM for recently used chunks, on top of the fetches in flight "
+        f"(default {format_size(DEFAULT_MEMORY_CACHE)})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="modelfs",
@@ -67,51 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] on a directory")
     m.add_argument("source", help="s3://BUCKET[/PREFIX]")
     m.add_argument("mountpoint", type=Path)
-    m.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
-    m.add_argument("--region")
-    m.add_argument("--profile", help="profile from the shared AWS config")
-    m.add_argument(
-        "--credentials-file",
-        type=Path,
-        help="AWS shared-credentials file to read instead of ~/.aws/credentials",
-    )
-    m.add_argument("--addressing-style", choices=("auto", "path", "virtual"), default="auto")
-    m.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="default: $XDG_CACHE_HOME/modelfs, /var/cache/modelfs for root",
-    )
-    m.add_argument(
-        "--cache-size",
-        type=_size("--cache-size"),
-        help="disk budget of the cache (default: 80%% of free space, at most 64 GiB)",
-    )
-    m.add_argument(
-        "--chunk-size",
-        type=_size("--chunk-size"),
-        default=DEFAULT_CHUNK_SIZE,
-        help=f"cache and fetch unit (default {format_size(DEFAULT_CHUNK_SIZE)})",
-    )
+    _add_origin_and_cache_options(m)
     m.add_argument(
         "--metadata-ttl",
         type=float,
         default=DEFAULT_METADATA_TTL,
         help=f"seconds listings and attributes are trusted (default {DEFAULT_METADATA_TTL:g})",
     )
-    m.add_argument("--fetch-concurrency", type=int, default=16, help="parallel GETs (default 16)")
     m.add_argument(
         "--prefetch-window",
         type=_size("--prefetch-window"),
         default=DEFAULT_PREFETCH_WINDOW,
         help="largest read-ahead of a sequential reader; 0 turns it off "
         f"(default {format_size(DEFAULT_PREFETCH_WINDOW)})",
-    )
-    m.add_argument(
-        "--memory-cache",
-        type=_size("--memory-cache"),
-        default=DEFAULT_MEMORY_CACHE,
-        help="RAM for recently used chunks, on top of the fetches in flight "
-        f"(default {format_size(DEFAULT_MEMORY_CACHE)})",
     )
     m.add_argument(
         "--metrics-addr",
@@ -128,6 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", aliases=["unmount"], help="unmount a modelfs mount")
     u.add_argument("mountpoint", type=Path)
     u.add_argument("--lazy", "-z", action="store_true", help="detach even if files are open")
+
+    pl = sub.add_parser(
+        "pull",
+        help="copy s3://BUCKET[/PREFIX] into a local directory, through the chunk cache",
+        description="Copy s3://BUCKET[/PREFIX] into DIR (for hosts without FUSE). Files are "
+        "written atomically; a file whose size and ETag match is skipped; AIBrix-style "
+        "metadata files (DIR/.cache/s3/download/*.metadata) are read and written.",
+    )
+    pl.add_argument("source", help="s3://BUCKET[/PREFIX]")
+    pl.add_argument("dest", type=Path, metavar="DIR")
+    _add_origin_and_cache_options(pl)
+    pl.add_argument("--force", action="store_true", help="copy every file, even if up to date")
+    pl.add_argument("--debug", action="store_true", help="verbose logging")
+
+    w = sub.add_parser(
+        "warm",
+        help="fetch files inside a mount into its cache",
+        description="Fetch everything under each PATH (a file or directory inside a modelfs "
+        "mount) into the mount's cache. Files already cached are skipped.",
+    )
+    w.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    w.add_argument("--jobs", "-j", type=int, default=8, help="reads in parallel (default 8)")
 
     st = sub.add_parser("stats", help="what a running mount is doing")
     st.add_argument("mountpoint", type=Path)
@@ -157,9 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> MountConfig:
+    """A MountConfig from `mount` arguments, or `pull` ones (which lack the
+    mount-only options: their defaults apply)."""
+    mount_only = {
+        k: getattr(args, k)
+        for k in (
+            "metadata_ttl",
+            "allow_other",
+            "uid",
+            "gid",
+            "foreground",
+            "log_file",
+            "prefetch_window",
+            "metrics_addr",
+        )
+        if hasattr(args, k)
+    }
     cfg = MountConfig(
         source=parse_s3_url(args.source),
-        mountpoint=args.mountpoint,
+        mountpoint=getattr(args, "mountpoint", None) or args.dest,
         endpoint_url=args.endpoint_url,
         region=args.region,
         profile=args.profile,
@@ -168,17 +213,10 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         cache_dir=args.cache_dir,
         cache_size=args.cache_size,
         chunk_size=args.chunk_size,
-        metadata_ttl=args.metadata_ttl,
-        allow_other=args.allow_other,
-        uid=args.uid,
-        gid=args.gid,
-        foreground=args.foreground,
         debug=args.debug,
-        log_file=args.log_file,
         fetch_concurrency=args.fetch_concurrency,
-        prefetch_window=args.prefetch_window,
         memory_cache=args.memory_cache,
-        metrics_addr=args.metrics_addr,
+        **mount_only,
     )
     cfg.validate()
     return cfg
@@ -339,7 +377,7 @@ def cmd_umount(mnt: Path, lazy: bool) -> int:
     return 0
 
 
-COMMANDS = ("mount", "umount", "unmount", "stats", "cache")
+COMMANDS = ("mount", "umount", "unmount", "stats", "cache", "pull", "warm")
 
 
 def _mount_option_names(parser: argparse.ArgumentParser) -> tuple[frozenset[str], frozenset[str]]:
@@ -361,6 +399,31 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     if argv and argv[0] == "mount":
         argv = ["mount", *expand_o(argv[1:], *_mount_option_names(parser))]
     return argv
+
+
+def cmd_pull(cfg: MountConfig, dest: Path, force: bool, debug: bool) -> int:
+    from .pull import pull
+    from .report import byte_bar
+
+    _setup_logging(debug)
+    bars: list[Any] = []
+
+    def progress(files: int, total: int) -> Callable[[int], None]:
+        bars.append(byte_bar(f"pull {files} files", total))
+        return bars[-1].update
+
+    try:
+        result = pull(cfg, dest, force=force, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(
+        f"{len(result.written)} files written ({format_size(result.bytes_written)}), "
+        f"{len(result.skipped)} up to date, {len(result.failed)} failed"
+    )
+    for rel, err in result.failed.items():
+        print(f"modelfs: error: {rel}: {err}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def cmd_stats(mnt: Path, as_json: bool) -> int:
@@ -385,6 +448,16 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as exc:
                 parser.error(str(exc))
             return cmd_mount(cfg)
+        if args.command == "pull":
+            try:
+                cfg = config_from_args(args)
+            except ConfigError as exc:
+                parser.error(str(exc))
+            return cmd_pull(cfg, args.dest, args.force, args.debug)
+        if args.command == "warm":
+            from .warm import cmd_warm
+
+            return cmd_warm(args.paths, args.jobs)
         if args.command == "stats":
             return cmd_stats(args.mountpoint, args.json)
         if args.command == "cache":

@@ -47,6 +47,7 @@ XATTR_ETAG = b"user.modelfs.etag"
 XATTR_KEY = b"user.modelfs.key"
 XATTR_PID = b"user.modelfs.pid"
 XATTR_STATS = b"user.modelfs.stats"
+XATTR_CACHED = b"user.modelfs.cached"  # bytes of a file's current version in the cache
 
 
 def errno_for(exc: BaseException) -> int:
@@ -258,6 +259,7 @@ class Operations(pyfuse3.Operations):
         return {
             XATTR_KEY: lambda: node.key.encode(),
             XATTR_ETAG: lambda: (version.etag or "").encode(),
+            XATTR_CACHED: lambda: str(self.cache.index.cached_bytes(version.identity())).encode(),
         }
 
     @_fuse_errors

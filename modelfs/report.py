@@ -22,6 +22,14 @@ from .errors import CacheError, MountError
 from .mounts import FSTYPE, find_mount
 
 
+def byte_bar(desc: str, total: int) -> Any:
+    """A tqdm progress bar in bytes (rate, ETA) on stderr; none when stderr
+    is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
+
+
 def read_stats(mnt: Path) -> dict[str, Any]:
     mnt = Path(os.path.abspath(mnt))
     entry = find_mount(mnt)
@@ -108,16 +116,7 @@ def cmd_cache(action: str, args: argparse.Namespace) -> int:
         print(f"free       {format_size(u.fs_free_bytes)} on its filesystem")
         return 0
     if action == "verify":
-        from tqdm import tqdm
-
-        with tqdm(
-            total=cache_admin.du(root).used_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="verify",
-            disable=None,  # no bar when stderr is not a terminal
-        ) as bar:
+        with byte_bar("verify", cache_admin.du(root).used_bytes) as bar:
             checked, bad = cache_admin.verify(root, bar.update)
         print(f"checked {checked} chunks: {len(bad)} corrupt")
         if bad:

@@ -1,0 +1,205 @@
+"""``modelfs pull s3://BUCKET/PREFIX DIR``: a plain local copy, without FUSE.
+
+Owns walking the prefix, deciding what is already up to date, and writing
+files atomically. Bytes go through the same chunk cache as a mount (fetched
+at most once, checksummed, kept across runs), so an interrupted pull resumes
+from the chunks it already has, and a pull after a mount of the same model
+reads from the cache instead of the bucket.
+
+Compatible with the AIBrix downloader's bookkeeping: next to the files,
+``DIR/.cache/s3/download/<relative path>.metadata`` holds the object's raw
+ETag. A file whose size matches the object's and whose metadata file holds
+its ETag is up to date and skipped, whichever tool wrote it; every file
+written here gets its metadata file too.
+
+The walk applies the mount's key rules (`namespace.valid_name`), so a key
+such as ``../x`` can never write outside DIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .chunk_cache import CachedObject, ChunkCache
+from .config import MountConfig
+from .errors import ModelfsError
+from .namespace import valid_name
+from .store import ObjectInfo, ObjectStore, S3Store
+
+log = logging.getLogger(__name__)
+
+METADATA_DIR = Path(".cache/s3/download")
+PART_SUFFIX = ".modelfs-part"  # a file being written; removed by the next pull if left
+
+
+@dataclass
+class PullResult:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    bytes_written: int = 0
+
+
+def metadata_path(dest: Path, rel: str) -> Path:
+    return dest / METADATA_DIR / f"{rel}.metadata"
+
+
+def walk(store: ObjectStore, prefix: str) -> list[tuple[str, ObjectInfo]]:
+    """(relative path, object) for every file under `prefix`, as a mount shows them."""
+    out: list[tuple[str, ObjectInfo]] = []
+    pending = [prefix]
+    while pending:
+        dir_key = pending.pop()
+        listing = store.list_dir(dir_key)
+        dirs = set()
+        for p in listing.prefixes:
+            name = p[len(dir_key) : -1]
+            if valid_name(name):
+                dirs.add(name)
+                pending.append(p)
+        for obj in listing.objects:
+            name = obj.key[len(dir_key) :]
+            if name and valid_name(name) and name not in dirs:
+                out.append((obj.key[len(prefix) :], obj))
+    return sorted(out, key=lambda item: item[0])
+
+
+def up_to_date(dest: Path, rel: str, obj: ObjectInfo) -> bool:
+    """Size and ETag match what is on disk (the AIBrix downloader's test)."""
+    etag = obj.version.etag
+    path = dest / rel
+    try:
+        if not etag or path.stat().st_size != obj.version.size:
+            return False
+        return metadata_path(dest, rel).read_text() == etag
+    except OSError:
+        return False
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+async def _copy(
+    cache: ChunkCache, obj: CachedObject, fd: int, on_bytes: Callable[[int], None], concurrency: int
+) -> None:
+    """All chunks of `obj` into `fd` at their offsets, `concurrency` at a time."""
+    limit = trio.Semaphore(concurrency)
+    nchunks = -(-obj.size // obj.chunk_size)
+
+    async def one(n: int) -> None:
+        async with limit:
+            start, end = obj.chunk_span(n)
+            data = await cache.read(obj, start, end - start)
+            await trio.to_thread.run_sync(os.pwrite, fd, data, start)
+            on_bytes(end - start)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(nchunks):
+            nursery.start_soon(one, n)
+
+
+async def _pull_one(
+    cache: ChunkCache,
+    dest: Path,
+    rel: str,
+    info: ObjectInfo,
+    chunk_size: int,
+    concurrency: int,
+    on_bytes: Callable[[int], None],
+) -> None:
+    path = dest / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ModelfsError(f"{path} is a directory")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PART_SUFFIX)
+    try:
+        os.ftruncate(fd, info.version.size)
+        obj = cache.open_object(info.key, info.version, chunk_size)
+        try:
+            await _copy(cache, obj, fd, on_bytes, concurrency)
+        finally:
+            cache.close_object(obj)
+        await trio.to_thread.run_sync(os.fsync, fd)
+        os.fchmod(fd, 0o644)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    # Written after the file: a crash in between leaves a file without
+    # metadata, which the next pull copies again (from the cache).
+    if info.version.etag:
+        _atomic_write_text(metadata_path(dest, rel), info.version.etag)
+    else:
+        metadata_path(dest, rel).unlink(missing_ok=True)
+
+
+def pull(
+    cfg: MountConfig,
+    dest: Path,
+    *,
+    force: bool = False,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    store: ObjectStore | None = None,
+) -> PullResult:
+    """Copy s3://cfg.source into `dest`. `progress(files, total_bytes)` returns
+    the callback fed with bytes as they are written."""
+    store = store or S3Store(cfg)
+    store.probe(cfg.source.prefix)
+    files = walk(store, cfg.source.prefix)
+    result = PullResult()
+    todo = []
+    for rel, info in files:
+        if not force and up_to_date(dest, rel, info):
+            result.skipped.append(rel)
+        else:
+            todo.append((rel, info))
+    on_bytes = progress(len(todo), sum(i.version.size for _, i in todo)) if progress else None
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in dest.rglob(f".*{PART_SUFFIX}"):  # left by a pull that was killed
+        part.unlink(missing_ok=True)
+    cache = ChunkCache(
+        cfg.resolved_cache_dir,
+        store,
+        capacity=cfg.cache_size,
+        fetch_concurrency=cfg.fetch_concurrency,
+        memory_cache=cfg.memory_cache,
+    )
+
+    def count(n: int) -> None:
+        result.bytes_written += n
+        if on_bytes:
+            on_bytes(n)
+
+    async def run() -> None:
+        for rel, info in todo:
+            try:
+                await _pull_one(
+                    cache, dest, rel, info, cfg.chunk_size, cfg.fetch_concurrency, count
+                )
+                result.written.append(rel)
+            except (ModelfsError, OSError) as exc:
+                log.debug("pulling %s failed: %s", rel, exc)
+                result.failed[rel] = str(exc)
+
+    try:
+        trio.run(run)
+    finally:
+        cache.close()
+    return result
