@@ -132,6 +132,42 @@ def _check_format(root: Path) -> None:
     os.replace(tmp, fmt_path)
 
 
+class FetchSlots:
+    """Slots for GETs to the origin; readers waiting on data go first.
+
+    A demand read (a reader is blocked on it) takes a free slot, or waits in
+    the front queue; background work (read-ahead, prefetch on open) waits
+    behind every queued demand read. A released slot is handed straight to
+    the next waiter, so it cannot be taken in between.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._demand = trio.lowlevel.ParkingLot()
+        self._background = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, background: bool) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.free > 0:
+            self.free -= 1
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        # Woken only by `release`, which hands its slot over to us.
+        await (self._background if background else self._demand).park()
+
+    def release(self) -> None:
+        if self._demand:
+            self._demand.unpark()
+        elif self._background:
+            self._background.unpark()
+        else:
+            self.free += 1
+
+    @property
+    def demand_waiting(self) -> int:
+        return len(self._demand)
+
+
 def default_capacity(root: Path, used: int) -> int:
     free = shutil.disk_usage(root).free
     return max(64 << 20, min(DEFAULT_CACHE_CAP, int((free + used) * DEFAULT_CACHE_SHARE)))
@@ -177,6 +213,8 @@ class ChunkCache:
         self._mem: cachetools.LRUCache[ChunkKey, bytes] = cachetools.LRUCache(
             maxsize=max(1, memory_cache), getsizeof=len
         )
+        self.slots = FetchSlots(fetch_concurrency)
+        # Threads for GETs; never a bottleneck, since a GET needs a slot first.
         self._fetch_limiter = trio.CapacityLimiter(fetch_concurrency)
         self._disk_limiter = trio.CapacityLimiter(disk_concurrency)
         self._index_limiter = trio.CapacityLimiter(1)
@@ -239,8 +277,13 @@ class ChunkCache:
             self.payload.release(obj.obj_id)
 
     # -- reads -----------------------------------------------------------
-    async def read(self, obj: CachedObject, offset: int, size: int) -> Buffer:
-        """Bytes [offset, offset+size) of the object, short only at EOF."""
+    async def read(
+        self, obj: CachedObject, offset: int, size: int, *, background: bool = False
+    ) -> Buffer:
+        """Bytes [offset, offset+size) of the object, short only at EOF.
+
+        `background` reads (prefetch looking at a file's header) fetch as
+        background work and are not counted as bytes served to readers."""
         end = min(offset + size, obj.size)
         if offset >= end:
             return b""
@@ -248,6 +291,10 @@ class ChunkCache:
         fetched: set[int] = set()
 
         async def load(n: int) -> None:
+            # A background ensure may return early (the chunk is in flight
+            # elsewhere); the plain ensure after it waits for that flight.
+            if background:
+                await self.ensure(obj, n, prefetch=True)
             if await self.ensure(obj, n):
                 fetched.add(n)
 
@@ -267,6 +314,8 @@ class ChunkCache:
                 )
         if len(data) != end - offset:
             raise CacheError(f"payload file {obj.file.path} is shorter than its index says")
+        if background:
+            return data
         for n in chunks:
             key = (obj.obj_id, n)
             self._touched[key] = None
@@ -321,8 +370,23 @@ class ChunkCache:
         """Make chunk `n` present and verified, fetching it at most once.
 
         True when the bytes had to come from the origin (by this call or by
-        the flight it waited for); `prefetch` marks read-ahead's calls.
+        the flight it waited for). `prefetch` marks background work
+        (read-ahead, prefetch on open): it queues behind demand reads for a
+        fetch slot, and takes the slot *before* announcing its flight, so a
+        reader never waits on a background flight that is itself queued.
         """
+        key = (obj.obj_id, n)
+        if not prefetch:
+            return await self._ensure(obj, n, False)
+        if key in self._verified or key in self._flights:
+            return False
+        await self.slots.acquire(background=True)
+        try:
+            return await self._ensure(obj, n, True)
+        finally:
+            self.slots.release()
+
+    async def _ensure(self, obj: CachedObject, n: int, background: bool) -> bool:
         key = (obj.obj_id, n)
         fetched = False
         while key not in self._verified:
@@ -335,7 +399,7 @@ class ChunkCache:
                 continue  # re-check: it was verified, evicted, or its owner was cancelled
             flight = self._flights[key] = _Flight()
             try:
-                flight.fetched = await self._load(obj, n, prefetch)
+                flight.fetched = await self._load(obj, n, background)
                 fetched = fetched or flight.fetched
             except BaseException as exc:
                 flight.error = exc
@@ -345,7 +409,9 @@ class ChunkCache:
                 flight.done.set()
         return fetched
 
-    async def _load(self, obj: CachedObject, n: int, prefetch: bool = False) -> bool:
+    async def _load(self, obj: CachedObject, n: int, background: bool = False) -> bool:
+        """Verify chunk `n` on disk or fetch it; a `background` caller
+        already holds a fetch slot."""
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
         rec = self.index.get(obj.obj_id, n)
@@ -374,9 +440,15 @@ class ChunkCache:
                 obj.version.etag or "-",
             )
         self.counters.misses += 1
-        data, digest = await trio.to_thread.run_sync(
-            self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
-        )
+        if not background:
+            await self.slots.acquire(background=False)
+        try:
+            data, digest = await trio.to_thread.run_sync(
+                self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
+            )
+        finally:
+            if not background:
+                self.slots.release()
         self._reserved += len(data)
         try:
             await self._make_room(len(data))
@@ -393,7 +465,7 @@ class ChunkCache:
         finally:
             self._reserved -= len(data)
         self.counters.fetched_chunks += 1
-        if prefetch:
+        if background:
             self._prefetched[key] = len(data)
             self.counters.prefetch_fetched_bytes += len(data)
         self._verified.add(key)

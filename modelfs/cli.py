@@ -26,9 +26,11 @@ from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MEMORY_CACHE,
     DEFAULT_METADATA_TTL,
+    DEFAULT_PREFETCH_ON_OPEN,
     DEFAULT_PREFETCH_WINDOW,
     MountConfig,
     format_size,
+    parse_patterns,
     parse_s3_url,
     parse_size,
 )
@@ -121,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {format_size(DEFAULT_PREFETCH_WINDOW)})",
     )
     m.add_argument(
+        "--prefetch-on-open",
+        type=parse_patterns,
+        default=DEFAULT_PREFETCH_ON_OPEN,
+        metavar="PATTERNS",
+        help="fetch files whose name matches one of these comma- or colon-separated "
+        "patterns whole, in the background, when opened; '' or none turns it off "
+        f"(default {','.join(DEFAULT_PREFETCH_ON_OPEN)})",
+    )
+    m.add_argument(
         "--metrics-addr",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
@@ -199,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
             "log_file",
             "prefetch_window",
             "metrics_addr",
+            "prefetch_on_open",
         )
         if hasattr(args, k)
     }

@@ -26,6 +26,8 @@ MAX_CHUNK_SIZE = 1 * GiB
 DEFAULT_METADATA_TTL = 60.0
 # Largest read-ahead window of one sequential stream (0 turns read-ahead off).
 DEFAULT_PREFETCH_WINDOW = 256 * MiB
+# Model files fetched whole in the background when opened (--prefetch-on-open).
+DEFAULT_PREFETCH_ON_OPEN = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 # Recently fetched or verified chunks kept in RAM to answer reads without a pread.
 DEFAULT_MEMORY_CACHE = 128 * MiB
 # The cache may take at most this share of the free space of its filesystem
@@ -99,6 +101,14 @@ def parse_s3_url(url: str) -> S3Location:
     return S3Location(bucket, prefix)
 
 
+def parse_patterns(text: str) -> tuple[str, ...]:
+    """``*.safetensors,*.bin`` (or ``:``-separated, for fstab) -> patterns;
+    ``""`` or ``none`` -> () (off)."""
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    return tuple(p.strip() for p in re.split(r"[,:]", text) if p.strip())
+
+
 def default_cache_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/cache/modelfs")
@@ -130,6 +140,8 @@ class MountConfig:
     prefetch_window: int = DEFAULT_PREFETCH_WINDOW
     memory_cache: int = DEFAULT_MEMORY_CACHE
     metrics_addr: str | None = None  # HOST:PORT of the Prometheus endpoint
+    # File-name patterns fetched whole, in the background, when opened.
+    prefetch_on_open: tuple[str, ...] = DEFAULT_PREFETCH_ON_OPEN
     # Kernel read-ahead on the mount (KiB) and FUSE background requests.
     read_ahead_kb: int = 16384
     max_background: int = 64

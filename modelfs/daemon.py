@@ -29,7 +29,7 @@ from .kernel import tune_mount
 from .metrics import make_registry, parse_addr
 from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
-from .prefetch import ReadAhead
+from .prefetch import OpenPrefetch, ReadAhead
 from .sdnotify import notify as sd_notify
 from .store import ObjectStore, S3Store
 
@@ -125,6 +125,14 @@ async def _main(
             max_chunks_in_flight=max(1, cfg.fetch_concurrency - 2),
             initial_window=2 * cfg.chunk_size,
             max_window=cfg.prefetch_window,
+        )
+        ops.open_prefetch = OpenPrefetch(
+            cache,
+            nursery.start_soon,
+            cfg.prefetch_on_open,
+            # Half the fetch slots at most per file, so one big shard does
+            # not starve the others; demand reads are served first anyway.
+            concurrency=max(1, cfg.fetch_concurrency // 2),
         )
         nursery.start_soon(cache.run_background)
         nursery.start_soon(_sample_rates, ops)

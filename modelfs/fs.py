@@ -34,7 +34,7 @@ from .errors import (
 )
 from .metrics import RecentRates
 from .namespace import ROOT_INODE, Namespace, Node
-from .prefetch import ReadAhead
+from .prefetch import OpenPrefetch, ReadAhead
 from .reader import OpenFile
 from .store import ObjectVersion
 
@@ -124,6 +124,7 @@ class Operations(pyfuse3.Operations):
         self._last_version: dict[int, ObjectVersion] = {}
         # Set by the daemon once its nursery exists; None disables read-ahead.
         self.readahead: ReadAhead | None = None
+        self.open_prefetch: OpenPrefetch | None = None
         # Facts about the mount shown by `modelfs stats` (source, mountpoint...).
         self.info: dict[str, Any] = {}
         self.rates = RecentRates()
@@ -212,6 +213,8 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = OpenFile(fh, inode, obj, self.cache, self.readahead)
+        if self.open_prefetch is not None:
+            self.open_prefetch.on_open(obj, node.key.rsplit("/", 1)[-1])
         keep = self._last_version.get(inode) == node.version
         self._last_version[inode] = node.version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
@@ -280,6 +283,7 @@ class Operations(pyfuse3.Operations):
             "cache": self.cache.stats(),
             "open_files": len(self._files),
             "readahead_chunks": self.readahead.budget.issued_chunks if self.readahead else 0,
+            "prefetched_on_open": self.open_prefetch.started_files if self.open_prefetch else 0,
             "inodes": len(self.ns),
             "last_minute": self.rates.rates(),
         }

@@ -13,11 +13,17 @@ Read-ahead only calls `ChunkCache.ensure`, so prefetched bytes land in the
 chunk cache (single-flight, never fetched twice) and are bounded by a
 global budget of chunks in flight, which keeps memory bounded and leaves
 room in the fetch pool for demand reads.
+
+`OpenPrefetch` (below) is the other kind: whole model files fetched in the
+background as soon as they are opened, in the order loaders read them.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -166,3 +172,113 @@ class Prefetcher:
         finally:
             self.budget.in_flight -= 1
             self.cache.close_object(self.obj)
+
+
+# -- prefetch on open ------------------------------------------------------
+SAFETENSORS_MAX_HEADER = 100 << 20  # what the safetensors format itself allows
+
+
+def safetensors_order(header: bytes, data_start: int) -> list[tuple[int, int]]:
+    """Byte ranges of a safetensors file in the order loaders touch them.
+
+    vLLM and `safe_open` users call `get_tensor` for keys in sorted order, so
+    the tensors come in name order, not file order. Returns (start, end)
+    absolute offsets; malformed headers give [] (the caller falls back to
+    sequential order).
+    """
+    try:
+        meta = json.loads(header)
+        spans = []
+        for name in sorted(k for k in meta if k != "__metadata__"):
+            begin, end = meta[name]["data_offsets"]
+            spans.append((data_start + int(begin), data_start + int(end)))
+        return spans
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []
+
+
+class OpenPrefetch:
+    """Fetches whole model files in the background when they are opened.
+
+    Matching files (fnmatch on the file name) are fetched chunk by chunk in
+    the order a loader needs them: for safetensors the 8-byte length and the
+    JSON header first, then the tensors in name order; other files from the
+    start. Fetches are background work for `ChunkCache.ensure`: a reader
+    waiting on data always gets the next fetch slot first. One file is
+    fetched at most once at a time, and a file larger than half the cache
+    is left to read-ahead rather than evicting itself.
+    """
+
+    def __init__(
+        self,
+        cache: ChunkCache,
+        spawn: Spawn,
+        patterns: tuple[str, ...],
+        *,
+        concurrency: int,
+    ) -> None:
+        self.cache = cache
+        self.spawn = spawn
+        self.patterns = patterns
+        self.concurrency = max(1, concurrency)
+        self._running: set[bytes] = set()
+        self.started_files = 0
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def on_open(self, obj: CachedObject, name: str) -> None:
+        if (
+            not self.patterns
+            or obj.obj_id in self._running
+            or obj.size == 0
+            or obj.size > self.cache.capacity // 2
+            or not self.matches(name)
+        ):
+            return
+        self._running.add(obj.obj_id)
+        self.started_files += 1
+        self.cache.retain(obj)  # the background fetch outlives the handle
+        self.spawn(self._run, obj, name)
+
+    async def _run(self, obj: CachedObject, name: str) -> None:
+        try:
+            if await trio.to_thread.run_sync(self.cache.index.cached_bytes, obj.obj_id) >= obj.size:
+                return
+            order = await self._order(obj, name)
+            limit = trio.Semaphore(self.concurrency)
+            async with trio.open_nursery() as nursery:
+                for n in order:
+                    if self.cache.is_ready(obj, n):
+                        continue
+                    await limit.acquire()
+                    nursery.start_soon(self._one, obj, n, limit)
+            log.debug("prefetched %s on open (%d chunks)", obj.key, len(order))
+        except ModelfsError as exc:
+            log.debug("prefetch on open of %s stopped: %s", obj.key, exc)
+        finally:
+            self._running.discard(obj.obj_id)
+            self.cache.close_object(obj)
+
+    async def _one(self, obj: CachedObject, n: int, limit: trio.Semaphore) -> None:
+        try:
+            await self.cache.ensure(obj, n, prefetch=True)
+        finally:
+            limit.release()
+
+    async def _order(self, obj: CachedObject, name: str) -> list[int]:
+        cs = obj.chunk_size
+        nchunks = -(-obj.size // cs)
+        spans: list[tuple[int, int]] = []
+        if name.endswith(".safetensors") and obj.size >= 8:
+            (hlen,) = struct.unpack("<Q", await self.cache.read(obj, 0, 8, background=True))
+            if hlen <= min(SAFETENSORS_MAX_HEADER, obj.size - 8):
+                header = await self.cache.read(obj, 8, hlen, background=True)
+                spans = [(0, 8 + hlen), *safetensors_order(bytes(header), 8 + hlen)]
+        order: dict[int, None] = {}
+        for start, end in spans:
+            for n in range(start // cs, (max(end, start + 1) - 1) // cs + 1):
+                order.setdefault(min(n, nchunks - 1))
+        for n in range(nchunks):
+            order.setdefault(n)
+        return list(order)

@@ -195,11 +195,20 @@ def test_changed_object_gives_estale_and_new_opens_see_new_version(
     old = pattern(1, 0, 40 * MiB)
     new = pattern(2, 0, 40 * MiB)
     bucket.put("w.bin", old)
-    # No read-ahead, so the chunk read below is still missing when the object
-    # changes (the kernel's own read-ahead stops at 16 MiB).
+    # No read-ahead or prefetch on open, so the chunk read below is still
+    # missing when the object changes (the kernel's read-ahead stops at 16 MiB).
     m = mounter(
         bucket,
-        args=("--chunk-size", "1M", "--metadata-ttl", "0.5", "--prefetch-window", "0"),
+        args=(
+            "--chunk-size",
+            "1M",
+            "--metadata-ttl",
+            "0.5",
+            "--prefetch-window",
+            "0",
+            "--prefetch-on-open",
+            "none",
+        ),
         allow_log=["changed since it was opened"],
     )
     with open(m.path / "w.bin", "rb", buffering=0) as f:
