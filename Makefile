@@ -23,7 +23,7 @@ system:
 $(STAMP): pyproject.toml | system
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,loaders]'
 	touch $(STAMP)
 
 venv: system $(STAMP)
