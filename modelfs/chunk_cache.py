@@ -45,7 +45,7 @@ import trio
 import xxhash
 
 from .cache_index import CacheIndex, Victim
-from .config import DEFAULT_CACHE_CAP, DEFAULT_CACHE_SHARE
+from .config import DEFAULT_CACHE_CAP, DEFAULT_CACHE_SHARE, MountConfig
 from .errors import CacheError, CacheFormatError, CacheLocked
 from .payload import PayloadFile, PayloadStore
 from .store import ObjectStore, ObjectVersion
@@ -218,6 +218,17 @@ class ChunkCache:
         self._fetch_limiter = trio.CapacityLimiter(fetch_concurrency)
         self._disk_limiter = trio.CapacityLimiter(disk_concurrency)
         self._index_limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    def for_config(cls, cfg: MountConfig, store: ObjectStore) -> ChunkCache:
+        """The cache a mount or a pull with these options uses."""
+        return cls(
+            cfg.resolved_cache_dir,
+            store,
+            capacity=cfg.cache_size,
+            fetch_concurrency=cfg.fetch_concurrency,
+            memory_cache=cfg.memory_cache,
+        )
 
     @staticmethod
     def _take_lock(root: Path) -> int:

@@ -43,6 +43,7 @@ from .mounts import (
     find_mount,
     fusermount_unmount,
     process_alive,
+    require_modelfs_mount,
 )
 
 log = logging.getLogger("modelfs")
@@ -371,11 +372,7 @@ def _cleanup_mount(mnt: Path) -> None:
 
 def cmd_umount(mnt: Path, lazy: bool) -> int:
     mnt = Path(os.path.abspath(mnt))
-    entry = find_mount(mnt)
-    if entry is None:
-        raise MountError(f"{mnt} is not mounted")
-    if entry.fstype != FSTYPE:
-        raise MountError(f"{mnt} is not a modelfs mount (it is {entry.fstype})")
+    require_modelfs_mount(mnt)
     pid = None
     try:
         pid = int(os.getxattr(mnt, "user.modelfs.pid"))
@@ -481,7 +478,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelfs: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130
+        return _interrupted()
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside a trio nursery (pull) arrives wrapped in a group.
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is not None:
+            raise
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    print("modelfs: interrupted; what was fetched stays in the cache", file=sys.stderr)
+    return 130
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

@@ -60,13 +60,7 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
     mnt = check_mountpoint(cfg.mountpoint)
     store = store or build_store(cfg)
     store.probe(cfg.source.prefix)
-    cache = ChunkCache(
-        cfg.resolved_cache_dir,
-        store,
-        capacity=cfg.cache_size,
-        fetch_concurrency=cfg.fetch_concurrency,
-        memory_cache=cfg.memory_cache,
-    )
+    cache = ChunkCache.for_config(cfg, store)
     metrics_server = None
     try:
         ns = Namespace(store, cfg.source.prefix, cfg.metadata_ttl)

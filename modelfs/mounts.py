@@ -56,6 +56,17 @@ def find_mount(path: str | Path) -> MountEntry | None:
     return found
 
 
+def require_modelfs_mount(path: str | Path) -> MountEntry:
+    """The modelfs mount at exactly `path`; MountError if there is none."""
+    mnt = os.path.abspath(path)
+    entry = find_mount(mnt)
+    if entry is None:
+        raise MountError(f"{mnt} is not mounted")
+    if entry.fstype != FSTYPE:
+        raise MountError(f"{mnt} is not a modelfs mount (it is {entry.fstype})")
+    return entry
+
+
 def _disconnected(mnt: Path) -> MountError:
     return MountError(
         f"{mnt} is a disconnected FUSE mount (its daemon died); unmount it first "

@@ -174,13 +174,7 @@ def pull(
     dest.mkdir(parents=True, exist_ok=True)
     for part in dest.rglob(f".*{PART_SUFFIX}"):  # left by a pull that was killed
         part.unlink(missing_ok=True)
-    cache = ChunkCache(
-        cfg.resolved_cache_dir,
-        store,
-        capacity=cfg.cache_size,
-        fetch_concurrency=cfg.fetch_concurrency,
-        memory_cache=cfg.memory_cache,
-    )
+    cache = ChunkCache.for_config(cfg, store)
 
     def count(n: int) -> None:
         result.bytes_written += n

@@ -19,7 +19,7 @@ from typing import Any
 from . import cache_admin
 from .config import default_cache_dir, format_size
 from .errors import CacheError, MountError
-from .mounts import FSTYPE, find_mount
+from .mounts import require_modelfs_mount
 
 
 def byte_bar(desc: str, total: int) -> Any:
@@ -32,11 +32,7 @@ def byte_bar(desc: str, total: int) -> Any:
 
 def read_stats(mnt: Path) -> dict[str, Any]:
     mnt = Path(os.path.abspath(mnt))
-    entry = find_mount(mnt)
-    if entry is None:
-        raise MountError(f"{mnt} is not mounted")
-    if entry.fstype != FSTYPE:
-        raise MountError(f"{mnt} is not a modelfs mount (it is {entry.fstype})")
+    require_modelfs_mount(mnt)
     try:
         return dict(json.loads(os.getxattr(mnt, "user.modelfs.stats")))
     except OSError as exc:
