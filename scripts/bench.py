@@ -7,11 +7,16 @@ page cache dropped before each: MiB/s, CPU seconds per GiB (every process
 involved: client, modelfs daemon, *not* the S3 server) and peak RSS.
 
 Methods: s5cmd download; boto3 download_file with the AIBrix downloader's
-TransferConfig; modelfs cold (mount on an empty cache, read every file) and
-warm (fresh mount over the cache); a local-disk read of the same bytes;
+TransferConfig; s3fs-fuse and rclone mount (Debian packages, defaults)
+reading every file; modelfs cold (mount on an empty cache, read every file)
+and warm (fresh mount over the cache); a local-disk read of the same bytes;
 safetensors loading through the mount against download-then-load; 128 KiB
-random reads. Writes bench-out/results.json and prints a Markdown table.
-Needs root (drop_caches) and FUSE.
+random reads. Then a network profile: the same server behind a shaping
+proxy in its own process (25 ms first-byte delay per request, 80 MiB/s per
+connection; netem is missing from this kernel) for s5cmd, boto3, s3fs,
+rclone and modelfs. Last, the daemon's peak RSS while several 4 GiB files
+are read at once. Writes bench-out/results.json, docs/benchmarks.png and a
+Markdown table. Needs root (drop_caches) and FUSE.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ MiB = 1 << 20
 GiB = 1 << 30
 BUCKET = "bench"
 PREFIX = "model"
+# The network profile: per-request first-byte delay and per-connection rate.
+LATENCY = 0.025
+CONN_RATE = 80 * MiB
+LATENCY_LABEL = "[25 ms, 80 MiB/s/conn] "
 
 
 def drop_caches() -> None:
@@ -109,19 +118,34 @@ def read_files(paths: list[Path], block: int = 16 * MiB) -> int:
 
 
 class Bench:
-    def __init__(self, work: Path, srv: JuiceFSGateway, names: list[str], size: int, runs: int):
+    def __init__(
+        self,
+        work: Path,
+        srv: JuiceFSGateway,
+        names: list[str],
+        size: int,
+        runs: int,
+        *,
+        endpoint: str | None = None,
+        label: str = "",
+        results: dict[str, dict[str, float]] | None = None,
+    ):
         self.work = work
         self.srv = srv
+        # Where clients connect: the server, or a shaping proxy in front of it.
+        self.endpoint = endpoint or srv.endpoint_url
+        self.label = label
         self.names = names
         self.size = size
         self.runs = runs
         self.env = dict(os.environ, **srv.env())
         self.mnt = work / "mnt"
         self.mnt.mkdir(exist_ok=True)
-        self.results: dict[str, dict[str, float]] = {}
+        self.results: dict[str, dict[str, float]] = {} if results is None else results
 
     def record(self, name: str, samples: list[Sample], nbytes: int | None = None) -> None:
         nbytes = nbytes or self.size
+        name = self.label + name
         med = statistics.median(s.seconds for s in samples)
         self.results[name] = {
             "MiB/s": nbytes / MiB / med,
@@ -159,7 +183,7 @@ class Bench:
                     [
                         shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd"),
                         "--endpoint-url",
-                        self.srv.endpoint_url,
+                        self.endpoint,
                         "cp",
                         f"s3://{BUCKET}/{PREFIX}/*",
                         f"{dest}/",
@@ -185,9 +209,7 @@ class Bench:
         for _ in range(self.runs):
             shutil.rmtree(dest, ignore_errors=True)
             samples.append(
-                self.run_cmd(
-                    [sys.executable, "-c", code, self.srv.endpoint_url, str(dest), *self.names]
-                )
+                self.run_cmd([sys.executable, "-c", code, self.endpoint, str(dest), *self.names])
             )
         shutil.rmtree(dest, ignore_errors=True)
         self.record("boto3 download_file (AIBrix config)", samples)
@@ -211,7 +233,7 @@ class Bench:
                 f"s3://{BUCKET}/{PREFIX}",
                 str(self.mnt),
                 "--endpoint-url",
-                self.srv.endpoint_url,
+                self.endpoint,
                 "--cache-dir",
                 str(cache),
                 *extra,
@@ -283,7 +305,7 @@ class Bench:
                 [
                     shutil.which("s5cmd") or "s5cmd",
                     "--endpoint-url",
-                    self.srv.endpoint_url,
+                    self.endpoint,
                     "cp",
                     f"s3://{BUCKET}/{PREFIX}/*",
                     f"{dest}/",
@@ -324,9 +346,134 @@ class Bench:
         sample, nbytes = self._modelfs_run(cache, body)
         sample.cpu = 0.0  # dominated by the mount itself; ms per read is what counts
         self.record("modelfs 128 KiB random reads (cold)", [sample], nbytes)
-        self.results["modelfs 128 KiB random reads (cold)"]["ms_per_read"] = (
+        self.results[self.label + "modelfs 128 KiB random reads (cold)"]["ms_per_read"] = (
             sample.seconds * 1000 / n
         )
+
+    # -- other FUSE mounts (Debian packages) --------------------------
+    def _foreign_mount(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        """Mount with `cmd` (a foreground FUSE daemon), read every file,
+        unmount; time, CPU and RSS include the daemon."""
+        mnt = self.work / "fmnt"
+        mnt.mkdir(exist_ok=True)
+        files = [mnt / n for n in self.names]
+        samples = []
+        for _ in range(self.runs):
+            drop_caches()
+            c0, t = self_cpu(), time.perf_counter()
+            proc = subprocess.Popen(
+                cmd + [str(mnt)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            try:
+                deadline = time.monotonic() + 60
+                while not all(f.exists() for f in files):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        err = proc.stderr.read().decode() if proc.stderr else ""
+                        raise SystemExit(f"{name} did not mount: {err[-500:]}")
+                    time.sleep(0.05)
+                read_files(files)
+                secs = time.perf_counter() - t
+            finally:
+                subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+            _, _, ru = os.wait4(proc.pid, 0)
+            samples.append(
+                Sample(secs, self_cpu() - c0 + ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024)
+            )
+        self.record(name, samples)
+
+    def s3fs(self) -> None:
+        from modelfs.testing.s3server import ACCESS_KEY, SECRET_KEY
+
+        passwd = self.work / "s3fs-passwd"
+        passwd.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
+        passwd.chmod(0o600)
+        cmd = ["s3fs", f"{BUCKET}:/{PREFIX}", "-f", "-o", f"url={self.endpoint}"]
+        cmd += ["-o", "use_path_request_style", "-o", f"passwd_file={passwd}", "-o", "ro"]
+        self._foreign_mount("s3fs-fuse (defaults, no cache)", cmd, self.env)
+
+    def rclone(self) -> None:
+        env = {k: v for k, v in self.env.items() if k != "AWS_CA_BUNDLE"}  # rclone fails on it
+        env.update(
+            RCLONE_CONFIG_S3_TYPE="s3",
+            RCLONE_CONFIG_S3_PROVIDER="Other",
+            RCLONE_CONFIG_S3_ENDPOINT=self.endpoint,
+            RCLONE_CONFIG_S3_ACCESS_KEY_ID=self.env["AWS_ACCESS_KEY_ID"],
+            RCLONE_CONFIG_S3_SECRET_ACCESS_KEY=self.env["AWS_SECRET_ACCESS_KEY"],
+            RCLONE_CONFIG_S3_FORCE_PATH_STYLE="true",
+        )
+        cmd = ["rclone", "mount", f"s3:{BUCKET}/{PREFIX}", "--read-only", "--config", "/dev/null"]
+        self._foreign_mount("rclone mount (defaults)", cmd, env)
+
+
+def rss_check(work: Path, srv: JuiceFSGateway, files: int, size: int) -> dict[str, float]:
+    """Peak RSS of the daemon while `files` objects of `size` bytes are read
+    through one mount at once, one reader thread each."""
+    import threading
+
+    client = srv.client()
+    client.create_bucket(Bucket="rss")
+    blob = work / "blob"
+    with open(blob, "wb") as f:
+        block = np.random.default_rng(1).bytes(64 * MiB)
+        for _ in range(size // len(block)):
+            f.write(block)
+    for i in range(files):
+        client.upload_file(str(blob), "rss", f"f{i}.bin")
+    blob.unlink()
+    mnt = work / "rss-mnt"
+    mnt.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "modelfs", "mount", "s3://rss", str(mnt)]
+        + ["--endpoint-url", srv.endpoint_url, "--cache-dir", str(work / "rss-cache")],
+        env=dict(os.environ, **srv.env()),
+        check=True,
+    )
+    pid = int(os.getxattr(mnt, "user.modelfs.pid"))
+    drop_caches()
+    t = time.perf_counter()
+    readers = [
+        threading.Thread(target=read_files, args=([mnt / f"f{i}.bin"],)) for i in range(files)
+    ]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    secs = time.perf_counter() - t
+    hwm = proc_hwm(pid)
+    subprocess.run([sys.executable, "-m", "modelfs", "umount", str(mnt)], check=True)
+    shutil.rmtree(work / "rss-cache", ignore_errors=True)
+    out = {
+        "files": files,
+        "file_GiB": size / GiB,
+        "seconds": secs,
+        "MiB/s": files * size / MiB / secs,
+        "daemon_peak_rss_MiB": hwm / MiB,
+    }
+    print(f"  RSS check: {out}", flush=True)
+    return out
+
+
+def plot(results: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in results.items() if "random" not in n]
+    values = [results[n]["MiB/s"] for n in names]
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(names) + 1.2))
+    colors = ["#d9822b" if "modelfs" in n else "#5b7fa6" for n in names]
+    ax.barh(range(len(names)), values, color=colors)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("MiB/s (log scale), median of runs, page cache dropped")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.0f}", va="center", fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> int:
@@ -338,6 +485,9 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--rss-files", type=int, default=3, help="files read at once (0: skip)")
+    ap.add_argument("--rss-size", default="4G", help="size of each (default 4G)")
+    ap.add_argument("--plot", type=Path, default=Path("docs/benchmarks.png"))
     args = ap.parse_args()
     from modelfs.config import parse_size
 
@@ -363,13 +513,50 @@ def main() -> int:
         print(
             f"model: {len(files)} shards, {size / MiB:.0f} MiB; {args.runs} runs each", flush=True
         )
-        b = Bench(work, srv, [p.name for p in files], size, args.runs)
+        names = [p.name for p in files]
+        b = Bench(work, srv, names, size, args.runs)
         dl = b.s5cmd()
         b.local(sorted(dl.iterdir()))
         b.boto3_aibrix()
+        b.s3fs()
+        b.rclone()
         b.modelfs()
         b.safetensors_load(dl)
         b.random_reads()
+        # The network profile: a shaping proxy in its own process between
+        # every client and the server (netem is not available on this kernel).
+        shaper = subprocess.Popen(
+            [sys.executable, "-m", "modelfs.testing.proxy", srv.endpoint_url]
+            + ["--delay", str(LATENCY), "--rate", str(CONN_RATE)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            endpoint = shaper.stdout.readline().strip() if shaper.stdout else ""
+            n = Bench(
+                work,
+                srv,
+                names,
+                size,
+                args.runs,
+                endpoint=endpoint,
+                label=LATENCY_LABEL,
+                results=b.results,
+            )
+            n.s5cmd()
+            n.boto3_aibrix()
+            n.s3fs()
+            n.rclone()
+            n.modelfs()
+        finally:
+            shaper.kill()
+            shaper.wait()
+        shutil.rmtree(dl, ignore_errors=True)
+        rss = (
+            rss_check(work, srv, args.rss_files, parse_size(args.rss_size))
+            if args.rss_files
+            else None
+        )
         args.out.mkdir(exist_ok=True)
         meta = {
             "model_bytes": size,
@@ -377,17 +564,28 @@ def main() -> int:
             "runs": args.runs,
             "cpus": os.cpu_count(),
             "kernel": os.uname().release,
+            "latency_profile": LATENCY_LABEL.strip(),
+            "rss_check": rss,
         }
         (args.out / "results.json").write_text(
             json.dumps({"meta": meta, "results": b.results}, indent=2)
         )
-        base = b.results["s5cmd download"]["MiB/s"]
         print("\n| method | MiB/s | × s5cmd | CPU s/GiB | peak RSS MiB |\n|---|---|---|---|---|")
         for name, r in b.results.items():
+            base = b.results[
+                ("" if not name.startswith(LATENCY_LABEL) else LATENCY_LABEL) + "s5cmd download"
+            ]["MiB/s"]
             print(
                 f"| {name} | {r['MiB/s']:.0f} | {r['MiB/s'] / base:.2f} | "
                 f"{r['cpu_s_per_GiB']:.2f} | {r['peak_rss_MiB']:.0f} |"
             )
+        plot(
+            b.results,
+            args.plot,
+            f"Whole-model read, {size / GiB:.2g} GiB in {len(files)} safetensors shards, "
+            f"{os.cpu_count()} cores",
+        )
+        print(f"plot: {args.plot}")
         return 0
     finally:
         subprocess.run(["fusermount3", "-uz", str(work / "mnt")], capture_output=True)

@@ -179,3 +179,23 @@ class CountingProxy:
 
     def object_bytes(self, key_suffix: str = "") -> int:
         return sum(r.body_bytes for r in self.object_gets(key_suffix) if r.status in (200, 206))
+
+
+def main() -> None:
+    """``python -m modelfs.testing.proxy UPSTREAM [--delay S] [--rate BYTES/S]``:
+    run a shaping proxy in its own process (so it does not share a GIL with
+    what it measures); prints its endpoint URL, serves until killed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("upstream")
+    ap.add_argument("--delay", type=float, default=0.0, help="first-byte delay, seconds")
+    ap.add_argument("--rate", type=float, default=None, help="bytes/s per connection")
+    args = ap.parse_args()
+    proxy = CountingProxy(args.upstream, first_byte_delay=args.delay, rate=args.rate)
+    print(proxy.endpoint_url, flush=True)
+    proxy._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
