@@ -24,10 +24,13 @@ from typing import Any
 
 from .config import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MEMORY_CACHE,
     DEFAULT_METADATA_TTL,
     DEFAULT_PREFETCH_ON_OPEN,
     DEFAULT_PREFETCH_WINDOW,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_RETRY_TIMEOUT,
     MountConfig,
     format_size,
     parse_patterns,
@@ -90,6 +93,18 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
         help=f"cache and fetch unit (default {format_size(DEFAULT_CHUNK_SIZE)})",
     )
     p.add_argument("--fetch-concurrency", type=int, default=16, help="parallel GETs (default 16)")
+    for name, default, text in (
+        ("connect-timeout", DEFAULT_CONNECT_TIMEOUT, "TCP connect timeout of a GET"),
+        ("read-timeout", DEFAULT_READ_TIMEOUT, "longest wait for the next bytes of a GET"),
+        ("retry-timeout", DEFAULT_RETRY_TIMEOUT, "time all retries of one GET may take; then EIO"),
+    ):
+        p.add_argument(
+            f"--{name}",
+            type=float,
+            default=default,
+            metavar="SECONDS",
+            help=f"{text} (default {default:g})",
+        )
     p.add_argument(
         "--memory-cache",
         type=_size("--memory-cache"),
@@ -229,6 +244,9 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         debug=args.debug,
         fetch_concurrency=args.fetch_concurrency,
         memory_cache=args.memory_cache,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        retry_timeout=args.retry_timeout,
         **mount_only,
     )
     cfg.validate()

@@ -26,6 +26,12 @@ MAX_CHUNK_SIZE = 1 * GiB
 DEFAULT_METADATA_TTL = 60.0
 # Largest read-ahead window of one sequential stream (0 turns read-ahead off).
 DEFAULT_PREFETCH_WINDOW = 256 * MiB
+# Timeouts of ranged GETs, in seconds (--connect-timeout, --read-timeout) and
+# the bound on all retries of one GET (--retry-timeout): a read that cannot
+# be served by then fails with EIO instead of hanging a loader.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 30.0
+DEFAULT_RETRY_TIMEOUT = 120.0
 # Model files fetched whole in the background when opened (--prefetch-on-open).
 DEFAULT_PREFETCH_ON_OPEN = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 # Recently fetched or verified chunks kept in RAM to answer reads without a pread.
@@ -140,6 +146,10 @@ class MountConfig:
     prefetch_window: int = DEFAULT_PREFETCH_WINDOW
     memory_cache: int = DEFAULT_MEMORY_CACHE
     metrics_addr: str | None = None  # HOST:PORT of the Prometheus endpoint
+    # Seconds: TCP connect, wait for the next bytes, and all retries of one GET.
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT
     # File-name patterns fetched whole, in the background, when opened.
     prefetch_on_open: tuple[str, ...] = DEFAULT_PREFETCH_ON_OPEN
     # Kernel read-ahead on the mount (KiB) and FUSE background requests.
@@ -173,6 +183,13 @@ class MountConfig:
                 raise ConfigError(
                     f"credentials file {self.credentials_file} is missing or not readable"
                 )
+        for name, seconds in (
+            ("--connect-timeout", self.connect_timeout),
+            ("--read-timeout", self.read_timeout),
+            ("--retry-timeout", self.retry_timeout),
+        ):
+            if not seconds > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
         if self.prefetch_window < 0:
             raise ConfigError("--prefetch-window must be >= 0")
         if self.metrics_addr is not None:

@@ -41,6 +41,10 @@ class EndpointUnreachable(StoreError):
     """The endpoint could not be reached (DNS, refused, timeout)."""
 
 
+class RetriesExhausted(StoreError):
+    """Retries of a GET ran out of time (--retry-timeout); the read gets EIO."""
+
+
 class CacheError(ModelfsError):
     """The on-disk chunk cache cannot be used."""
 

@@ -84,7 +84,11 @@ def _fuse_errors(
             raise pyfuse3.FUSEError(errno_for(exc)) from None
         except (StoreError, CacheError, OSError) as exc:
             code = errno_for(exc)
-            log.warning("%s failed: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))
+            # Readers waiting on one failed fetch all get the same exception
+            # object: one failure, one log line.
+            if not getattr(exc, "modelfs_logged", False):
+                log.warning("%s failed: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))
+                exc.modelfs_logged = True  # type: ignore[union-attr]
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)

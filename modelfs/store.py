@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .errors import (
     NoSuchBucket,
     NoSuchObject,
     ObjectChanged,
+    RetriesExhausted,
     StoreError,
 )
 
@@ -127,11 +129,37 @@ class StoreCounters:
             }
 
 
+# Error codes S3-compatible servers use for "try again later".
+RETRYABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+    }
+)
+BACKOFF_BASE = 0.1  # seconds; doubles per attempt, full jitter
+BACKOFF_CAP = 5.0
+
+
+class _Retry(Exception):
+    """Internal: a GET failed in a way a later attempt may not."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def result_of(exc: BaseException | None) -> str:
     """The `result` label of a finished request."""
     if exc is None:
         return "ok"
     for kind, label in (
+        (RetriesExhausted, "gave_up"),
         (ObjectChanged, "stale"),
         (NoSuchObject, "not_found"),
         (AccessDenied, "denied"),
@@ -194,12 +222,26 @@ class S3Store:
             "s3",
             endpoint_url=cfg.endpoint_url,
             config=botocore.config.Config(
-                connect_timeout=10,
-                read_timeout=60,
+                connect_timeout=cfg.connect_timeout,
+                read_timeout=cfg.read_timeout,
                 retries={"mode": "standard", "max_attempts": 5},
                 **base,
             ),
         )
+        # Ranged GETs retry in `get_range` itself: it resumes from the last
+        # byte received and bounds the total time, which botocore's retries
+        # (whole request again, attempts rather than time) cannot do.
+        self._get_client = session.client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            config=botocore.config.Config(
+                connect_timeout=cfg.connect_timeout,
+                read_timeout=cfg.read_timeout,
+                retries={"total_max_attempts": 1},
+                **base,
+            ),
+        )
+        self.retry_timeout = cfg.retry_timeout
         # The start-up probe must answer "unreachable" within seconds, so it
         # uses short timeouts and a single retry.
         self._probe_client = session.client(
@@ -291,6 +333,63 @@ class S3Store:
             raise self._translate(exc, f"listing s3://{self.bucket}/{prefix}") from None
 
     def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
+        """Bytes [start, end), retried with backoff and resumed from the last
+        byte received until `retry_timeout` runs out."""
+        what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
+        t0 = time.monotonic()
+        deadline = t0 + self.retry_timeout
+        self.counters.start_get()
+        buf = bytearray()
+        attempts = 0
+        error: StoreError | None = None
+        try:
+            while True:
+                attempts += 1
+                try:
+                    self._get_once(key, version, start + len(buf), end, buf)
+                    error = None
+                    break
+                except _Retry as retry:
+                    error = retry.error
+                    pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1)))
+                    if time.monotonic() + pause > deadline:
+                        error = RetriesExhausted(
+                            f"{what}: gave up after {attempts} attempts in "
+                            f"{time.monotonic() - t0:.1f} s; last error: {retry.error}"
+                        )
+                        raise error from None
+                    log.debug("GET %s: %s; retrying in %.2f s", what, retry.error, pause)
+                    time.sleep(pause)
+            if len(buf) != end - start:
+                error = StoreError(f"{what}: got {len(buf)} of {end - start} bytes")
+                raise error
+            return bytes(buf)
+        except StoreError as exc:
+            error = exc
+            raise
+        finally:
+            elapsed = time.monotonic() - t0
+            self.counters.end_get(result_of(error), elapsed, attempts - 1)
+            log.debug(
+                "GET %s bytes=%d-%d etag=%s: %s in %.1f ms%s",
+                key,
+                start,
+                end - 1,
+                version.etag or "-",
+                result_of(error),
+                elapsed * 1000,
+                f" after {attempts - 1} retries" if attempts > 1 else "",
+            )
+
+    def _get_once(
+        self, key: str, version: ObjectVersion, start: int, end: int, buf: bytearray
+    ) -> None:
+        """One GET of [start, end), appending to `buf` as bytes arrive, so a
+        failure mid-body keeps what was received. Raises _Retry for what a
+        retry may cure, a StoreError for what it cannot."""
+        import botocore.exceptions as bex
+        import urllib3.exceptions
+
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
         if version.etag:
@@ -303,42 +402,46 @@ class S3Store:
             kwargs["IfUnmodifiedSince"] = datetime.datetime.fromtimestamp(
                 -(-version.mtime_ns // 10**9), tz=datetime.UTC
             )
-        t0 = time.monotonic()
-        self.counters.start_get()
-        error: StoreError | None = None
-        retries = 0
+        before = len(buf)
         try:
-            try:
-                resp = self._client.get_object(**kwargs)
-                retries = int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0))
-                data: bytes = resp["Body"].read()
-            except Exception as exc:
-                error = self._translate(exc, what)
-                raise error from None
-            self.counters.add_get(len(data))
+            resp = self._get_client.get_object(**kwargs)
             # Servers that ignore If-Match would hand us a different version;
-            # the response's own ETag and length catch that.
+            # the response's own ETag catches that.
             got_etag = resp.get("ETag")
             if version.etag and got_etag and got_etag != version.etag:
-                error = ObjectChanged(f"{what}: object changed since it was opened")
-                raise error
-            if len(data) != end - start:
-                error = StoreError(f"{what}: short read ({len(data)} of {end - start} bytes)")
-                raise error
-            return data
+                raise ObjectChanged(f"{what}: object changed since it was opened")
+            body = resp["Body"]
+            while len(buf) - before < end - start:
+                piece = body.read(min(1 << 20, end - start - (len(buf) - before)))
+                if not piece:
+                    break
+                buf += piece
+        except StoreError:
+            raise
+        except bex.ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if status >= 500 or status == 429 or code in RETRYABLE_CODES:
+                raise _Retry(StoreError(f"{code or status}")) from None
+            raise self._translate(exc, what) from None
+        except (
+            bex.EndpointConnectionError,
+            bex.ConnectTimeoutError,
+            bex.ReadTimeoutError,
+            bex.ConnectionClosedError,
+            bex.ResponseStreamingError,
+            bex.IncompleteReadError,
+            urllib3.exceptions.HTTPError,
+            ConnectionError,
+            TimeoutError,
+        ) as exc:
+            raise _Retry(StoreError(f"{type(exc).__name__}: {exc}")) from None
+        except Exception as exc:
+            raise self._translate(exc, what) from None
         finally:
-            elapsed = time.monotonic() - t0
-            self.counters.end_get(result_of(error), elapsed, retries)
-            log.debug(
-                "GET %s bytes=%d-%d etag=%s: %s in %.1f ms%s",
-                key,
-                start,
-                end - 1,
-                version.etag or "-",
-                result_of(error),
-                elapsed * 1000,
-                f" after {retries} retries" if retries else "",
-            )
+            self.counters.add_get(len(buf) - before)
+        if len(buf) - before < end - start:
+            raise _Retry(StoreError(f"body ended after {len(buf) - before} of {end - start} bytes"))
 
 
 class MemoryStore:

@@ -6,14 +6,23 @@ nothing" from what actually crossed the wire. It can also hold back each
 response by a fixed first-byte delay and cap each connection's rate, which
 models S3's cost structure on loopback. SigV4 signatures survive because
 the Host header is passed through unchanged.
+
+Faults are injected per request by `CountingProxy.fault`, a function of the
+request that returns a `Fault` or None: an error status with an S3 error
+body (503 SlowDown, 403, 404...), a connection reset after N body bytes, a
+body truncated after N bytes (the connection closed early), or a stall
+before the body.
 """
 
 from __future__ import annotations
 
 import http.client
+import socket
 import socketserver
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote, urlsplit
@@ -28,6 +37,15 @@ _HOP = {
     "proxy-authorization",
     "proxy-authenticate",
 }
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int | None = None  # answer this status (with `code`) instead of forwarding
+    code: str = "SlowDown"
+    reset_after: int | None = None  # body bytes sent before a TCP reset
+    truncate_after: int | None = None  # body bytes sent before closing cleanly
+    stall: float = 0.0  # seconds to wait before the first body byte
 
 
 @dataclass(frozen=True)
@@ -57,10 +75,41 @@ class _Handler(BaseHTTPRequestHandler):
             self._conn = conn
         return conn
 
+    def _error(self, fault: Fault) -> None:
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{fault.code}</Code>'
+            f"<Message>injected by the test proxy</Message></Error>"
+        ).encode()
+        self.send_response(fault.status or 503)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _forward(self) -> None:
         proxy = self.server.proxy
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        split = urlsplit(self.path)
+        fault = (
+            proxy.fault(self.command, unquote(split.path), self.headers.get("Range"))
+            if (proxy.fault)
+            else None
+        )
+        if fault is not None and fault.status is not None:
+            self._error(fault)
+            proxy._record(
+                Request(
+                    self.command,
+                    unquote(split.path),
+                    split.query,
+                    self.headers.get("Range"),
+                    fault.status,
+                    0,
+                    self.headers.get("If-Match"),
+                )
+            )
+            return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         conn = self._upstream()
         try:
@@ -87,6 +136,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", resp_len)
         self.end_headers()
         sent = 0
+        cut = None
+        if fault is not None:
+            cut = fault.reset_after if fault.reset_after is not None else fault.truncate_after
+            if fault.stall:
+                time.sleep(fault.stall)
         if self.command != "HEAD":
             started = time.monotonic()
             while True:
@@ -96,6 +150,11 @@ class _Handler(BaseHTTPRequestHandler):
                     block = resp.read(1 << 20)
                 if not block:
                     break
+                if cut is not None and sent + len(block) >= cut:
+                    self.wfile.write(block[: cut - sent])
+                    sent = cut
+                    self._cut(fault)
+                    break
                 self.wfile.write(block)
                 sent += len(block)
                 if proxy.rate:
@@ -103,7 +162,9 @@ class _Handler(BaseHTTPRequestHandler):
                     if ahead > 0:
                         time.sleep(ahead)
         resp.close()
-        split = urlsplit(self.path)
+        if cut is not None:
+            conn.close()  # the upstream response was not read to its end
+            self._conn = None
         proxy._record(
             Request(
                 self.command,
@@ -115,6 +176,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.headers.get("If-Match"),
             )
         )
+
+    def _cut(self, fault: Fault | None) -> None:
+        self.wfile.flush()
+        if fault is not None and fault.reset_after is not None:
+            # SO_LINGER 0: close() sends a RST instead of a FIN.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        if fault is not None and fault.reset_after is None:
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
@@ -138,6 +208,7 @@ class CountingProxy:
         self.upstream_port = u.port or 80
         self.first_byte_delay = first_byte_delay
         self.rate = rate  # bytes per second per connection
+        self.fault: Callable[[str, str, str | None], Fault | None] | None = None
         self._lock = threading.Lock()
         self.requests: list[Request] = []
         self._server = _ThreadingServer(("127.0.0.1", 0), _Handler)
