@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import cachetools
+import lmdb
 import trio
 import xxhash
 
@@ -91,6 +92,7 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
     fetched: bool = False  # the bytes came from the origin, not the disk
+    unstored: bool = False  # fetched, but the cache could not store it
 
 
 @dataclass
@@ -103,6 +105,7 @@ class CacheCounters:
     prefetch_fetched_bytes: int = 0
     prefetch_used_bytes: int = 0
     prefetch_wasted_bytes: int = 0
+    uncached_chunks: int = 0  # fetched but not stored: the cache could not be written
     fetched_chunks: int = 0
     verified_chunks: int = 0
     corrupt_chunks: int = 0
@@ -210,6 +213,9 @@ class ChunkCache:
         self._touched: dict[ChunkKey, None] = {}
         self._prefetched: dict[ChunkKey, int] = {}
         self._reserved = 0
+        # False while writes to the cache fail (warned once per mount).
+        self.storage_ok = True
+        self._storage_warned = False
         self._mem: cachetools.LRUCache[ChunkKey, bytes] = cachetools.LRUCache(
             maxsize=max(1, memory_cache), getsizeof=len
         )
@@ -249,9 +255,15 @@ class ChunkCache:
         return fd
 
     def close(self) -> None:
-        self._flush_touches_sync()
+        try:
+            self._flush_touches_sync()
+        except (OSError, lmdb.Error) as exc:
+            self._storage_failed(exc)  # recency is a hint; losing it loses no data
         self.payload.close_all()
-        self.index.close()
+        try:
+            self.index.close()
+        except lmdb.Error as exc:
+            self._storage_failed(exc)
         os.close(self._lock_fd)
 
     # -- objects ---------------------------------------------------------
@@ -309,17 +321,35 @@ class ChunkCache:
             if await self.ensure(obj, n):
                 fetched.add(n)
 
+        def missing() -> list[int]:
+            # In memory counts as present: a chunk the cache could not store
+            # lives only there.
+            return [
+                n
+                for n in chunks
+                if (obj.obj_id, n) not in self._verified and (obj.obj_id, n) not in self._mem
+            ]
+
         with self._pinned(obj.obj_id, chunks):
-            missing = [n for n in chunks if (obj.obj_id, n) not in self._verified]
-            if len(missing) == 1:
-                await load(missing[0])
-            elif missing:
-                async with trio.open_nursery() as nursery:
-                    for n in missing:
-                        nursery.start_soon(load, n)
-            self.counters.hits += len(chunks) - len(missing)
-            data = self._from_memory(obj, offset, end, chunks)
+            todo = missing()
+            self.counters.hits += len(chunks) - len(todo)
+            data: Buffer | None = None
+            for _ in range(3):
+                if len(todo) == 1:
+                    await load(todo[0])
+                elif todo:
+                    async with trio.open_nursery() as nursery:
+                        for n in todo:
+                            nursery.start_soon(load, n)
+                data = self._from_memory(obj, offset, end, chunks)
+                if data is not None or all((obj.obj_id, n) in self._verified for n in chunks):
+                    break
+                # A chunk the disk could not take lives only in memory, and
+                # was pushed out before this read got to it: fetch it again.
+                todo = missing()
             if data is None:
+                if not all((obj.obj_id, n) in self._verified for n in chunks):
+                    raise CacheError(f"{obj.key}: fetched bytes could not be kept for the read")
                 data = await trio.to_thread.run_sync(
                     obj.file.pread, end - offset, offset, limiter=self._disk_limiter
                 )
@@ -363,7 +393,7 @@ class ChunkCache:
     def is_ready(self, obj: CachedObject, n: int) -> bool:
         """Verified or being loaded: nothing for read-ahead to do."""
         key = (obj.obj_id, n)
-        return key in self._verified or key in self._flights
+        return key in self._verified or key in self._flights or key in self._mem
 
     @contextlib.contextmanager
     def _pinned(self, obj_id: bytes, chunks: range) -> Iterator[None]:
@@ -407,11 +437,16 @@ class ChunkCache:
                 if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
                     raise flight.error
                 fetched = fetched or flight.fetched
+                if flight.unstored:
+                    return fetched  # fetched into memory only; the reader takes it there
                 continue  # re-check: it was verified, evicted, or its owner was cancelled
             flight = self._flights[key] = _Flight()
             try:
                 flight.fetched = await self._load(obj, n, background)
                 fetched = fetched or flight.fetched
+                if key not in self._verified:
+                    flight.unstored = True  # the cache could not take it
+                    return fetched
             except BaseException as exc:
                 flight.error = exc
                 raise
@@ -473,15 +508,36 @@ class ChunkCache:
                 obj.meta,
                 limiter=self._index_limiter,
             )
+            stored = True
+        except (OSError, lmdb.Error) as exc:
+            # Disk full, quota, a read-only or vanished cache directory, a
+            # full index: serve this read from memory and carry on uncached.
+            self._storage_failed(exc)
+            stored = False
         finally:
             self._reserved -= len(data)
         self.counters.fetched_chunks += 1
         if background:
             self._prefetched[key] = len(data)
             self.counters.prefetch_fetched_bytes += len(data)
-        self._verified.add(key)
+        if stored:
+            self._verified.add(key)
+            self.storage_ok = True
+        else:
+            self.counters.uncached_chunks += 1
         self._remember(key, data)
         return True
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        self.storage_ok = False
+        if not self._storage_warned:  # once per mount: a full disk flaps as LRU frees space
+            self._storage_warned = True
+            log.warning(
+                "cannot write to the cache in %s (%s); serving reads from the origin "
+                "without caching while it cannot",
+                self.root,
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
+            )
 
     def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[bytes, int]:
         data = self.store.get_range(obj.key, obj.version, start, end)
@@ -585,6 +641,8 @@ class ChunkCache:
             await trio.sleep(TOUCH_FLUSH_INTERVAL)
             try:
                 await self.flush_touches()
+            except (OSError, lmdb.Error) as exc:
+                self._storage_failed(exc)
             except Exception:
                 log.exception("cannot record chunk recency in the index")
 
