@@ -78,6 +78,7 @@ class CacheIndex:
                 readahead=False,
                 readonly=readonly,
                 create=not readonly,
+                mode=0o600,  # the cache names what a node reads: owner only
             )
             self._meta = self.env.open_db(b"meta", create=not readonly)
             self._objects = self.env.open_db(b"objects", create=not readonly)

@@ -131,7 +131,9 @@ def _check_format(root: Path) -> None:
             f"{root} is not empty and is not a modelfs cache; use another --cache-dir"
         )
     tmp = root / (FORMAT_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format": CACHE_FORMAT}) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"format": CACHE_FORMAT}) + "\n")
     os.replace(tmp, fmt_path)
 
 

@@ -270,6 +270,8 @@ def _setup_logging(debug: bool, stream: object = None, path: Path | None = None)
     fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     if path is not None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Owner only, like the cache: the log names keys and ranges.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
         handler = logging.FileHandler(path)
     else:
         handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
