@@ -71,3 +71,32 @@ def test_sigkill_mid_download_never_yields_a_wrong_byte(
     # What earlier rounds committed was not fetched again.
     assert proxy.object_bytes() <= len(data) - cached_before + 2 * MiB
     assert cached_before > 0
+
+
+@pytest.mark.allow_log("failed its checksum")
+def test_corrupt_or_truncated_payload_is_detected_and_fetched_again(
+    bucket: Bucket, proxy, mounter: Mounter
+) -> None:
+    data = pattern(61, 0, 6 * MiB)
+    bucket.put("w.safetensors", data)
+    args = ("--chunk-size", "1M", "--prefetch-on-open", "none", "--prefetch-window", "0")
+    m = mounter(bucket, endpoint_url=proxy.endpoint_url, args=args)
+    assert (m.path / "w.safetensors").read_bytes() == data
+    m.umount()
+    (payload,) = [p for p in (m.cache_dir / "data").glob("*/*")]
+    with open(payload, "r+b") as f:
+        f.seek(2 * MiB + 100)
+        f.write(b"\xff")  # a flipped byte in chunk 2
+        f.truncate(5 * MiB + 10)  # and chunk 5 cut short
+    m2 = mounter(
+        bucket, endpoint_url=proxy.endpoint_url, args=args, allow_log=["failed its checksum"]
+    )
+    proxy.reset()
+    assert (m2.path / "w.safetensors").read_bytes() == data
+    assert sorted(r.range for r in proxy.object_gets()) == [
+        f"bytes={2 * MiB}-{3 * MiB - 1}",
+        f"bytes={5 * MiB}-{6 * MiB - 1}",
+    ]
+    warnings = [ln for ln in m2.log_file.read_text().splitlines() if "failed its checksum" in ln]
+    assert len(warnings) == 2 and all("w.safetensors" in w for w in warnings)
+    assert m2.stats()["cache"]["corrupt_chunks"] == 2
