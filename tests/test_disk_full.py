@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Bucket, Mounter
+from .conftest import Bucket, Mount, Mounter
 from .data import pattern
 
 pytestmark = pytest.mark.mount
@@ -30,6 +30,16 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(d)], check=False)
 
 
+def _mount_small(mounter: Mounter, bucket: Bucket, small_fs: Path) -> Mount:
+    """A mount whose --cache-size is ten times what its filesystem holds."""
+    return mounter(
+        bucket,
+        cache_dir=small_fs / "cache",
+        args=("--chunk-size", "1M", "--cache-size", "64M"),
+        allow_log=[WARNING],
+    )
+
+
 def _warnings(log: Path) -> list[str]:
     return [ln for ln in log.read_text().splitlines() if WARNING in ln]
 
@@ -38,12 +48,7 @@ def test_disk_full_serves_from_the_origin(bucket: Bucket, mounter: Mounter, smal
     data = {f"shard-{i}.safetensors": pattern(30 + i, 0, 10 * MiB + i) for i in range(2)}
     for key, value in data.items():
         bucket.put(key, value)
-    m = mounter(
-        bucket,
-        cache_dir=small_fs / "cache",
-        args=("--chunk-size", "1M", "--cache-size", "64M"),
-        allow_log=[WARNING],
-    )
+    m = _mount_small(mounter, bucket, small_fs)
     for key, value in data.items():
         assert (m.path / key).read_bytes() == value, key
     assert len(_warnings(m.log_file)) == 1  # warned once, then carried on
@@ -53,11 +58,6 @@ def test_disk_full_serves_from_the_origin(bucket: Bucket, mounter: Mounter, smal
     # Still correct on re-reads (page cache dropped for the file: new opens
     # of the same version keep it, so read through a fresh mount instead).
     m.umount()
-    m2 = mounter(
-        bucket,
-        cache_dir=small_fs / "cache",
-        args=("--chunk-size", "1M", "--cache-size", "64M"),
-        allow_log=[WARNING],
-    )
+    m2 = _mount_small(mounter, bucket, small_fs)
     for key, value in data.items():
         assert (m2.path / key).read_bytes() == value, key

@@ -60,6 +60,30 @@ def _tree(root: Path) -> dict[str, bytes]:
 pytestmark = pytest.mark.mount
 
 
+def _ctrl_c_after(
+    proxy, nbytes: int, args: list[str], env: dict[str, str] | None = None
+) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
+    """Run `modelfs ARGS`, press Ctrl-C once `nbytes` crossed the proxy;
+    it must exit 130. Returns its (stdout, stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelfs", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # A job started in the background by a non-interactive shell (as CI
+        # may run us) inherits SIGINT ignored; a user's Ctrl-C is not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 60
+    while proxy.object_bytes() < nbytes:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, out, err[-2000:])
+    return out, err
+
+
 def test_pull_copies_once_and_writes_aibrix_metadata(tmp_path: Path, bucket: Bucket, proxy) -> None:
     _fill(bucket)
     dest, cache = tmp_path / "model", tmp_path / "cache"
@@ -147,24 +171,13 @@ def test_interrupted_pull_resumes_without_fetching_twice(
     dest, cache = tmp_path / "model", tmp_path / "cache"
     proxy.rate = 10 * MiB  # per connection: slow enough to interrupt midway
     proxy.reset()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelfs", "pull", f"s3://{bucket.name}/llama", str(dest)]
-        + ["--endpoint-url", proxy.endpoint_url, "--cache-dir", str(cache), "--chunk-size", "1M"]
-        + ["--fetch-concurrency", "2"],
+    out, err = _ctrl_c_after(
+        proxy,
+        8 * MiB,
+        ["pull", f"s3://{bucket.name}/llama", str(dest), "--endpoint-url", proxy.endpoint_url]
+        + ["--cache-dir", str(cache), "--chunk-size", "1M", "--fetch-concurrency", "2"],
         env=dict(os.environ, **bucket.env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        # A job started in the background by a non-interactive shell (as CI
-        # may run us) inherits SIGINT ignored; a user's Ctrl-C is not.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 60
-    while proxy.object_bytes() < 8 * MiB:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (proc.returncode, out, err[-2000:])
     assert err.decode().strip().splitlines()[-1] == (
         "modelfs: interrupted; what was fetched stays in the cache"
     )
@@ -253,19 +266,7 @@ def test_interrupted_warm_keeps_what_it_fetched(bucket: Bucket, proxy, mounter: 
     )
     proxy.rate = 10 * MiB
     proxy.reset()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelfs", "warm", str(m.path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 60
-    while proxy.object_bytes() < 8 * MiB:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (out, err)
+    out, err = _ctrl_c_after(proxy, 8 * MiB, ["warm", str(m.path)])
     assert b"Traceback" not in err
     proxy.rate = None
     kept = int(os.getxattr(m.path / "big.bin", "user.modelfs.cached"))

@@ -98,17 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if fault is not None and fault.status is not None:
             self._error(fault)
-            proxy._record(
-                Request(
-                    self.command,
-                    unquote(split.path),
-                    split.query,
-                    self.headers.get("Range"),
-                    fault.status,
-                    0,
-                    self.headers.get("If-Match"),
-                )
-            )
+            self._record(fault.status, 0)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         conn = self._upstream()
@@ -165,14 +155,18 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is not None:
             conn.close()  # the upstream response was not read to its end
             self._conn = None
-        proxy._record(
+        self._record(resp.status, sent)
+
+    def _record(self, status: int, body_bytes: int) -> None:
+        split = urlsplit(self.path)
+        self.server.proxy._record(
             Request(
                 self.command,
                 unquote(split.path),
                 split.query,
                 self.headers.get("Range"),
-                resp.status,
-                sent,
+                status,
+                body_bytes,
                 self.headers.get("If-Match"),
             )
         )
