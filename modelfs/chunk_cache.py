@@ -168,10 +168,6 @@ class FetchSlots:
         else:
             self.free += 1
 
-    @property
-    def demand_waiting(self) -> int:
-        return len(self._demand)
-
 
 def default_capacity(root: Path, used: int) -> int:
     free = shutil.disk_usage(root).free
@@ -215,9 +211,7 @@ class ChunkCache:
         self._touched: dict[ChunkKey, None] = {}
         self._prefetched: dict[ChunkKey, int] = {}
         self._reserved = 0
-        # False while writes to the cache fail (warned once per mount).
-        self.storage_ok = True
-        self._storage_warned = False
+        self._storage_warned = False  # a failed cache write is warned once per mount
         self._mem: cachetools.LRUCache[ChunkKey, bytes] = cachetools.LRUCache(
             maxsize=max(1, memory_cache), getsizeof=len
         )
@@ -332,6 +326,9 @@ class ChunkCache:
                 if (obj.obj_id, n) not in self._verified and (obj.obj_id, n) not in self._mem
             ]
 
+        def all_stored() -> bool:
+            return all((obj.obj_id, n) in self._verified for n in chunks)
+
         with self._pinned(obj.obj_id, chunks):
             todo = missing()
             self.counters.hits += len(chunks) - len(todo)
@@ -344,13 +341,13 @@ class ChunkCache:
                         for n in todo:
                             nursery.start_soon(load, n)
                 data = self._from_memory(obj, offset, end, chunks)
-                if data is not None or all((obj.obj_id, n) in self._verified for n in chunks):
+                if data is not None or all_stored():
                     break
                 # A chunk the disk could not take lives only in memory, and
                 # was pushed out before this read got to it: fetch it again.
                 todo = missing()
             if data is None:
-                if not all((obj.obj_id, n) in self._verified for n in chunks):
+                if not all_stored():
                     raise CacheError(f"{obj.key}: fetched bytes could not be kept for the read")
                 data = await trio.to_thread.run_sync(
                     obj.file.pread, end - offset, offset, limiter=self._disk_limiter
@@ -393,7 +390,7 @@ class ChunkCache:
             self._mem[key] = data
 
     def is_ready(self, obj: CachedObject, n: int) -> bool:
-        """Verified or being loaded: nothing for read-ahead to do."""
+        """Verified, being loaded, or held in memory: nothing to fetch."""
         key = (obj.obj_id, n)
         return key in self._verified or key in self._flights or key in self._mem
 
@@ -418,10 +415,9 @@ class ChunkCache:
         fetch slot, and takes the slot *before* announcing its flight, so a
         reader never waits on a background flight that is itself queued.
         """
-        key = (obj.obj_id, n)
         if not prefetch:
             return await self._ensure(obj, n, False)
-        if key in self._verified or key in self._flights:
+        if self.is_ready(obj, n):
             return False
         await self.slots.acquire(background=True)
         try:
@@ -524,14 +520,12 @@ class ChunkCache:
             self.counters.prefetch_fetched_bytes += len(data)
         if stored:
             self._verified.add(key)
-            self.storage_ok = True
         else:
             self.counters.uncached_chunks += 1
         self._remember(key, data)
         return True
 
     def _storage_failed(self, exc: BaseException) -> None:
-        self.storage_ok = False
         if not self._storage_warned:  # once per mount: a full disk flaps as LRU frees space
             self._storage_warned = True
             log.warning(

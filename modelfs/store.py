@@ -346,24 +346,18 @@ class S3Store:
             while True:
                 attempts += 1
                 try:
+                    # Fills `buf` to the end of the range, or raises.
                     self._get_once(key, version, start + len(buf), end, buf)
-                    error = None
-                    break
+                    return bytes(buf)
                 except _Retry as retry:
-                    error = retry.error
                     pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1)))
                     if time.monotonic() + pause > deadline:
-                        error = RetriesExhausted(
+                        raise RetriesExhausted(
                             f"{what}: gave up after {attempts} attempts in "
                             f"{time.monotonic() - t0:.1f} s; last error: {retry.error}"
-                        )
-                        raise error from None
+                        ) from None
                     log.debug("GET %s: %s; retrying in %.2f s", what, retry.error, pause)
                     time.sleep(pause)
-            if len(buf) != end - start:
-                error = StoreError(f"{what}: got {len(buf)} of {end - start} bytes")
-                raise error
-            return bytes(buf)
         except StoreError as exc:
             error = exc
             raise
