@@ -47,7 +47,7 @@ import xxhash
 
 from .cache_index import CacheIndex, Victim
 from .config import DEFAULT_CACHE_CAP, DEFAULT_CACHE_SHARE, MountConfig
-from .errors import CacheError, CacheFormatError, CacheLocked
+from .errors import CacheError, CacheFormatError, CacheLocked, ModelfsError
 from .payload import PayloadFile, PayloadStore
 from .store import ObjectStore, ObjectVersion
 
@@ -167,6 +167,19 @@ class FetchSlots:
             self._background.unpark()
         else:
             self.free += 1
+
+
+def _single_domain_error(group: BaseExceptionGroup) -> ModelfsError | None:
+    """The first error of a group holding only domain errors, so a read over
+    several chunks fails as a one-chunk read does (ObjectChanged stays
+    ESTALE); None when the group holds anything else."""
+    errors, rest = group.split(ModelfsError)
+    if errors is None or rest is not None:
+        return None
+    leaf: BaseException = errors
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, ModelfsError) else None
 
 
 def default_capacity(root: Path, used: int) -> int:
@@ -337,9 +350,15 @@ class ChunkCache:
                 if len(todo) == 1:
                     await load(todo[0])
                 elif todo:
-                    async with trio.open_nursery() as nursery:
-                        for n in todo:
-                            nursery.start_soon(load, n)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            for n in todo:
+                                nursery.start_soon(load, n)
+                    except BaseExceptionGroup as group:
+                        leaf = _single_domain_error(group)
+                        if leaf is None:
+                            raise
+                        raise leaf from None
                 data = self._from_memory(obj, offset, end, chunks)
                 if data is not None or all_stored():
                     break

@@ -256,13 +256,19 @@ class OpenPrefetch:
             log.debug("prefetched %s on open (%d chunks)", obj.key, len(order))
         except ModelfsError as exc:
             log.debug("prefetch on open of %s stopped: %s", obj.key, exc)
+        except Exception:
+            log.exception("prefetch on open of %s failed", obj.key)
         finally:
             self._running.discard(obj.obj_id)
             self.cache.close_object(obj)
 
     async def _one(self, obj: CachedObject, n: int, limit: trio.Semaphore) -> None:
+        # A failed chunk never ends the mount: a reader that needs it fetches
+        # it again and gets the error itself.
         try:
             await self.cache.ensure(obj, n, prefetch=True)
+        except ModelfsError as exc:
+            log.debug("prefetch on open of chunk %d of %s failed: %s", n, obj.key, exc)
         finally:
             limit.release()
 

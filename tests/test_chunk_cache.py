@@ -217,6 +217,18 @@ def test_new_version_gets_new_chunks(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_a_read_over_several_failing_chunks_raises_the_domain_error(tmp_path: Path) -> None:
+    store = MemoryStore()
+    v1 = store.put("k", pattern(7, 0, 3 * CS))
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    store.put("k", pattern(8, 0, 3 * CS))
+    # Chunks 1 and 2 are fetched in parallel and both fail: the caller gets
+    # ObjectChanged (ESTALE), as from a one-chunk read, not an exception group.
+    with pytest.raises(ObjectChanged):
+        _read(cache, "k", v1, CS + 5, CS)
+    cache.close()
+
+
 def test_chunk_size_of_cached_object_is_kept(tmp_path: Path) -> None:
     store, v, data, cache = _filled_and_reopened(tmp_path, 9, 4)
 
