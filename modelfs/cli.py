@@ -18,9 +18,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .config import (
     DEFAULT_CHUNK_SIZE,
@@ -432,20 +430,11 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
 
 def cmd_pull(cfg: MountConfig, dest: Path, force: bool, debug: bool) -> int:
     from .pull import pull
-    from .report import byte_bar
+    from .report import files_progress
 
     _setup_logging(debug)
-    bars: list[Any] = []
-
-    def progress(files: int, total: int) -> Callable[[int], None]:
-        bars.append(byte_bar(f"pull {files} files", total))
-        return bars[-1].update
-
-    try:
+    with files_progress("pull") as progress:
         result = pull(cfg, dest, force=force, progress=progress)
-    finally:
-        for bar in bars:
-            bar.close()
     print(
         f"{len(result.written)} files written ({format_size(result.bytes_written)}), "
         f"{len(result.skipped)} up to date, {len(result.failed)} failed"

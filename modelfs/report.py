@@ -8,11 +8,13 @@ The work itself is in `modelfs.cache_admin`; the numbers in `modelfs.fs`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,26 @@ def byte_bar(desc: str, total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
+
+
+Progress = Callable[[int, int], Callable[[int], None]]
+
+
+@contextlib.contextmanager
+def files_progress(verb: str) -> Iterator[Progress]:
+    """A `progress(files, total_bytes)` for pull and warm: it opens a byte
+    bar and returns its update function; bars close on exit."""
+    bars: list[Any] = []
+
+    def start(files: int, total: int) -> Callable[[int], None]:
+        bars.append(byte_bar(f"{verb} {files} files", total))
+        return bars[-1].update
+
+    try:
+        yield start
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def read_stats(mnt: Path) -> dict[str, Any]:

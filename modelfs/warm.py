@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .config import format_size
 from .errors import MountError
@@ -136,19 +135,10 @@ def warm(
 
 
 def cmd_warm(paths: list[Path], jobs: int) -> int:
-    from .report import byte_bar
+    from .report import files_progress
 
-    bars: list[Any] = []
-
-    def progress(files: int, total: int) -> Callable[[int], None]:
-        bars.append(byte_bar(f"warm {files} files", total))
-        return bars[-1].update
-
-    try:
+    with files_progress("warm") as progress:
         result = warm(paths, jobs, progress)
-    finally:
-        for bar in bars:
-            bar.close()
     print(
         f"{result.files} files: {result.already_cached} were cached already, "
         f"{format_size(result.bytes_read)} read into the cache, {len(result.failed)} failed"
