@@ -6,10 +6,11 @@ directory:
 * inspection (``ls``, ``du``, the checking half of ``verify``) opens the
   LMDB index read-only and reads payload files directly; LMDB lets any
   number of readers run beside the daemon's writes;
-* changes (``gc``, ``clear``, ``verify --repair``) go to the daemon over its
-  control socket when one holds the cache's lock, because only the daemon
-  knows which chunks are being read; with no daemon they open the cache
-  (taking the lock) and do the same work in-process.
+* changes (``gc``, ``clear``, ``verify --repair``) open the cache as one
+  more of its users and evict through the same code as a mount's LRU
+  eviction, which locks each chunk's range first: a chunk a mount is
+  fetching is skipped, and a mount that was about to read an evicted chunk
+  from disk sees its checksum fail against the index and fetches it again.
 
 A chunk evicted by a running daemon while ``verify`` reads it may look
 corrupt for a moment; every failure is checked again against the index
@@ -18,8 +19,6 @@ before it is reported, so only chunks still recorded are reported.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import shutil
 from collections.abc import Callable
@@ -29,7 +28,6 @@ from typing import Any
 
 import trio
 
-from . import control
 from .cache_index import CacheIndex, ObjectEntry, Victim
 from .chunk_cache import FORMAT_FILE, ChunkCache, checksum
 from .errors import CacheError, StoreError
@@ -40,25 +38,6 @@ from .store import Listing, ObjectVersion, StoreCounters
 def _require_cache(root: Path) -> None:
     if not (root / FORMAT_FILE).exists():
         raise CacheError(f"{root} is not a modelfs cache directory (no {FORMAT_FILE})")
-
-
-def daemon_pid(root: Path) -> int | None:
-    """The pid of the daemon holding the cache's lock, or None if it is free."""
-    try:
-        fd = os.open(root / "lock", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        return None  # closing the descriptor below drops the shared lock
-    finally:
-        os.close(fd)
 
 
 def _index(root: Path) -> CacheIndex:
@@ -166,7 +145,7 @@ class _NoOrigin:
         return None
 
 
-def _offline(root: Path, work: Callable[[ChunkCache], Any]) -> Any:
+def _with_cache(root: Path, work: Callable[[ChunkCache], Any]) -> Any:
     cache = ChunkCache(root, _NoOrigin())
     try:
         return trio.run(work, cache)
@@ -177,25 +156,22 @@ def _offline(root: Path, work: Callable[[ChunkCache], Any]) -> Any:
 def gc(root: Path, target: int) -> tuple[int, int]:
     """Evict least-recently-used chunks down to `target` bytes: (chunks, bytes)."""
     _require_cache(root)
-    if daemon_pid(root) is not None:
-        reply = control.request(root, {"op": "shrink", "target": target})
-        return int(reply["chunks"]), int(reply["bytes"])
 
     async def work(cache: ChunkCache) -> tuple[int, int]:
-        return await cache.shrink_to(target)
+        result = await cache.shrink_to(target)
+        if cache.alone():
+            _remove_orphans(root, cache.index)
+        return result
 
-    result: tuple[int, int] = _offline(root, work)
-    _remove_orphans(root)
+    result: tuple[int, int] = _with_cache(root, work)
     return result
 
 
-def _remove_orphans(root: Path) -> int:
-    """Payload files no index record names (left by a crash mid-eviction)."""
-    index = _index(root)
-    try:
-        known = {e.obj_id.hex() for e in index.objects()}
-    finally:
-        index.close()
+def _remove_orphans(root: Path, index: CacheIndex) -> int:
+    """Payload files no index record names (left by a crash mid-eviction, or
+    emptied while another process used the cache). Only while no other
+    process uses the cache: one may be about to store into such a file."""
+    known = {e.obj_id.hex() for e in index.objects()}
     removed = 0
     for path in (root / "data").glob("*/*"):
         if path.name not in known:
@@ -208,13 +184,8 @@ def repair(root: Path, bad: list[Victim]) -> None:
     """Drop chunks `verify` found corrupt; they are fetched again when read."""
     if not bad:
         return
-    if daemon_pid(root) is not None:
-        control.request(
-            root, {"op": "drop", "chunks": [[v.obj_id.hex(), v.chunk, v.length] for v in bad]}
-        )
-        return
 
     async def work(cache: ChunkCache) -> None:
         await cache.drop(bad)
 
-    _offline(root, work)
+    _with_cache(root, work)

@@ -12,14 +12,17 @@ Owns five named databases inside ``<cache-dir>/index``:
 The object id is a hash of (ETag, size), see `ObjectVersion.identity`, so two
 keys holding the same content share chunks and a new version never sees the
 old one's. All methods are blocking and run in worker threads; LMDB
-serialises writers itself. Reads never write: recency is recorded by `touch`,
+serialises writers itself, across processes too (several mounts may share
+one cache directory). Reads never write: recency is recorded by `touch`,
 which the chunk cache batches.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,6 +63,43 @@ class ObjectEntry:
     atime: int | None
 
 
+class _Envs:
+    """LMDB environments open in this process, one per index path.
+
+    LMDB forbids opening one environment twice in a process (closing one
+    copy would drop the other's file locks), but two users of one cache
+    directory may live in one process (a test, or ``modelfs cache`` beside
+    a cache it opened): they share the environment, counted."""
+
+    _open: dict[str, tuple[lmdb.Environment, int]] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path, **kwargs: Any) -> lmdb.Environment:
+        key = os.path.realpath(path)
+        with cls._lock:
+            env, refs = cls._open.get(key, (None, 0))
+            if env is None:
+                env = lmdb.open(str(path), **kwargs)
+            elif env.flags()["readonly"] and not kwargs.get("readonly"):
+                raise lmdb.Error(f"{path} is open read-only in this process")
+            cls._open[key] = (env, refs + 1)
+            return env
+
+    @classmethod
+    def close(cls, env: lmdb.Environment) -> None:
+        with cls._lock:
+            key = next(k for k, (e, _) in cls._open.items() if e is env)
+            _, refs = cls._open[key]
+            if refs > 1:
+                cls._open[key] = (env, refs - 1)
+                return
+            del cls._open[key]
+            if not env.flags()["readonly"]:
+                env.sync(True)
+            env.close()
+
+
 class CacheIndex:
     def __init__(self, path: Path, map_size: int = 4 << 30, *, readonly: bool = False) -> None:
         """`readonly` opens an index another process may be writing (LMDB
@@ -70,8 +110,8 @@ class CacheIndex:
             # metasync=False: one fsync per commit instead of two. A system
             # crash may lose the last commits but never corrupts the index;
             # a lost record only means a chunk is fetched again.
-            self.env = lmdb.open(
-                str(path),
+            self.env = _Envs.open(
+                path,
                 max_dbs=8,
                 map_size=map_size,
                 metasync=False,
@@ -84,8 +124,17 @@ class CacheIndex:
             self._objects = self.env.open_db(b"objects", create=not readonly)
             self._chunks = self.env.open_db(b"chunks", create=not readonly)
             self._lru = self.env.open_db(b"lru", create=not readonly)
+            # Free reader slots a killed process left (several share the index).
+            self.env.reader_check()
         except lmdb.Error as exc:
             raise CacheError(f"cannot open cache index {path}: {exc}") from None
+        try:
+            self._check_format(path, readonly)
+        except BaseException:
+            _Envs.close(self.env)
+            raise
+
+    def _check_format(self, path: Path, readonly: bool) -> None:
         try:
             self._atime: Any = self.env.open_db(b"atime", create=not readonly)
         except lmdb.NotFoundError:
@@ -107,9 +156,7 @@ class CacheIndex:
                 )
 
     def close(self) -> None:
-        if not self.env.flags()["readonly"]:
-            self.env.sync(True)
-        self.env.close()
+        _Envs.close(self.env)
 
     # -- helpers (inside a transaction) ----------------------------------
     def _u64(self, txn: lmdb.Transaction, key: bytes) -> int:
@@ -176,12 +223,21 @@ class CacheIndex:
             }
 
     # -- updates ---------------------------------------------------------
-    def put(self, obj_id: bytes, chunk: int, length: int, checksum: int, meta: bytes) -> None:
-        """Record a chunk whose bytes are already written to the payload file."""
+    def put(
+        self, obj_id: bytes, chunk: int, length: int, checksum: int, meta: bytes, chunk_size: int
+    ) -> bool:
+        """Record a chunk whose bytes are already written to the payload file.
+
+        False (nothing recorded) when the object is recorded with another
+        chunk size: a process that opened the object at the same moment as
+        another, with another --chunk-size, cut its chunks differently."""
         ckey = _CKEY.pack(obj_id, chunk)
         with self.env.begin(write=True) as txn:
-            if txn.get(obj_id, db=self._objects) is None:
+            known = txn.get(obj_id, db=self._objects)
+            if known is None:
                 txn.put(obj_id, meta, db=self._objects)
+            elif json.loads(known)["chunk_size"] != chunk_size:
+                return False
             old = txn.get(ckey, db=self._chunks)
             if old:
                 rec = ChunkRecord(*_CREC.unpack(old))
@@ -192,6 +248,7 @@ class CacheIndex:
             txn.put(_LKEY.pack(tick, obj_id, chunk), b"", db=self._lru)
             self._add_used(txn, length)
             txn.put(obj_id, _U64.pack(int(time.time())), db=self._atime)
+        return True
 
     def touch(self, keys: Iterable[tuple[bytes, int]]) -> None:
         """Move chunks to the most-recently-used end (absent ones are skipped)."""

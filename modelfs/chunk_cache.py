@@ -1,41 +1,50 @@
-"""The chunk cache: fetch-once, verify-once access to object bytes.
+"""The chunk cache: fetch-once, verify-on-every-disk-read access to object bytes.
 
-Owns the cache directory (format file, lock, LMDB index, payload files) and
-the in-memory state that makes reads cheap and safe:
+Owns the cache directory (format file, lock file, LMDB index, payload files)
+and the in-memory state that makes reads cheap and safe:
 
-* ``_flights``  one in-progress fetch, verify or eviction per chunk
-  (single-flight: concurrent readers of a missing chunk wait on one GET);
-* ``_verified`` chunks whose checksum was checked during this mount; later
-  reads of them are a bare pread;
-* ``_pins``     chunks a read is about to pread; eviction skips them, so a
-  reader never sees the zeros of a punched hole;
+* ``_flights``  one in-progress load (disk or origin) or eviction per chunk
+  (single-flight: concurrent readers of a missing chunk wait on one GET and
+  get its bytes from the flight);
+* ``_pins``     chunks a read is waiting on; eviction skips them;
 * ``_touched``  recency updates, written to the index in one batch;
 * ``_mem``      the most recently fetched or verified chunks, bounded in
-  bytes: a read they cover is answered with a zero-copy slice instead of a
-  ``pread`` (one copy less per byte on both the cold and the warm path);
+  bytes: a read they cover is answered with a zero-copy slice;
 * ``_prefetched`` chunks read-ahead fetched from the origin that no read has
   used yet: used ones and evicted ones are counted, for the metrics.
+
+A read is always served from bytes that were checksummed after they were
+read from the payload file (or that just came from the origin): a chunk read
+from disk is read whole, checked against the index's xxh3-64, and kept in
+``_mem``. So corruption that appears while a mount runs, and a chunk another
+process evicts under us, are both caught on the next disk read.
+
+Several processes (mounts, ``modelfs pull``, ``modelfs cache``) may share one
+cache directory. LMDB serialises their index writes; a chunk's byte range in
+its payload file is locked (OFD lock, see payload.py) by whoever fetches and
+stores it or evicts it. A fetcher takes the lock and then looks at the index
+again, so a chunk another process is fetching is waited for and read from
+disk rather than fetched twice. Lock order: fetch slot, then chunk range
+lock, then LMDB's writer lock (inside `put`/`remove`).
 
 All of that state is touched only from the trio thread; blocking work (S3,
 disk, LMDB writes) runs in worker threads behind capacity limiters.
 
 Write order for a new chunk: payload bytes, then the index record. Eviction
-order: index record removed, then the hole punched. So the index never names
-bytes that were not written; what a crash can leave is described in
-docs/architecture.md.
+order: index record removed, then the hole punched. What a crash can leave
+is described in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +56,8 @@ import xxhash
 
 from .cache_index import CacheIndex, Victim
 from .config import DEFAULT_CACHE_CAP, DEFAULT_CACHE_SHARE, MountConfig
-from .errors import CacheError, CacheFormatError, CacheLocked, ModelfsError
-from .payload import PayloadFile, PayloadStore
+from .errors import CacheError, CacheFormatError, ModelfsError
+from .payload import PayloadFile, PayloadStore, ofd_conflict, ofd_lock, ofd_lock_wait
 from .store import ObjectStore, ObjectVersion
 
 log = logging.getLogger(__name__)
@@ -56,6 +65,13 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 FORMAT_FILE = "modelfs-cache.json"
 TOUCH_FLUSH_INTERVAL = 2.0
+# Another process fetching a chunk we want: poll its lock this often, and
+# after PEER_WAIT fetch it ourselves (a stalled peer must not stall us).
+PEER_POLL = 0.01
+PEER_WAIT = 30.0
+# Bytes of the lock file: 0 is held shared by every process using the cache,
+# 1 exclusively while one creates or checks the format and index.
+_MEMBER_BYTE, _INIT_BYTE = 0, 1
 
 ChunkKey = tuple[bytes, int]
 Buffer = bytes | memoryview
@@ -91,8 +107,8 @@ class CachedObject:
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    data: bytes | None = None  # None: failed, cancelled, or an eviction
     fetched: bool = False  # the bytes came from the origin, not the disk
-    unstored: bool = False  # fetched, but the cache could not store it
 
 
 @dataclass
@@ -108,6 +124,7 @@ class CacheCounters:
     uncached_chunks: int = 0  # fetched but not stored: the cache could not be written
     fetched_chunks: int = 0
     verified_chunks: int = 0
+    peer_chunks: int = 0  # a chunk we missed that another process stored meanwhile
     corrupt_chunks: int = 0
     evicted_chunks: int = 0
     evicted_bytes: int = 0
@@ -205,7 +222,7 @@ class ChunkCache:
             os.chmod(root, 0o700)
         except OSError as exc:
             raise CacheError(f"cannot create cache directory {root}: {exc.strerror}") from None
-        self._lock_fd = self._take_lock(root)
+        self._lock_fd = self._join(root)
         try:
             _check_format(root)
             self.index = CacheIndex(root / "index")
@@ -213,13 +230,15 @@ class ChunkCache:
         except BaseException:
             os.close(self._lock_fd)
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                ofd_lock(self._lock_fd, _INIT_BYTE, 1, fcntl.F_UNLCK)
         self.capacity = (
             capacity if capacity is not None else default_capacity(root, self.index.used())
         )
         self.counters = CacheCounters()
         self._objects: dict[bytes, CachedObject] = {}
         self._flights: dict[ChunkKey, _Flight] = {}
-        self._verified: set[ChunkKey] = set()
         self._pins: Counter[ChunkKey] = Counter()
         self._touched: dict[ChunkKey, None] = {}
         self._prefetched: dict[ChunkKey, int] = {}
@@ -246,22 +265,21 @@ class ChunkCache:
         )
 
     @staticmethod
-    def _take_lock(root: Path) -> int:
-        fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _join(root: Path) -> int:
+        """Open the lock file as one more user of the cache. Held until close:
+        a shared lock on the member byte (so `alone` can tell whether other
+        processes use the directory) and, during set-up, the init byte."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            ofd_lock_wait(fd, _INIT_BYTE, 1)
+            ofd_lock(fd, _MEMBER_BYTE, 1, fcntl.F_RDLCK)
         except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise CacheLocked(
-                    f"cache directory {root} is in use by another modelfs (pid {holder}); "
-                    "give each mount its own --cache-dir"
-                ) from None
             raise CacheError(f"cannot lock {root}: {exc.strerror}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
+
+    def alone(self) -> bool:
+        """Whether no other process (or other ChunkCache) uses the directory."""
+        return not ofd_conflict(self._lock_fd, _MEMBER_BYTE, 1)
 
     def close(self) -> None:
         try:
@@ -294,6 +312,8 @@ class ChunkCache:
                 }
             ).encode()
             pf = self.payload.acquire(obj_id)
+            if pf.error is not None:
+                self._storage_failed(pf.error)
             obj = CachedObject(key, version, obj_id, chunk_size, pf, meta_bytes)
             self._objects[obj_id] = obj
         obj.handles += 1
@@ -320,59 +340,44 @@ class ChunkCache:
         if offset >= end:
             return b""
         chunks = range(offset // obj.chunk_size, (end - 1) // obj.chunk_size + 1)
+        bufs: dict[int, bytes] = {}
         fetched: set[int] = set()
 
         async def load(n: int) -> None:
-            # A background ensure may return early (the chunk is in flight
-            # elsewhere); the plain ensure after it waits for that flight.
-            if background:
-                await self.ensure(obj, n, prefetch=True)
-            if await self.ensure(obj, n):
+            data, from_origin = await self._chunk(obj, n, background)
+            bufs[n] = data
+            if from_origin:
                 fetched.add(n)
 
-        def missing() -> list[int]:
-            # In memory counts as present: a chunk the cache could not store
-            # lives only there.
-            return [
-                n
-                for n in chunks
-                if (obj.obj_id, n) not in self._verified and (obj.obj_id, n) not in self._mem
-            ]
-
-        def all_stored() -> bool:
-            return all((obj.obj_id, n) in self._verified for n in chunks)
-
         with self._pinned(obj.obj_id, chunks):
-            todo = missing()
+            for n in chunks:
+                buf = self._mem.get((obj.obj_id, n))
+                if buf is not None:
+                    bufs[n] = buf
+            todo = [n for n in chunks if n not in bufs]
             self.counters.hits += len(chunks) - len(todo)
-            data: Buffer | None = None
-            for _ in range(3):
-                if len(todo) == 1:
-                    await load(todo[0])
-                elif todo:
-                    try:
-                        async with trio.open_nursery() as nursery:
-                            for n in todo:
-                                nursery.start_soon(load, n)
-                    except BaseExceptionGroup as group:
-                        leaf = _single_domain_error(group)
-                        if leaf is None:
-                            raise
-                        raise leaf from None
-                data = self._from_memory(obj, offset, end, chunks)
-                if data is not None or all_stored():
-                    break
-                # A chunk the disk could not take lives only in memory, and
-                # was pushed out before this read got to it: fetch it again.
-                todo = missing()
-            if data is None:
-                if not all_stored():
-                    raise CacheError(f"{obj.key}: fetched bytes could not be kept for the read")
-                data = await trio.to_thread.run_sync(
-                    obj.file.pread, end - offset, offset, limiter=self._disk_limiter
-                )
+            if len(todo) == 1:
+                await load(todo[0])
+            elif todo:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for n in todo:
+                            nursery.start_soon(load, n)
+                except BaseExceptionGroup as group:
+                    leaf = _single_domain_error(group)
+                    if leaf is None:
+                        raise
+                    raise leaf from None
+        parts = []
+        for n in chunks:
+            base = n * obj.chunk_size
+            buf = bufs[n]
+            parts.append(
+                memoryview(buf)[max(offset, base) - base : min(end, base + len(buf)) - base]
+            )
+        data: Buffer = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != end - offset:
-            raise CacheError(f"payload file {obj.file.path} is shorter than its index says")
+            raise CacheError(f"{obj.key}: chunk shorter than the object's size says")
         if background:
             return data
         for n in chunks:
@@ -387,20 +392,6 @@ class ChunkCache:
         self.counters.hit_bytes += end - offset - miss
         return data
 
-    def _from_memory(
-        self, obj: CachedObject, offset: int, end: int, chunks: range
-    ) -> Buffer | None:
-        parts = []
-        for n in chunks:
-            buf = self._mem.get((obj.obj_id, n))
-            if buf is None:
-                return None
-            base = n * obj.chunk_size
-            parts.append(
-                memoryview(buf)[max(offset, base) - base : min(end, base + len(buf)) - base]
-            )
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
     def _remember(self, key: ChunkKey, data: bytes) -> None:
         # Always replace: an entry left from before an eviction could hold
         # the chunk as cut with another chunk size.
@@ -409,9 +400,13 @@ class ChunkCache:
             self._mem[key] = data
 
     def is_ready(self, obj: CachedObject, n: int) -> bool:
-        """Verified, being loaded, or held in memory: nothing to fetch."""
+        """Being loaded or held in memory: nothing for read-ahead to do."""
         key = (obj.obj_id, n)
-        return key in self._verified or key in self._flights or key in self._mem
+        return key in self._flights or key in self._mem
+
+    def is_stored(self, obj: CachedObject, n: int) -> bool:
+        """Ready, or recorded on disk: nothing for prefetch on open to fetch."""
+        return self.is_ready(obj, n) or self.index.get(obj.obj_id, n) is not None
 
     @contextlib.contextmanager
     def _pinned(self, obj_id: bytes, chunks: range) -> Iterator[None]:
@@ -426,72 +421,111 @@ class ChunkCache:
                     del self._pins[k]
 
     async def ensure(self, obj: CachedObject, n: int, *, prefetch: bool = False) -> bool:
-        """Make chunk `n` present and verified, fetching it at most once.
+        """Load chunk `n` into memory (and the disk cache), fetching it at
+        most once; True when the bytes had to come from the origin.
 
-        True when the bytes had to come from the origin (by this call or by
-        the flight it waited for). `prefetch` marks background work
-        (read-ahead, prefetch on open): it queues behind demand reads for a
-        fetch slot, and takes the slot *before* announcing its flight, so a
-        reader never waits on a background flight that is itself queued.
+        `prefetch` marks background work (read-ahead, prefetch on open): it
+        queues behind demand reads for a fetch slot, and takes the slot
+        *before* announcing its flight, so a reader never waits on a
+        background flight that is itself queued.
         """
         if not prefetch:
-            return await self._ensure(obj, n, False)
+            return (await self._chunk(obj, n, False))[1]
         if self.is_ready(obj, n):
             return False
         await self.slots.acquire(background=True)
         try:
-            return await self._ensure(obj, n, True)
+            return (await self._chunk(obj, n, True))[1]
         finally:
             self.slots.release()
 
-    async def _ensure(self, obj: CachedObject, n: int, background: bool) -> bool:
+    async def _chunk(self, obj: CachedObject, n: int, background: bool) -> tuple[bytes, bool]:
+        """Chunk `n`'s verified bytes, and whether they came from the origin."""
         key = (obj.obj_id, n)
-        fetched = False
-        while key not in self._verified:
+        while True:
+            buf = self._mem.get(key)
+            if buf is not None:
+                return buf, False
             flight = self._flights.get(key)
             if flight is not None:
                 await flight.done.wait()
+                if flight.data is not None:
+                    return flight.data, flight.fetched
                 if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
                     raise flight.error
-                fetched = fetched or flight.fetched
-                if flight.unstored:
-                    return fetched  # fetched into memory only; the reader takes it there
-                continue  # re-check: it was verified, evicted, or its owner was cancelled
+                continue  # an eviction, or an owner that was cancelled: look again
             flight = self._flights[key] = _Flight()
             try:
-                flight.fetched = await self._load(obj, n, background)
-                fetched = fetched or flight.fetched
-                if key not in self._verified:
-                    flight.unstored = True  # the cache could not take it
-                    return fetched
+                flight.data, flight.fetched = await self._load(obj, n, background)
+                return flight.data, flight.fetched
             except BaseException as exc:
                 flight.error = exc
                 raise
             finally:
                 del self._flights[key]
                 flight.done.set()
-        return fetched
 
-    async def _load(self, obj: CachedObject, n: int, background: bool = False) -> bool:
-        """Verify chunk `n` on disk or fetch it; a `background` caller
+    async def _load(self, obj: CachedObject, n: int, background: bool) -> tuple[bytes, bool]:
+        """Chunk `n` from disk if it verifies, else from the origin (stored
+        on the way when the cache can take it). A `background` caller
         already holds a fetch slot."""
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
+        on_disk = await self._from_disk(obj, n, corrupt_is_news=True)
+        if on_disk is not None:
+            self._remember(key, on_disk)
+            return on_disk, False
+        self.counters.misses += 1
+        async with self._fetch_lock(obj, start, end):
+            # Another process may have stored it while we looked or waited.
+            on_disk = await self._from_disk(obj, n, corrupt_is_news=False)
+            if on_disk is not None:
+                self.counters.peer_chunks += 1
+                self._remember(key, on_disk)
+                return on_disk, False
+            # Fetched ahead once, evicted (by any process) before any read
+            # used it: that fetch was wasted.
+            self.counters.prefetch_wasted_bytes += self._prefetched.pop(key, 0)
+            if not background:
+                await self.slots.acquire(background=False)
+            try:
+                data, digest = await trio.to_thread.run_sync(
+                    self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
+                )
+            finally:
+                if not background:
+                    self.slots.release()
+            if not await self._store(obj, n, data, digest):
+                self.counters.uncached_chunks += 1
+        self.counters.fetched_chunks += 1
+        if background:
+            self._prefetched[key] = len(data)
+            self.counters.prefetch_fetched_bytes += len(data)
+        self._remember(key, data)
+        return data, True
+
+    async def _from_disk(self, obj: CachedObject, n: int, *, corrupt_is_news: bool) -> bytes | None:
+        """The chunk's bytes from its payload file if the index records it
+        and they match its checksum; None otherwise."""
+        start, end = obj.chunk_span(n)
         rec = self.index.get(obj.obj_id, n)
-        if rec is not None and rec.length == end - start:
-            verified = await trio.to_thread.run_sync(
-                self._verify_sync,
-                obj.file,
-                start,
-                rec.length,
-                rec.checksum,
-                limiter=self._disk_limiter,
+        if rec is None or rec.length != end - start:
+            return None
+        try:
+            data = await trio.to_thread.run_sync(
+                obj.file.pread, rec.length, start, limiter=self._disk_limiter
             )
-            if verified is not None:
-                self.counters.verified_chunks += 1
-                self._verified.add(key)
-                self._remember(key, verified)
-                return False
+        except OSError as exc:
+            self._storage_failed(exc)
+            return None
+        if len(data) == rec.length and checksum(data) == rec.checksum:
+            self.counters.verified_chunks += 1
+            return data
+        # Evicted by another process while we read it (and maybe stored
+        # again since: a new record has a new tick): a miss, not corruption.
+        if self.index.get(obj.obj_id, n) != rec:
+            return None
+        if corrupt_is_news:
             self.counters.corrupt_chunks += 1
             log.warning(
                 "cached chunk %d of %s (bytes %d-%d, etag %s) failed its checksum; "
@@ -502,47 +536,52 @@ class ChunkCache:
                 end - 1,
                 obj.version.etag or "-",
             )
-        self.counters.misses += 1
-        if not background:
-            await self.slots.acquire(background=False)
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _fetch_lock(self, obj: CachedObject, start: int, end: int) -> AsyncIterator[None]:
+        """Hold the chunk's range lock: the cross-process single flight."""
+        pf = obj.file
+        deadline = trio.current_time() + PEER_WAIT
+        locked = pf.try_lock(start, end - start)
+        while not locked and trio.current_time() < deadline:
+            await trio.sleep(PEER_POLL)
+            locked = pf.try_lock(start, end - start)
+        if not locked:
+            log.debug("bytes %d-%d of %s: another process holds them too long", start, end, obj.key)
         try:
-            data, digest = await trio.to_thread.run_sync(
-                self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
-            )
+            yield
         finally:
-            if not background:
-                self.slots.release()
+            if locked:
+                pf.unlock(start, end - start)
+
+    async def _store(self, obj: CachedObject, n: int, data: bytes, digest: int) -> bool:
+        """Write a fetched chunk to the cache; False when it could not."""
         self._reserved += len(data)
         try:
             await self._make_room(len(data))
-            await trio.to_thread.run_sync(obj.file.pwrite, data, start, limiter=self._disk_limiter)
             await trio.to_thread.run_sync(
-                self.index.put,
-                obj.obj_id,
-                n,
-                len(data),
-                digest,
-                obj.meta,
-                limiter=self._index_limiter,
+                obj.file.pwrite, data, obj.chunk_span(n)[0], limiter=self._disk_limiter
             )
-            stored = True
+            return bool(
+                await trio.to_thread.run_sync(
+                    self.index.put,
+                    obj.obj_id,
+                    n,
+                    len(data),
+                    digest,
+                    obj.meta,
+                    obj.chunk_size,
+                    limiter=self._index_limiter,
+                )
+            )
         except (OSError, lmdb.Error) as exc:
             # Disk full, quota, a read-only or vanished cache directory, a
             # full index: serve this read from memory and carry on uncached.
             self._storage_failed(exc)
-            stored = False
+            return False
         finally:
             self._reserved -= len(data)
-        self.counters.fetched_chunks += 1
-        if background:
-            self._prefetched[key] = len(data)
-            self.counters.prefetch_fetched_bytes += len(data)
-        if stored:
-            self._verified.add(key)
-        else:
-            self.counters.uncached_chunks += 1
-        self._remember(key, data)
-        return True
 
     def _storage_failed(self, exc: BaseException) -> None:
         if not self._storage_warned:  # once per mount: a full disk flaps as LRU frees space
@@ -557,12 +596,6 @@ class ChunkCache:
     def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[bytes, int]:
         data = self.store.get_range(obj.key, obj.version, start, end)
         return data, checksum(data)
-
-    @staticmethod
-    def _verify_sync(pf: PayloadFile, start: int, length: int, digest: int) -> bytes | None:
-        """The chunk's bytes if they match their checksum, else None."""
-        data = pf.pread(length, start)
-        return data if len(data) == length and checksum(data) == digest else None
 
     # -- eviction --------------------------------------------------------
     async def _make_room(self, incoming: int) -> None:
@@ -597,46 +630,76 @@ class ChunkCache:
         if not victims:
             log.debug("cache over capacity by %d bytes, every old chunk is in use", over)
             return 0, 0
-        await self._remove(victims)
-        log.debug("evicted %d chunks (%d bytes)", len(victims), freed)
-        return len(victims), freed
+        done = await self._remove(victims)
+        freed = sum(v.length for v in done)
+        log.debug("evicted %d chunks (%d bytes)", len(done), freed)
+        return len(done), freed
 
     async def drop(self, victims: list[Victim]) -> None:
         """Forget chunks found bad on disk (``modelfs cache verify --repair``)."""
         await self._remove([v for v in victims if (v.obj_id, v.chunk) not in self._flights])
 
-    async def _remove(self, victims: list[Victim]) -> None:
+    async def _remove(self, victims: list[Victim]) -> list[Victim]:
+        """Evict chunks; returns those evicted (another process fetching or
+        evicting one keeps it)."""
         # Claim the victims before leaving the trio thread: a reader that
-        # wants one now waits for the eviction, then fetches it again.
+        # wants one now waits for the eviction, then loads it again.
         flights = {}
         for v in victims:
             key = (v.obj_id, v.chunk)
-            self._verified.discard(key)
             self._touched.pop(key, None)
             self._mem.pop(key, None)
             self.counters.prefetch_wasted_bytes += self._prefetched.pop(key, 0)
             flights[key] = self._flights[key] = _Flight()
         try:
-            await trio.to_thread.run_sync(self._evict_sync, victims, limiter=self._index_limiter)
+            done = await trio.to_thread.run_sync(
+                self._evict_sync, victims, limiter=self._index_limiter
+            )
         finally:
             for key, flight in flights.items():
                 del self._flights[key]
                 flight.done.set()
-        self.counters.evicted_chunks += len(victims)
-        self.counters.evicted_bytes += sum(v.length for v in victims)
+        self.counters.evicted_chunks += len(done)
+        self.counters.evicted_bytes += sum(v.length for v in done)
+        return done
 
-    def _evict_sync(self, victims: list[Victim]) -> None:
+    def _evict_sync(self, victims: list[Victim]) -> list[Victim]:
+        """Lock each victim's range (skipping those another process holds),
+        remove the records, punch the holes, unlock."""
+        locked: list[tuple[Victim, PayloadFile | None, int]] = []
+        files: dict[bytes, PayloadFile | None] = {}
         chunk_sizes: dict[bytes, int] = {}
-        for v in victims:
-            if v.obj_id not in chunk_sizes:
-                meta = self.index.object_meta(v.obj_id)
-                chunk_sizes[v.obj_id] = int(meta["chunk_size"]) if meta else 0  # type: ignore[call-overload]
-        empty = self.index.remove(victims)
-        for v in victims:
-            if chunk_sizes[v.obj_id]:
-                self.payload.punch(v.obj_id, v.chunk * chunk_sizes[v.obj_id], v.length)
-        for obj_id in empty:
-            self.payload.remove(obj_id)
+        try:
+            for v in victims:
+                if v.obj_id not in files:
+                    meta = self.index.object_meta(v.obj_id)
+                    chunk_sizes[v.obj_id] = int(meta["chunk_size"]) if meta else 0  # type: ignore[call-overload]
+                    try:
+                        files[v.obj_id] = self.payload.acquire(v.obj_id, create=False)
+                    except FileNotFoundError:
+                        files[v.obj_id] = None
+                pf, cs = files[v.obj_id], chunk_sizes[v.obj_id]
+                if pf is not None and cs and not pf.try_lock(v.chunk * cs, v.length):
+                    continue
+                locked.append((v, pf, cs))
+            empty = self.index.remove([v for v, _, _ in locked])
+            for v, pf, cs in locked:
+                if pf is not None and cs:
+                    self.payload.punch(pf, v.chunk * cs, v.length)
+        finally:
+            for v, pf, cs in locked:
+                if pf is not None and cs:
+                    pf.unlock(v.chunk * cs, v.length)
+            for obj_id, pf in files.items():
+                if pf is not None:
+                    self.payload.release(obj_id)
+        # Another process may have the file open and be about to store into
+        # it; unlinking it would strand those bytes. Empty files are left to
+        # a later eviction or `modelfs cache gc` that runs alone.
+        if empty and self.alone():
+            for obj_id in empty:
+                self.payload.remove(obj_id)
+        return [v for v, _, _ in locked]
 
     # -- recency ---------------------------------------------------------
     async def flush_touches(self) -> None:

@@ -20,7 +20,6 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import control
 from .chunk_cache import ChunkCache
 from .config import MountConfig
 from .errors import MountError
@@ -130,7 +129,6 @@ async def _main(
         )
         nursery.start_soon(cache.run_background)
         nursery.start_soon(_sample_rates, ops)
-        nursery.start_soon(_serve_control, cache)
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(_announce_ready, mnt, cfg, notify)
         await pyfuse3.main()
@@ -141,14 +139,6 @@ async def _sample_rates(ops: Operations) -> None:
     while True:
         ops.sample_rates()
         await trio.sleep(1.0)
-
-
-async def _serve_control(cache: ChunkCache) -> None:
-    try:
-        await control.serve(cache)
-    except OSError as exc:
-        # The mount works without it; only `modelfs cache gc|clear` need it.
-        log.warning("no control socket in %s: %s", cache.root, exc.strerror)
 
 
 async def _stop_on_signal() -> None:

@@ -53,9 +53,5 @@ class CacheFormatError(CacheError):
     """The cache directory holds a format this version does not understand."""
 
 
-class CacheLocked(CacheError):
-    """Another modelfs process is using the cache directory."""
-
-
 class MountError(ModelfsError):
     """The mountpoint cannot be used or the kernel refused the mount."""

@@ -9,14 +9,23 @@ concurrent fetch) writes identical bytes and is harmless.
 File descriptors are reference counted: a descriptor is closed only when no
 reader holds it, so a pread can never land on a reused descriptor number that
 now names a different file.
+
+Several processes may share a cache directory. A chunk's byte range in its
+payload file is also its cross-process lock: whoever fetches and stores a
+chunk, or evicts it, holds an open-file-description (OFD) write lock on that
+range. OFD locks belong to the descriptor, not the process, so closing some
+other descriptor of the file never drops them (unlike POSIX `lockf` locks),
+and the kernel drops them when a process dies, so a crash leaves no lock.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -34,28 +43,77 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+# struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (+ pad).
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def ofd_lock(fd: int, start: int, length: int, kind: int = fcntl.F_WRLCK) -> bool:
+    """Try to take (or with F_UNLCK drop) an OFD lock on [start, start+length);
+    False if another open file description holds a conflicting one.
+    `length` 0 means to the end of the file and beyond."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def ofd_lock_wait(fd: int, start: int, length: int) -> None:
+    """Take an OFD write lock, waiting for it (for short critical sections)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+
+
+def ofd_conflict(fd: int, start: int, length: int) -> bool:
+    """Whether another open file description holds a lock that a write lock
+    on the range would conflict with (the caller's own locks never count)."""
+    raw = fcntl.fcntl(
+        fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+    )
+    return bool(_FLOCK.unpack(raw)[0] != fcntl.F_UNLCK)
+
+
 def payload_path(cache_root: Path, obj_id: bytes) -> Path:
     name = obj_id.hex()
     return cache_root / "data" / name[:2] / name
 
 
 class PayloadFile:
-    """An open payload file; use through `PayloadStore.acquire/release`."""
+    """An open payload file; use through `PayloadStore.acquire/release`.
 
-    def __init__(self, path: Path, fd: int) -> None:
+    `fd` is None for a file that could not be created (a full or read-only
+    cache directory): reads and writes of it fail with OSError, which the
+    chunk cache treats as "cannot cache", and its locks always succeed."""
+
+    def __init__(self, path: Path, fd: int | None, error: OSError | None = None) -> None:
         self.path = path
         self.fd = fd
+        self.error = error  # why an unbacked file could not be created
         self.refs = 0
 
+    def _require_fd(self) -> int:
+        if self.fd is None:
+            raise OSError(errno.ENOENT, "payload file could not be created", str(self.path))
+        return self.fd
+
     def pread(self, length: int, offset: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        return os.pread(self._require_fd(), length, offset)
 
     def pwrite(self, data: bytes, offset: int) -> None:
+        fd = self._require_fd()
         view = memoryview(data)
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
+
+    def try_lock(self, start: int, length: int) -> bool:
+        return self.fd is None or ofd_lock(self.fd, start, length)
+
+    def unlock(self, start: int, length: int) -> None:
+        if self.fd is not None:
+            ofd_lock(self.fd, start, length, fcntl.F_UNLCK)
 
 
 class PayloadStore:
@@ -70,17 +128,25 @@ class PayloadStore:
         return payload_path(self.root.parent, obj_id)
 
     def acquire(self, obj_id: bytes, create: bool = True) -> PayloadFile:
-        """Open (or share) an object's file; FileNotFoundError if absent and not `create`."""
+        """Open (or share) an object's file; FileNotFoundError if absent and not `create`.
+
+        With `create`, a file that cannot be created (ENOSPC, EROFS, EACCES...)
+        comes back unbacked (fd None) instead of failing: the object is then
+        read from the origin without caching until its last handle closes."""
         with self._lock:
             pf = self._open.get(obj_id)
             if pf is None:
                 path = self.path_of(obj_id)
-                flags = os.O_RDWR | os.O_CLOEXEC
                 if create:
-                    path.parent.mkdir(mode=0o700, exist_ok=True)
-                    flags |= os.O_CREAT
-                fd = os.open(path, flags, 0o600)
-                pf = self._open[obj_id] = PayloadFile(path, fd)
+                    try:
+                        path.parent.mkdir(mode=0o700, exist_ok=True)
+                        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                        pf = PayloadFile(path, fd)
+                    except OSError as exc:
+                        pf = PayloadFile(path, None, exc)
+                else:
+                    pf = PayloadFile(path, os.open(path, os.O_RDWR | os.O_CLOEXEC))
+                self._open[obj_id] = pf
             pf.refs += 1
             return pf
 
@@ -90,18 +156,15 @@ class PayloadStore:
             pf.refs -= 1
             if pf.refs == 0:
                 del self._open[obj_id]
-                os.close(pf.fd)
+                if pf.fd is not None:
+                    os.close(pf.fd)
 
-    def punch(self, obj_id: bytes, offset: int, length: int) -> None:
-        """Free a chunk's blocks. A missing file means nothing to free."""
-        if not self._punch_supported:
+    def punch(self, pf: PayloadFile, offset: int, length: int) -> None:
+        """Free a chunk's blocks."""
+        if not self._punch_supported or pf.fd is None:
             return
-        pf = None
         try:
-            pf = self.acquire(obj_id, create=False)
             punch_hole(pf.fd, offset, length)
-        except FileNotFoundError:
-            pass
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 self._punch_supported = False
@@ -111,9 +174,6 @@ class PayloadStore:
                 )
             else:
                 raise
-        finally:
-            if pf is not None:
-                self.release(obj_id)
 
     def remove(self, obj_id: bytes) -> bool:
         """Unlink an object's file unless a reader holds it open."""
@@ -129,5 +189,6 @@ class PayloadStore:
     def close_all(self) -> None:
         with self._lock:
             for pf in self._open.values():
-                os.close(pf.fd)
+                if pf.fd is not None:
+                    os.close(pf.fd)
             self._open.clear()

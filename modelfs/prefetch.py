@@ -249,7 +249,7 @@ class OpenPrefetch:
             limit = trio.Semaphore(self.concurrency)
             async with trio.open_nursery() as nursery:
                 for n in order:
-                    if self.cache.is_ready(obj, n):
+                    if self.cache.is_stored(obj, n):
                         continue
                     await limit.acquire()
                     nursery.start_soon(self._one, obj, n, limit)

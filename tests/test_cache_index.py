@@ -17,9 +17,9 @@ B = b"b" * 16
 def test_put_get_used_and_persistence(tmp_path: Path) -> None:
     idx = CacheIndex(tmp_path / "i")
     assert idx.get(A, 0) is None
-    idx.put(A, 0, 100, 0xABC, b'{"chunk_size": 100}')
-    idx.put(A, 1, 50, 0xDEF, b'{"chunk_size": 100}')
-    idx.put(A, 1, 50, 0xDEF, b'{"chunk_size": 100}')  # idempotent
+    idx.put(A, 0, 100, 0xABC, b'{"chunk_size": 100}', 100)
+    idx.put(A, 1, 50, 0xDEF, b'{"chunk_size": 100}', 100)
+    idx.put(A, 1, 50, 0xDEF, b'{"chunk_size": 100}', 100)  # idempotent
     assert idx.used() == 150
     idx.close()
     idx = CacheIndex(tmp_path / "i")
@@ -33,22 +33,29 @@ def test_put_get_used_and_persistence(tmp_path: Path) -> None:
 def test_lru_order_follows_touch(tmp_path: Path) -> None:
     idx = CacheIndex(tmp_path / "i")
     for n in range(4):
-        idx.put(A, n, 10, n, b"{}")
-    idx.put(B, 0, 10, 9, b"{}")
+        idx.put(A, n, 10, n, b'{"chunk_size": 10}', 10)
+    idx.put(B, 0, 10, 9, b'{"chunk_size": 10}', 10)
     idx.touch([(A, 0), (A, 1), (B, 7)])  # (B, 7) is absent: skipped
     order = [(v.obj_id, v.chunk) for v in idx.oldest(1000)]
     assert order == [(A, 2), (A, 3), (B, 0), (A, 0), (A, 1)]
     assert len(idx.oldest(15)) == 2
 
 
+def test_a_chunk_cut_with_another_chunk_size_is_not_recorded(tmp_path: Path) -> None:
+    idx = CacheIndex(tmp_path / "i")
+    assert idx.put(A, 0, 10, 1, b'{"chunk_size": 10}', 10)
+    assert not idx.put(A, 1, 20, 2, b'{"chunk_size": 20}', 20)
+    assert idx.get(A, 1) is None and idx.used() == 10
+
+
 def test_remove_reports_emptied_objects(tmp_path: Path) -> None:
     idx = CacheIndex(tmp_path / "i")
-    idx.put(A, 0, 10, 0, b"{}")
-    idx.put(A, 1, 10, 0, b"{}")
-    idx.put(B, 0, 10, 0, b"{}")
+    idx.put(A, 0, 10, 0, b'{"chunk_size": 10}', 10)
+    idx.put(A, 1, 10, 0, b'{"chunk_size": 10}', 10)
+    idx.put(B, 0, 10, 0, b'{"chunk_size": 10}', 10)
     assert idx.remove([Victim(A, 0, 10), Victim(B, 0, 10)]) == [B]
     assert idx.used() == 10
-    assert idx.object_meta(B) is None and idx.object_meta(A) == {}
+    assert idx.object_meta(B) is None and idx.object_meta(A) == {"chunk_size": 10}
     assert idx.remove([Victim(A, 1, 10)]) == [A]
     assert idx.used() == 0 and idx.oldest(100) == []
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +12,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelfs.chunk_cache import ChunkCache
-from modelfs.errors import CacheFormatError, CacheLocked, ObjectChanged, StoreError
+from modelfs.chunk_cache import CachedObject, ChunkCache
+from modelfs.errors import CacheFormatError, ObjectChanged, StoreError
 from modelfs.payload import PayloadFile
 from modelfs.store import MemoryStore, ObjectVersion
 
@@ -241,11 +240,9 @@ def test_chunk_size_of_cached_object_is_kept(tmp_path: Path) -> None:
     cache.close()
 
 
-def test_cache_dir_lock_and_format(tmp_path: Path) -> None:
+def test_cache_dir_format(tmp_path: Path) -> None:
     store = MemoryStore()
     cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
-    with pytest.raises(CacheLocked, match=f"pid {os.getpid()}"):
-        ChunkCache(tmp_path / "c", store, capacity=1 << 30)
     cache.close()
     assert oct((tmp_path / "c").stat().st_mode & 0o777) == oct(0o700)
     (tmp_path / "c" / "modelfs-cache.json").write_text(json.dumps({"format": 2}))
@@ -271,9 +268,77 @@ def test_recent_chunks_are_served_from_memory_within_its_bound(
     monkeypatch.setattr(
         PayloadFile, "pread", lambda self, n, off: preads.append((n, off)) or real(self, n, off)
     )
-    # The two most recent chunks are answered from memory, the older from the file.
+    # The two most recent chunks are answered from memory, the older from the
+    # file: read whole, so its checksum can be checked, then kept in memory.
     assert _read(cache, "k", v, 2 * CS + 5, CS) == data[2 * CS + 5 : 3 * CS + 5]
     assert preads == []
     assert _read(cache, "k", v, 10, 10) == data[10:20]
-    assert preads == [(10, 10)]
+    assert _read(cache, "k", v, 30, 10) == data[30:40]
+    assert preads == [(CS, 0)]
     cache.close()
+
+
+@pytest.mark.allow_log("failed its checksum")
+def test_corruption_during_a_mount_is_caught_on_the_next_disk_read(tmp_path: Path) -> None:
+    """Every read from disk is checked, not only the first one of a mount."""
+    store = MemoryStore()
+    data = pattern(12, 0, 4 * CS)
+    v = store.put("k", data)
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, memory_cache=CS)
+    assert _read(cache, "k", v, 0, len(data)) == data
+    assert _read(cache, "k", v, 0, 10) == data[:10]  # chunk 0 from disk, verified
+    assert len(store.get_log) == 4
+    path = next((tmp_path / "c" / "data").glob("*/*"))
+    with open(path, "r+b") as f:
+        f.seek(5)
+        f.write(bytes([data[5] ^ 1]))
+    assert _read(cache, "k", v, 2 * CS, 10) == data[2 * CS : 2 * CS + 10]  # pushes chunk 0 out
+    assert _read(cache, "k", v, 0, 10) == data[:10]
+    assert cache.counters.corrupt_chunks == 1
+    assert store.get_log[4:] == [("k", 0, CS)]
+    cache.close()
+
+
+def test_two_caches_on_one_directory_fetch_each_chunk_once(tmp_path: Path) -> None:
+    """Two users of one cache directory (as two mounts would be): a chunk one
+    is fetching is waited for by the other and read from disk, not fetched
+    again; eviction by one never hands the other a wrong byte."""
+    store = SlowStore(delay=0.05)
+    data = pattern(13, 0, 8 * CS + 5)
+    v = store.put("k", data)
+    a = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    b = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    assert not a.alone() and not b.alone()
+
+    async def main() -> list[bytes]:
+        oa, ob = a.open_object("k", v, CS), b.open_object("k", v, CS)
+        out: list[bytes] = [b"", b"", b""]
+
+        async def reader(i: int, cache: ChunkCache, obj: CachedObject, step: int) -> None:
+            parts = []
+            for off in range(0, len(data), step):
+                parts.append(bytes(await cache.read(obj, off, step)))
+            out[i] = b"".join(parts)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, 0, a, oa, CS // 2)
+            nursery.start_soon(reader, 1, b, ob, CS // 3)
+            nursery.start_soon(reader, 2, b, ob, 3 * CS)
+        # b evicts everything; a then reads chunks it no longer has in memory.
+        a._mem.clear()
+        assert await b.shrink_to(0) == (9, len(data))
+        out.append(bytes(await a.read(oa, 0, len(data))))
+        a.close_object(oa)
+        b.close_object(ob)
+        return out
+
+    assert all(got == data for got in trio.run(main))
+    # 9 chunks the first time, 9 after the eviction; none twice in between.
+    assert sorted(store.get_log[:9]) == [
+        ("k", n * CS, min((n + 1) * CS, len(data))) for n in range(9)
+    ]
+    assert len(store.get_log) == 18
+    assert a.counters.peer_chunks + b.counters.peer_chunks > 0
+    b.close()
+    assert a.alone()
+    a.close()

@@ -97,12 +97,6 @@ def test_busy_mountpoint(tmp_path: Path, bucket: Bucket, mounter) -> None:
     m.umount()
 
 
-def test_cache_dir_in_use(tmp_path: Path, bucket: Bucket, mounter) -> None:
-    m = mounter(bucket, cache_dir=tmp_path / "cache")
-    assert "in use" in _mount_fails(tmp_path, bucket)
-    m.umount()
-
-
 def test_unknown_cache_format_is_refused(tmp_path: Path, bucket: Bucket) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -109,7 +109,9 @@ def test_evicted_read_ahead_counts_as_wasted(bucket: Bucket, mounter: Mounter) -
     port = free_port()
     m = mounter(
         bucket,
-        args=("--chunk-size", "1M", "--metrics-addr", f"127.0.0.1:{port}"),
+        # A memory cache too small to keep what was fetched ahead: after the
+        # clear it exists nowhere, and must be fetched again.
+        args=("--chunk-size", "1M", "--memory-cache", "1M", "--metrics-addr", f"127.0.0.1:{port}"),
     )
     with open(m.path / "w.bin", "rb") as f:
         f.read(4 * MiB)  # starts a stream: chunks beyond are fetched ahead
@@ -117,8 +119,9 @@ def test_evicted_read_ahead_counts_as_wasted(bucket: Bucket, mounter: Mounter) -
         while _scrape(port)["modelfs_prefetch_pending_bytes"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-    proc = run_modelfs("cache", "clear", "--cache-dir", str(m.cache_dir))
-    assert proc.returncode == 0, proc.stderr
+        proc = run_modelfs("cache", "clear", "--cache-dir", str(m.cache_dir))
+        assert proc.returncode == 0, proc.stderr
+        assert f.read() == pattern(3, 4 * MiB, 64 * MiB)
     met = _scrape(port)
     assert met["modelfs_prefetch_wasted_bytes_total"] > 0
     # Every byte fetched ahead is used, evicted unused (wasted), or pending:
@@ -203,7 +206,8 @@ def test_cache_commands_while_mounted(bucket: Bucket, proxy, mounter: Mounter) -
     m = mounter(
         bucket,
         endpoint_url=proxy.endpoint_url,
-        args=("--chunk-size", "1M", "--prefetch-window", "0"),
+        # One chunk of memory cache: reads after the first go to the disk cache.
+        args=("--chunk-size", "1M", "--prefetch-window", "0", "--memory-cache", "1M"),
     )
     _read_all(m)
     time.sleep(2.5)  # recency (and the access time) is written every 2 s
@@ -235,7 +239,8 @@ def test_cache_commands_while_mounted(bucket: Bucket, proxy, mounter: Mounter) -
     fixed = _cache("verify", "--repair", cache=m.cache_dir)
     assert fixed.returncode == 0 and "dropped 1 corrupt chunks" in fixed.stdout
     assert "checked 25 chunks: 0 corrupt" in _cache("verify", cache=m.cache_dir).stdout
-    # The daemon forgot the chunk too: the next read fetches it again, right.
+    # The index no longer has the chunk: the daemon's next read of it fetches
+    # it again, right.
     proxy.reset()
     with open(m.path / "big.safetensors", "rb") as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
