@@ -38,6 +38,7 @@ is described in docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -55,7 +56,14 @@ import trio
 import xxhash
 
 from .cache_index import CacheIndex, Victim
-from .config import DEFAULT_CACHE_CAP, DEFAULT_CACHE_SHARE, MountConfig
+from .config import (
+    DEFAULT_CACHE_CAP,
+    DEFAULT_CACHE_SHARE,
+    DEFAULT_MIN_FREE_CAP,
+    DEFAULT_MIN_FREE_SHARE,
+    MountConfig,
+    format_size,
+)
 from .errors import CacheError, CacheFormatError, ModelfsError
 from .payload import PayloadFile, PayloadStore, ofd_conflict, ofd_lock, ofd_lock_wait
 from .store import ObjectStore, ObjectVersion
@@ -204,6 +212,15 @@ def default_capacity(root: Path, used: int) -> int:
     return max(64 << 20, min(DEFAULT_CACHE_CAP, int((free + used) * DEFAULT_CACHE_SHARE)))
 
 
+def default_min_free(root: Path) -> int:
+    return min(DEFAULT_MIN_FREE_CAP, int(shutil.disk_usage(root).total * DEFAULT_MIN_FREE_SHARE))
+
+
+def free_bytes(root: Path) -> int:
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
+
+
 class ChunkCache:
     def __init__(
         self,
@@ -211,6 +228,7 @@ class ChunkCache:
         store: ObjectStore,
         *,
         capacity: int | None = None,
+        min_free: int | None = 0,
         fetch_concurrency: int = 16,
         disk_concurrency: int = 8,
         memory_cache: int = 128 << 20,
@@ -236,6 +254,7 @@ class ChunkCache:
         self.capacity = (
             capacity if capacity is not None else default_capacity(root, self.index.used())
         )
+        self.min_free = min_free if min_free is not None else default_min_free(root)
         self.counters = CacheCounters()
         self._objects: dict[bytes, CachedObject] = {}
         self._flights: dict[ChunkKey, _Flight] = {}
@@ -260,6 +279,7 @@ class ChunkCache:
             cfg.resolved_cache_dir,
             store,
             capacity=cfg.cache_size,
+            min_free=cfg.min_free_space,
             fetch_concurrency=cfg.fetch_concurrency,
             memory_cache=cfg.memory_cache,
         )
@@ -559,7 +579,11 @@ class ChunkCache:
         """Write a fetched chunk to the cache; False when it could not."""
         self._reserved += len(data)
         try:
-            await self._make_room(len(data))
+            if not await self._make_room(len(data)):
+                raise OSError(
+                    errno.ENOSPC,
+                    f"less than --min-free-space ({format_size(self.min_free)}) free",
+                )
             await trio.to_thread.run_sync(
                 obj.file.pwrite, data, obj.chunk_span(n)[0], limiter=self._disk_limiter
             )
@@ -598,11 +622,18 @@ class ChunkCache:
         return data, checksum(data)
 
     # -- eviction --------------------------------------------------------
-    async def _make_room(self, incoming: int) -> None:
+    async def _make_room(self, incoming: int) -> bool:
+        """Evict so that `incoming` more bytes keep the cache within its size
+        and leave `min_free` on the filesystem; False when the free-space
+        guard cannot be met (the disk is full of other things)."""
+        # `_reserved` counts every chunk being stored, this one included.
         over = self.index.used() + self._reserved - self.capacity
-        if over > 0:
+        short = self.min_free + self._reserved - free_bytes(self.root) if self.min_free else 0
+        need = max(over, short)
+        if need > 0:
             # Ask for some slack: pinned or busy chunks are skipped.
-            await self._evict(over, over + 64 * incoming)
+            await self._evict(need, need + 64 * incoming)
+        return short <= 0 or free_bytes(self.root) >= self.min_free + self._reserved
 
     async def shrink_to(self, target: int) -> tuple[int, int]:
         """Evict least-recently-used chunks until at most `target` bytes are

@@ -85,6 +85,12 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
         help="disk budget of the cache (default: 80%% of free space, at most 64 GiB)",
     )
     p.add_argument(
+        "--min-free-space",
+        type=_size("--min-free-space"),
+        help="free space the cache leaves on its filesystem, evicting to keep it "
+        "(default: 5%% of the filesystem, at most 4 GiB; 0 turns the guard off)",
+    )
+    p.add_argument(
         "--chunk-size",
         type=_size("--chunk-size"),
         default=DEFAULT_CHUNK_SIZE,
@@ -238,6 +244,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         addressing_style=args.addressing_style,
         cache_dir=args.cache_dir,
         cache_size=args.cache_size,
+        min_free_space=args.min_free_space,
         chunk_size=args.chunk_size,
         debug=args.debug,
         fetch_concurrency=args.fetch_concurrency,

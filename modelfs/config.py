@@ -40,6 +40,10 @@ DEFAULT_MEMORY_CACHE = 128 * MiB
 # when --cache-size is not given, and never more than DEFAULT_CACHE_CAP.
 DEFAULT_CACHE_SHARE = 0.8
 DEFAULT_CACHE_CAP = 64 * GiB
+# Free space the cache leaves on its filesystem (evicting to keep it) when
+# --min-free-space is not given: this share of the filesystem, at most the cap.
+DEFAULT_MIN_FREE_SHARE = 0.05
+DEFAULT_MIN_FREE_CAP = 4 * GiB
 
 _UNITS = {
     "": 1,
@@ -134,6 +138,7 @@ class MountConfig:
     addressing_style: str = "auto"
     cache_dir: Path | None = None
     cache_size: int | None = None  # None: derived from free space at mount
+    min_free_space: int | None = None  # None: DEFAULT_MIN_FREE_SHARE of the filesystem
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metadata_ttl: float = DEFAULT_METADATA_TTL
     allow_other: bool = False

@@ -3,6 +3,7 @@ without caching, with one warning."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +19,25 @@ MiB = 1 << 20
 WARNING = "cannot write to the cache"
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 6 MiB tmpfs, far smaller than the --cache-size given."""
-    d = tmp_path / "small"
+def _tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    d = tmp_path / f"fs-{size}"
     d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(d)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
     try:
         yield d
     finally:
         subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 6 MiB tmpfs, far smaller than the --cache-size given."""
+    yield from _tmpfs(tmp_path, "6m")
+
+
+@pytest.fixture
+def fs16(tmp_path: Path) -> Iterator[Path]:
+    yield from _tmpfs(tmp_path, "16m")
 
 
 def _mount_small(mounter: Mounter, bucket: Bucket, small_fs: Path) -> Mount:
@@ -35,9 +45,56 @@ def _mount_small(mounter: Mounter, bucket: Bucket, small_fs: Path) -> Mount:
     return mounter(
         bucket,
         cache_dir=small_fs / "cache",
-        args=("--chunk-size", "1M", "--cache-size", "64M"),
+        # No free-space guard: this test is about writes that fail.
+        args=("--chunk-size", "1M", "--cache-size", "64M", "--min-free-space", "0"),
         allow_log=[WARNING],
     )
+
+
+def test_free_space_guard_evicts_before_the_disk_fills(
+    bucket: Bucket, mounter: Mounter, fs16: Path
+) -> None:
+    """--min-free-space: the cache evicts to leave that much free, so the 16
+    MiB filesystem never fills and no write fails; when something else eats
+    the space, chunks are served uncached, with the one warning."""
+    small_fs = fs16
+    data = {f"g-{i}.bin": pattern(40 + i, 0, 5 * MiB + i) for i in range(3)}
+    for key, value in data.items():
+        bucket.put(key, value)
+    late = pattern(49, 0, 3 * MiB)
+    bucket.put("late.bin", late)
+    m = mounter(
+        bucket,
+        cache_dir=small_fs / "cache",
+        # Two fetches at a time: the guard counts chunks being stored, and
+        # sixteen of them would not fit this filesystem at all.
+        args=(
+            "--chunk-size",
+            "1M",
+            "--cache-size",
+            "64M",
+            "--min-free-space",
+            "4M",
+            "--fetch-concurrency",
+            "2",
+        ),
+        allow_log=[WARNING],
+    )
+    for key, value in data.items():
+        assert (m.path / key).read_bytes() == value, key
+        # (the index's own pages grow after the check: a little slack)
+        assert os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize >= 4 * MiB - 256 * 1024
+    cache = m.stats()["cache"]
+    assert cache["evicted_chunks"] > 0 and cache["uncached_chunks"] == 0
+    assert _warnings(m.log_file) == []
+    # Another program fills the filesystem: eviction cannot make room.
+    filler = small_fs / "filler"
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    filler.write_bytes(b"x" * (free - 512 * 1024))
+    assert (m.path / "late.bin").read_bytes() == late
+    assert m.stats()["cache"]["uncached_chunks"] > 0
+    assert len(_warnings(m.log_file)) == 1
+    assert "min-free-space" in _warnings(m.log_file)[0]
 
 
 def _warnings(log: Path) -> list[str]:
