@@ -45,7 +45,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from .config import (
 from .errors import CacheError, CacheFormatError, ModelfsError
 from .payload import PayloadFile, PayloadStore, ofd_conflict, ofd_lock, ofd_lock_wait
 from .store import ObjectStore, ObjectVersion
+from .tier import S3Tier, SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class CacheCounters:
     fetched_chunks: int = 0
     verified_chunks: int = 0
     peer_chunks: int = 0  # a chunk we missed that another process stored meanwhile
+    tier_chunks: int = 0  # a chunk we missed that came from the shared tier
     corrupt_chunks: int = 0
     evicted_chunks: int = 0
     evicted_bytes: int = 0
@@ -232,6 +234,7 @@ class ChunkCache:
         fetch_concurrency: int = 16,
         disk_concurrency: int = 8,
         memory_cache: int = 128 << 20,
+        tier: SharedTier | None = None,
     ) -> None:
         self.root = root
         self.store = store
@@ -255,6 +258,7 @@ class ChunkCache:
             capacity if capacity is not None else default_capacity(root, self.index.used())
         )
         self.min_free = min_free if min_free is not None else default_min_free(root)
+        self.tier = tier
         self.counters = CacheCounters()
         self._objects: dict[bytes, CachedObject] = {}
         self._flights: dict[ChunkKey, _Flight] = {}
@@ -275,6 +279,14 @@ class ChunkCache:
     @classmethod
     def for_config(cls, cfg: MountConfig, store: ObjectStore) -> ChunkCache:
         """The cache a mount or a pull with these options uses."""
+        tier = None
+        if cfg.shared_cache is not None:
+            tier = SharedTier(
+                S3Tier(cfg, cfg.shared_cache, cfg.shared_cache_endpoint_url or cfg.endpoint_url),
+                cfg.shared_cache.prefix,
+                cfg.source.bucket,
+                lease=cfg.shared_cache_lease,
+            )
         return cls(
             cfg.resolved_cache_dir,
             store,
@@ -282,6 +294,7 @@ class ChunkCache:
             min_free=cfg.min_free_space,
             fetch_concurrency=cfg.fetch_concurrency,
             memory_cache=cfg.memory_cache,
+            tier=tier,
         )
 
     @staticmethod
@@ -509,14 +522,14 @@ class ChunkCache:
             if not background:
                 await self.slots.acquire(background=False)
             try:
-                data, digest = await trio.to_thread.run_sync(
-                    self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
-                )
+                data, digest, tier_upload = await self._fetch(obj, n)
             finally:
                 if not background:
                     self.slots.release()
             if not await self._store(obj, n, data, digest):
                 self.counters.uncached_chunks += 1
+            if tier_upload is not None:
+                tier_upload()
         self.counters.fetched_chunks += 1
         if background:
             self._prefetched[key] = len(data)
@@ -616,6 +629,36 @@ class ChunkCache:
                 self.root,
                 exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
             )
+
+    async def _fetch(
+        self, obj: CachedObject, n: int
+    ) -> tuple[bytes, int, Callable[[], None] | None]:
+        """Chunk `n` from the shared tier or the origin: (bytes, checksum,
+        what to call to upload it to the tier once stored locally)."""
+        start, end = obj.chunk_span(n)
+        tier = self.tier
+        if tier is None:
+            data, digest = await trio.to_thread.run_sync(
+                self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
+            )
+            return data, digest, None
+        tier_key = tier.chunk_key(obj.key, obj.version, obj.chunk_size, n)
+        got = await tier.read(tier_key, end - start)
+        lease = None
+        if got is None:
+            got, lease = await tier.claim(tier_key, end - start)
+        if got is not None:
+            self.counters.tier_chunks += 1
+            return got, checksum(got), None
+        try:
+            data, digest = await trio.to_thread.run_sync(
+                self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
+            )
+        except BaseException:
+            if lease is not None:
+                tier.abandon(lease)
+            raise
+        return data, digest, lambda: tier.upload(tier_key, data, digest, lease)
 
     def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[bytes, int]:
         data = self.store.get_range(obj.key, obj.version, start, end)
@@ -745,7 +788,15 @@ class ChunkCache:
             self._touched.clear()
 
     async def run_background(self) -> None:
-        """Periodic chores; runs until cancelled."""
+        """Periodic chores and the shared tier's uploads; runs until cancelled."""
+        if self.tier is not None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.tier.run_uploads)
+                nursery.start_soon(self._chores)
+        else:
+            await self._chores()
+
+    async def _chores(self) -> None:
         while True:
             await trio.sleep(TOUCH_FLUSH_INTERVAL)
             try:

@@ -85,6 +85,25 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
         help="disk budget of the cache (default: 80%% of free space, at most 64 GiB)",
     )
     p.add_argument(
+        "--shared-cache",
+        metavar="s3://BUCKET/PREFIX",
+        help="a bucket shared by many nodes as a second cache tier, read before the "
+        "origin (same credentials as the origin)",
+    )
+    p.add_argument(
+        "--shared-cache-endpoint-url",
+        metavar="URL",
+        help="endpoint of the shared cache (default: the origin's)",
+    )
+    p.add_argument(
+        "--shared-cache-lease",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a node waits for another node fetching the same chunk "
+        "before it fetches the chunk itself (default 30)",
+    )
+    p.add_argument(
         "--min-free-space",
         type=_size("--min-free-space"),
         help="free space the cache leaves on its filesystem, evicting to keep it "
@@ -245,6 +264,9 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         cache_dir=args.cache_dir,
         cache_size=args.cache_size,
         min_free_space=args.min_free_space,
+        shared_cache=parse_s3_url(args.shared_cache) if args.shared_cache else None,
+        shared_cache_endpoint_url=args.shared_cache_endpoint_url,
+        shared_cache_lease=args.shared_cache_lease,
         chunk_size=args.chunk_size,
         debug=args.debug,
         fetch_concurrency=args.fetch_concurrency,

@@ -139,6 +139,10 @@ class MountConfig:
     cache_dir: Path | None = None
     cache_size: int | None = None  # None: derived from free space at mount
     min_free_space: int | None = None  # None: DEFAULT_MIN_FREE_SHARE of the filesystem
+    # The shared cache tier (s3://BUCKET/PREFIX on an S3-compatible store).
+    shared_cache: S3Location | None = None
+    shared_cache_endpoint_url: str | None = None  # default: the origin's
+    shared_cache_lease: float = 30.0  # how long a node waits for another's fetch
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metadata_ttl: float = DEFAULT_METADATA_TTL
     allow_other: bool = False
@@ -173,6 +177,30 @@ class MountConfig:
             raise ConfigError("--chunk-size must be a multiple of 4 KiB")
         if self.cache_size is not None and self.cache_size < self.chunk_size * 4:
             raise ConfigError("--cache-size must hold at least four chunks")
+        if self.shared_cache_lease <= 0:
+            raise ConfigError("--shared-cache-lease must be > 0")
+        tier = self.shared_cache
+        same_store = self.shared_cache_endpoint_url in (None, self.endpoint_url)
+        if (
+            tier is not None
+            and same_store
+            and tier.bucket == self.source.bucket
+            and (
+                tier.prefix.startswith(self.source.prefix)
+                or self.source.prefix.startswith(tier.prefix)
+            )
+        ):
+            raise ConfigError(
+                "--shared-cache must not overlap the mounted prefix "
+                "(its chunk objects would show up in the mount)"
+            )
+        if self.shared_cache_endpoint_url is not None and not re.match(
+            r"^https?://[^/\s]+", self.shared_cache_endpoint_url
+        ):
+            raise ConfigError(
+                f"invalid --shared-cache-endpoint-url {self.shared_cache_endpoint_url!r}: "
+                "expected http(s)://HOST[:PORT]"
+            )
         if self.metadata_ttl < 0:
             raise ConfigError("--metadata-ttl must be >= 0")
         for name, val in (("--uid", self.uid), ("--gid", self.gid)):

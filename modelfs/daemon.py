@@ -132,6 +132,10 @@ async def _main(
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(_announce_ready, mnt, cfg, notify)
         await pyfuse3.main()
+        if cache.tier is not None:
+            # Chunks other nodes may wait for: a few seconds to send them.
+            with trio.move_on_after(10):
+                await cache.tier.drain()
         nursery.cancel_scope.cancel()
 
 

@@ -182,15 +182,20 @@ def pull(
             on_bytes(n)
 
     async def run() -> None:
-        for rel, info in todo:
-            try:
-                await _pull_one(
-                    cache, dest, rel, info, cfg.chunk_size, cfg.fetch_concurrency, count
-                )
-                result.written.append(rel)
-            except (ModelfsError, OSError) as exc:
-                log.debug("pulling %s failed: %s", rel, exc)
-                result.failed[rel] = str(exc)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.run_background)  # shared-tier uploads, recency
+            for rel, info in todo:
+                try:
+                    await _pull_one(
+                        cache, dest, rel, info, cfg.chunk_size, cfg.fetch_concurrency, count
+                    )
+                    result.written.append(rel)
+                except (ModelfsError, OSError) as exc:
+                    log.debug("pulling %s failed: %s", rel, exc)
+                    result.failed[rel] = str(exc)
+            if cache.tier is not None:
+                await cache.tier.drain()  # what this node fetched, others can read
+            nursery.cancel_scope.cancel()
 
     try:
         trio.run(run)

@@ -189,117 +189,122 @@ def _strip_etag(etag: str | None) -> str | None:
     return etag if etag else None
 
 
+def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> StoreError:
+    """A botocore/boto3 failure as a modelfs StoreError."""
+    import botocore.exceptions as bex
+
+    if isinstance(exc, bex.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        msg = err.get("Message") or code
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return ObjectChanged(f"{what}: object changed since it was opened")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return NoSuchObject(f"{what}: no such key")
+        if code == "NoSuchBucket":
+            return NoSuchBucket(f"bucket {bucket!r} does not exist at {endpoint}")
+        if (
+            code
+            in (
+                "AccessDenied",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "InvalidToken",
+                "ExpiredToken",
+                "403",
+            )
+            or status == 403
+        ):
+            return AccessDenied(
+                f"access denied to bucket {bucket!r} ({code}: {msg}); check the credentials"
+            )
+        return StoreError(f"{what}: {code or status}: {msg}")
+    if isinstance(exc, bex.NoCredentialsError):
+        return AccessDenied(
+            "no AWS credentials found (environment, shared config/profile or web identity)"
+        )
+    if isinstance(exc, bex.PartialCredentialsError | bex.ProfileNotFound):
+        return AccessDenied(f"bad AWS credentials configuration: {exc}")
+    if isinstance(
+        exc, bex.EndpointConnectionError | bex.ConnectTimeoutError | bex.ConnectionClosedError
+    ):
+        return EndpointUnreachable(f"cannot reach {endpoint}: {exc}")
+    if isinstance(exc, bex.BotoCoreError):
+        return StoreError(f"{what}: {exc}")
+    return StoreError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def boto3_session(cfg: MountConfig) -> Any:
+    """The boto3 session for these options: credentials come from boto3's
+    chain (environment, shared files, web identity, instance metadata);
+    --credentials-file only replaces which shared-credentials file it reads."""
+    import boto3
+    import botocore.session
+
+    try:
+        core = botocore.session.Session()
+        if cfg.credentials_file is not None:
+            core.set_config_variable("credentials_file", str(cfg.credentials_file))
+        return boto3.Session(
+            botocore_session=core, profile_name=cfg.profile, region_name=cfg.region
+        )
+    except Exception as exc:  # ProfileNotFound and friends
+        raise AccessDenied(f"cannot load AWS profile {cfg.profile!r}: {exc}") from exc
+
+
+def make_client(
+    session: Any,
+    endpoint_url: str | None,
+    cfg: MountConfig,
+    pool: int,
+    connect_timeout: float,
+    read_timeout: float,
+    retries: dict[str, Any],
+) -> Any:
+    import botocore.config
+
+    return session.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        config=botocore.config.Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries=retries,
+            max_pool_connections=pool,
+            s3={"addressing_style": cfg.addressing_style},
+            tcp_keepalive=True,
+        ),
+    )
+
+
 class S3Store:
     """boto3-backed store. One client, shared by all worker threads."""
 
     def __init__(self, cfg: MountConfig, *, pool_size: int | None = None) -> None:
-        import boto3
-        import botocore.config
-        import botocore.session
-
         self.bucket = cfg.source.bucket
         self.counters = StoreCounters()
         self._endpoint = cfg.endpoint_url or "the default AWS endpoint"
-        try:
-            # Credentials come from boto3's chain (environment, shared files,
-            # web identity, instance metadata); --credentials-file only
-            # replaces which shared-credentials file the chain reads.
-            core = botocore.session.Session()
-            if cfg.credentials_file is not None:
-                core.set_config_variable("credentials_file", str(cfg.credentials_file))
-            session = boto3.Session(
-                botocore_session=core, profile_name=cfg.profile, region_name=cfg.region
-            )
-        except Exception as exc:  # ProfileNotFound and friends
-            raise AccessDenied(f"cannot load AWS profile {cfg.profile!r}: {exc}") from exc
+        session = boto3_session(cfg)
         pool = pool_size or cfg.fetch_concurrency + 4
-        base: dict[str, Any] = dict(
-            max_pool_connections=pool,
-            s3={"addressing_style": cfg.addressing_style},
-            tcp_keepalive=True,
-        )
-        self._client = session.client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            config=botocore.config.Config(
-                connect_timeout=cfg.connect_timeout,
-                read_timeout=cfg.read_timeout,
-                retries={"mode": "standard", "max_attempts": 5},
-                **base,
-            ),
+
+        def client(connect: float, read: float, retries: dict[str, Any]) -> Any:
+            return make_client(session, cfg.endpoint_url, cfg, pool, connect, read, retries)
+
+        self._client = client(
+            cfg.connect_timeout, cfg.read_timeout, {"mode": "standard", "max_attempts": 5}
         )
         # Ranged GETs retry in `get_range` itself: it resumes from the last
         # byte received and bounds the total time, which botocore's retries
         # (whole request again, attempts rather than time) cannot do.
-        self._get_client = session.client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            config=botocore.config.Config(
-                connect_timeout=cfg.connect_timeout,
-                read_timeout=cfg.read_timeout,
-                retries={"total_max_attempts": 1},
-                **base,
-            ),
-        )
+        self._get_client = client(cfg.connect_timeout, cfg.read_timeout, {"total_max_attempts": 1})
         self.retry_timeout = cfg.retry_timeout
         # The start-up probe must answer "unreachable" within seconds, so it
         # uses short timeouts and a single retry.
-        self._probe_client = session.client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            config=botocore.config.Config(
-                connect_timeout=3,
-                read_timeout=10,
-                retries={"mode": "standard", "max_attempts": 2},
-                **base,
-            ),
-        )
+        self._probe_client = client(3, 10, {"mode": "standard", "max_attempts": 2})
 
-    # -- error translation ------------------------------------------------
     def _translate(self, exc: Exception, what: str) -> StoreError:
-        import botocore.exceptions as bex
-
-        if isinstance(exc, bex.ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            msg = err.get("Message") or code
-            if code in ("PreconditionFailed", "412") or status == 412:
-                return ObjectChanged(f"{what}: object changed since it was opened")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return NoSuchObject(f"{what}: no such key")
-            if code == "NoSuchBucket":
-                return NoSuchBucket(f"bucket {self.bucket!r} does not exist at {self._endpoint}")
-            if (
-                code
-                in (
-                    "AccessDenied",
-                    "InvalidAccessKeyId",
-                    "SignatureDoesNotMatch",
-                    "InvalidToken",
-                    "ExpiredToken",
-                    "403",
-                )
-                or status == 403
-            ):
-                return AccessDenied(
-                    f"access denied to bucket {self.bucket!r} ({code}: {msg}); "
-                    "check the credentials"
-                )
-            return StoreError(f"{what}: {code or status}: {msg}")
-        if isinstance(exc, bex.NoCredentialsError):
-            return AccessDenied(
-                "no AWS credentials found (environment, shared config/profile or web identity)"
-            )
-        if isinstance(exc, bex.PartialCredentialsError | bex.ProfileNotFound):
-            return AccessDenied(f"bad AWS credentials configuration: {exc}")
-        if isinstance(
-            exc, bex.EndpointConnectionError | bex.ConnectTimeoutError | bex.ConnectionClosedError
-        ):
-            return EndpointUnreachable(f"cannot reach {self._endpoint}: {exc}")
-        if isinstance(exc, bex.BotoCoreError):
-            return StoreError(f"{what}: {exc}")
-        return StoreError(f"{what}: {type(exc).__name__}: {exc}")
+        return translate_error(exc, what, self.bucket, self._endpoint)
 
     # -- operations -------------------------------------------------------
     def probe(self, prefix: str) -> None:
