@@ -285,6 +285,7 @@ class Operations(pyfuse3.Operations):
             **self.info,
             "store": self.cache.store.counters.snapshot(),
             "cache": self.cache.stats(),
+            "shared": self.cache.tier.snapshot() if self.cache.tier is not None else None,
             "open_files": len(self._files),
             "readahead_chunks": self.readahead.budget.issued_chunks if self.readahead else 0,
             "prefetched_on_open": self.open_prefetch.started_files if self.open_prefetch else 0,

@@ -137,7 +137,43 @@ class ModelfsCollector(Collector):
         yield counter("cache_evicted_bytes", "Bytes evicted from the cache", cache["evicted_bytes"])
         yield counter("cache_evictions", "Chunks evicted from the cache", cache["evicted_chunks"])
         yield gauge("open_files", "Files open through the mount", s["open_files"])
+        yield from _shared_tier(s.get("shared"))
         yield gauge("origin_requests_in_flight", "GETs in progress", store["in_flight"])
+
+
+def _shared_tier(t: dict[str, Any] | None) -> Iterator[Any]:
+    """The shared cache tier's metrics (only when --shared-cache is set)."""
+    if t is None:
+        return
+    for name, key, doc in (
+        ("shared_hit_bytes_total", "hit_bytes", "Chunk bytes read from the shared cache tier"),
+        ("shared_hits_total", "hits", "Chunks read from the shared cache tier"),
+        ("shared_misses_total", "misses", "Chunks the shared cache tier did not have"),
+        ("shared_corrupt_total", "corrupt", "Shared-tier objects that failed their checks"),
+        ("shared_uploads_total", "uploads", "Chunks uploaded to the shared cache tier"),
+        ("shared_upload_bytes_total", "upload_bytes", "Chunk bytes uploaded to the tier"),
+        ("shared_uploads_dropped_total", "uploads_dropped", "Uploads dropped: queue full"),
+        ("shared_upload_failures_total", "upload_failures", "Uploads the tier refused"),
+        ("shared_leases_won_total", "leases_won", "Chunks this node fetched for others"),
+        ("shared_lease_waits_total", "lease_waits", "Chunks another node was fetching"),
+        ("shared_lease_wait_hits_total", "lease_wait_hits", "... that arrived in the tier"),
+        ("shared_lease_timeouts_total", "lease_timeouts", "... that did not arrive in time"),
+    ):
+        yield CounterMetricFamily(f"modelfs_{name.removesuffix('_total')}", doc, value=t[key])
+    errors = CounterMetricFamily(
+        "modelfs_shared_errors", "Failed shared-tier requests, by kind", labels=["kind"]
+    )
+    for kind, n in sorted(t["errors"].items()):
+        errors.add_metric([kind], n)
+    yield errors
+    yield GaugeMetricFamily(
+        "modelfs_shared_pending_uploads", "Chunks queued for the tier", value=t["pending_uploads"]
+    )
+    yield GaugeMetricFamily(
+        "modelfs_shared_available",
+        "1 while the tier is used, 0 while it is skipped after a failure",
+        value=1 if t["available"] else 0,
+    )
 
 
 def make_registry(stats: Callable[[], dict[str, Any]]) -> CollectorRegistry:

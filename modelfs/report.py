@@ -99,6 +99,19 @@ def render_stats(s: dict[str, Any]) -> str:
         f"{cache['evicted_chunks']} chunks evicted, {cache['corrupt_chunks']} found corrupt",
         f"now        {s['open_files']} open files, {store['in_flight']} GETs in flight",
     ]
+    t = s.get("shared")
+    if t is not None:
+        errors = sum(t["errors"].values())
+        herd = {True: "on", False: "off (no conditional writes)", None: "not probed yet"}
+        lines.insert(
+            3,
+            f"shared     {format_size(t['hit_bytes'])} from the tier in {t['hits']} chunks, "
+            f"{t['misses']} misses; {t['uploads']} uploaded, {t['pending_uploads']} queued, "
+            f"{t['uploads_dropped']} dropped; {t['leases_won']} leases won, "
+            f"{t['lease_waits']} waits; {t['corrupt']} corrupt, {errors} errors; "
+            f"herd control {herd[t['herd_control']]}"
+            + ("" if t["available"] else "; UNAVAILABLE, backing off"),
+        )
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ class Fault:
     code: str = "SlowDown"
     reset_after: int | None = None  # body bytes sent before a TCP reset
     truncate_after: int | None = None  # body bytes sent before closing cleanly
-    stall: float = 0.0  # seconds to wait before the first body byte
+    stall: float = 0.0  # seconds to wait before the first body byte (or the error)
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,14 @@ class _Handler(BaseHTTPRequestHandler):
             f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{fault.code}</Code>'
             f"<Message>injected by the test proxy</Message></Error>"
         ).encode()
-        self.send_response(fault.status or 503)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(fault.status or 503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client gave up first (a stalled request)
+            self.close_connection = True
 
     def _forward(self) -> None:
         proxy = self.server.proxy
@@ -97,6 +100,8 @@ class _Handler(BaseHTTPRequestHandler):
             else None
         )
         if fault is not None and fault.status is not None:
+            if fault.stall:  # a request that hangs, then fails (never forwarded)
+                time.sleep(fault.stall)
             self._error(fault)
             self._record(fault.status, 0)
             return

@@ -1,0 +1,297 @@
+"""Mounted tier: the shared cache tier between "nodes" (mounts with their own
+cache directories) on real S3 servers: a second bucket on the same server
+is the tier, and a counting proxy in front of the origin shows what the
+origin sent."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelfs.testing.proxy import CountingProxy, Fault
+from modelfs.testing.s3server import JuiceFSGateway, MotoServer, free_port
+
+from .conftest import Bucket, Mount, Mounter, _make_bucket
+from .data import pattern
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+CHUNK = ("--chunk-size", "1M")
+
+
+def _model(bucket: Bucket, n: int = 3, size: int = 3 * MiB) -> dict[str, bytes]:
+    files = {f"m/shard-{i}.safetensors": pattern(80 + i, 0, size + 333 * i) for i in range(n)}
+    for key, value in files.items():
+        bucket.put(key, value)
+    return files
+
+
+def _tier_args(tier: Bucket, endpoint: str | None = None, *extra: str) -> tuple[str, ...]:
+    return (
+        *CHUNK,
+        "--shared-cache",
+        f"s3://{tier.name}/chunks",
+        "--shared-cache-endpoint-url",
+        endpoint or tier.endpoint_url,
+        *extra,
+    )
+
+
+def _read_all(m: Mount, files: dict[str, bytes]) -> None:
+    for key, value in files.items():
+        assert (m.path / key).read_bytes() == value, (m.path, key)
+
+
+def _uploaded(m: Mount, chunks: int) -> None:
+    """Wait until the node's tier uploads are done."""
+    deadline = time.monotonic() + 60
+    while True:
+        shared = m.stats()["shared"]
+        if shared["pending_uploads"] == 0 and shared["uploads"] >= chunks:
+            return
+        assert time.monotonic() < deadline, shared
+        time.sleep(0.1)
+
+
+def _nchunks(files: dict[str, bytes]) -> int:
+    return sum(-(-len(v) // MiB) for v in files.values())
+
+
+@pytest.fixture
+def origin_proxy(juicefs: JuiceFSGateway) -> Iterator[CountingProxy]:
+    p = CountingProxy(juicefs.endpoint_url).start()
+    yield p
+    p.stop()
+
+
+def test_a_second_node_reads_the_model_from_the_tier(
+    bucket: Bucket,
+    juicefs: JuiceFSGateway,
+    origin_proxy: CountingProxy,
+    mounter: Mounter,
+    tmp_path: Path,
+) -> None:
+    files = _model(bucket)
+    tier = _make_bucket(juicefs)
+    args = _tier_args(tier)
+    a = mounter(bucket, endpoint_url=origin_proxy.endpoint_url, cache_dir=tmp_path / "a", args=args)
+    _read_all(a, files)
+    _uploaded(a, _nchunks(files))
+    origin_proxy.reset()
+    b = mounter(bucket, endpoint_url=origin_proxy.endpoint_url, cache_dir=tmp_path / "b", args=args)
+    _read_all(b, files)
+    # No ranged GET of any origin object: every chunk came from the tier.
+    assert origin_proxy.object_gets() == []
+    assert origin_proxy.object_bytes() == 0
+    shared = b.stats()["shared"]
+    assert shared["hits"] == _nchunks(files)
+    assert shared["hit_bytes"] == sum(len(v) for v in files.values())
+    # The JuiceFS gateway ignores If-None-Match: found by node A's probe.
+    assert a.stats()["shared"]["herd_control"] is False
+    a.umount()
+    b.umount()
+
+
+def test_a_node_failing_its_tier_writes_leaves_the_others_correct(
+    bucket: Bucket,
+    juicefs: JuiceFSGateway,
+    origin_proxy: CountingProxy,
+    mounter: Mounter,
+    tmp_path: Path,
+) -> None:
+    files = _model(bucket)
+    tier = _make_bucket(juicefs)
+    tier_proxy = CountingProxy(juicefs.endpoint_url).start()
+    try:
+        # Every chunk PUT of node A fails as a connection dropped mid-body would.
+        tier_proxy.fault = lambda method, path, rng: (
+            Fault(status=500, code="InternalError") if method == "PUT" else None
+        )
+        a = mounter(
+            bucket,
+            endpoint_url=origin_proxy.endpoint_url,
+            cache_dir=tmp_path / "a",
+            args=_tier_args(tier, tier_proxy.endpoint_url),
+            allow_log=["shared cache: .* failed"],
+        )
+        _read_all(a, files)
+        deadline = time.monotonic() + 60
+        while a.stats()["shared"]["pending_uploads"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert a.stats()["shared"]["uploads"] == 0
+        origin_proxy.reset()
+        b = mounter(
+            bucket,
+            endpoint_url=origin_proxy.endpoint_url,
+            cache_dir=tmp_path / "b",
+            args=_tier_args(tier),
+        )
+        _read_all(b, files)
+        assert origin_proxy.object_bytes() == sum(len(v) for v in files.values())
+        a.umount()
+        b.umount()
+    finally:
+        tier_proxy.stop()
+
+
+def test_a_corrupt_tier_object_costs_one_chunk_from_the_origin(
+    bucket: Bucket,
+    juicefs: JuiceFSGateway,
+    origin_proxy: CountingProxy,
+    mounter: Mounter,
+    tmp_path: Path,
+) -> None:
+    files = _model(bucket)
+    tier = _make_bucket(juicefs)
+    args = _tier_args(tier)
+    a = mounter(bucket, endpoint_url=origin_proxy.endpoint_url, cache_dir=tmp_path / "a", args=args)
+    _read_all(a, files)
+    _uploaded(a, _nchunks(files))
+    keys = sorted(
+        o["Key"]
+        for o in tier.client.list_objects_v2(Bucket=tier.name, Prefix="chunks/")["Contents"]
+    )
+    victim = keys[len(keys) // 2]
+    body = bytearray(tier.client.get_object(Bucket=tier.name, Key=victim)["Body"].read())
+    body[100] ^= 0x01
+    tier.client.put_object(Bucket=tier.name, Key=victim, Body=bytes(body))
+    origin_proxy.reset()
+    b = mounter(
+        bucket,
+        endpoint_url=origin_proxy.endpoint_url,
+        cache_dir=tmp_path / "b",
+        args=args,
+        allow_log=["is corrupt"],
+    )
+    _read_all(b, files)
+    assert len(origin_proxy.object_gets()) == 1
+    assert origin_proxy.object_bytes() == MiB
+    assert b.stats()["shared"]["corrupt"] == 1
+    a.umount()
+    b.umount()
+
+
+def test_an_unreachable_tier_is_not_fatal(
+    bucket: Bucket, origin_proxy: CountingProxy, mounter: Mounter, tmp_path: Path
+) -> None:
+    files = _model(bucket)
+    dead = f"http://127.0.0.1:{free_port()}"
+    m = mounter(
+        bucket,
+        endpoint_url=origin_proxy.endpoint_url,
+        args=(*CHUNK, "--shared-cache", "s3://nowhere/c", "--shared-cache-endpoint-url", dead),
+        allow_log=["shared cache: .* failed"],
+    )
+    _read_all(m, files)
+    assert origin_proxy.object_bytes() == sum(len(v) for v in files.values())
+    shared = m.stats()["shared"]
+    assert shared["errors"].get("unreachable", 0) >= 1 and shared["hits"] == 0
+    warnings = [ln for ln in m.log_file.read_text().splitlines() if "shared cache:" in ln]
+    assert len(warnings) == 1, warnings
+    m.umount()
+
+
+# -- herd control: moto honours If-None-Match --------------------------------
+@pytest.fixture
+def moto_proxy(moto: MotoServer) -> Iterator[CountingProxy]:
+    p = CountingProxy(moto.endpoint_url).start()
+    yield p
+    p.stop()
+
+
+def test_nodes_starting_together_fetch_each_chunk_from_the_origin_once(
+    moto_bucket: Bucket,
+    moto: MotoServer,
+    moto_proxy: CountingProxy,
+    mounter: Mounter,
+    tmp_path: Path,
+) -> None:
+    files = _model(moto_bucket, n=2, size=3 * MiB)
+    tier = _make_bucket(moto)
+    args = _tier_args(tier)
+    nodes = [
+        mounter(
+            moto_bucket,
+            endpoint_url=moto_proxy.endpoint_url,
+            cache_dir=tmp_path / f"n{i}",
+            args=args,
+        )
+        for i in range(3)
+    ]
+    errors: list[BaseException] = []
+
+    def read(m: Mount) -> None:
+        try:
+            _read_all(m, files)
+        except BaseException as exc:  # reported in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(m,)) for m in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert moto_proxy.object_bytes("") == sum(len(v) for v in files.values())
+    stats = [m.stats()["shared"] for m in nodes]
+    assert all(s["herd_control"] is True for s in stats)
+    assert sum(s["leases_won"] for s in stats) >= _nchunks(files)
+    assert sum(s["lease_waits"] for s in stats) > 0
+    for m in nodes:
+        m.umount()
+
+
+def test_a_lease_left_by_a_killed_node_expires(
+    moto_bucket: Bucket,
+    moto: MotoServer,
+    moto_proxy: CountingProxy,
+    mounter: Mounter,
+    tmp_path: Path,
+) -> None:
+    files = _model(moto_bucket, n=1, size=3 * MiB)
+    tier = _make_bucket(moto)
+    tier_proxy = CountingProxy(moto.endpoint_url).start()
+    try:
+        # Node A's uploads hang (and would then fail): it is killed meanwhile,
+        # holding its leases and having written no chunk.
+        tier_proxy.fault = lambda method, path, rng: (
+            Fault(status=500, code="InternalError", stall=30)
+            if method == "PUT" and not path.endswith(".lease") and "/.modelfs-probe/" not in path
+            else None
+        )
+        lease = ("--shared-cache-lease", "3")
+        a = mounter(
+            moto_bucket,
+            endpoint_url=moto_proxy.endpoint_url,
+            cache_dir=tmp_path / "a",
+            args=_tier_args(tier, tier_proxy.endpoint_url, *lease),
+        )
+        _read_all(a, files)
+        a.kill()
+        leases = [
+            o["Key"]
+            for o in tier.client.list_objects_v2(Bucket=tier.name).get("Contents", [])
+            if o["Key"].endswith(".lease")
+        ]
+        assert len(leases) == _nchunks(files)
+        moto_proxy.reset()
+        b = mounter(
+            moto_bucket,
+            endpoint_url=moto_proxy.endpoint_url,
+            cache_dir=tmp_path / "b",
+            args=_tier_args(tier, None, *lease),
+        )
+        t0 = time.monotonic()
+        _read_all(b, files)
+        assert time.monotonic() - t0 < 60
+        assert moto_proxy.object_bytes("") == sum(len(v) for v in files.values())
+        assert b.stats()["shared"]["lease_waits"] > 0
+        b.umount()
+    finally:
+        tier_proxy.stop()
