@@ -58,7 +58,7 @@ TIER_FORMAT = 1
 _HEADER = struct.Struct(">4sHHQQ24s")  # magic, format, reserved, length, xxh3, key digest
 HEADER_SIZE = _HEADER.size
 DEFAULT_LEASE = 30.0
-POLL_FIRST, POLL_MAX = 0.05, 1.0
+POLL_FIRST, POLL_MAX = 0.02, 0.25
 DOWN_FIRST, DOWN_MAX = 1.0, 30.0  # seconds the tier is skipped after a failure
 UPLOAD_WORKERS = 4
 
