@@ -69,11 +69,29 @@ def _cfg(**kw: object) -> MountConfig:
         ({"uid": -5}, "--uid"),
         ({"endpoint_url": "localhost:9000"}, "endpoint-url"),
         ({"addressing_style": "odd"}, "addressing-style"),
+        ({"shared_cache": S3Location("b", "")}, "must not overlap"),
+        ({"shared_cache": S3Location("b", "x/")}, "must not overlap"),  # source is all of b
+        ({"shared_cache": S3Location("t", ""), "shared_cache_lease": 0}, "lease must be > 0"),
+        (
+            {"shared_cache": S3Location("t", ""), "shared_cache_endpoint_url": "tier:9000"},
+            "shared-cache-endpoint-url",
+        ),
     ],
 )
 def test_validate(kw: dict[str, object], msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         _cfg(**kw).validate()
+
+
+def test_shared_cache_beside_the_mounted_prefix_is_fine() -> None:
+    cfg = MountConfig(
+        source=S3Location("b", "models/"),
+        mountpoint=Path("/mnt"),
+        shared_cache=S3Location("b", "cache/"),
+    )
+    cfg.validate()
+    # Another server may have a bucket of the same name.
+    _cfg(shared_cache=S3Location("b", ""), shared_cache_endpoint_url="http://tier:9000").validate()
 
 
 def test_defaults_validate() -> None:

@@ -121,6 +121,8 @@ def test_foreign_directory_is_not_taken_as_cache(tmp_path: Path, bucket: Bucket)
         (("--cache-size", "lots"), "invalid --cache-size"),
         (("--metadata-ttl", "-1"), "--metadata-ttl must be >= 0"),
         (("--addressing-style", "sideways"), "invalid choice"),
+        (("--shared-cache", "http://x/y"), "expected s3://BUCKET"),
+        (("--min-free-space", "much"), "invalid --min-free-space"),
     ],
 )
 def test_bad_options(tmp_path: Path, bucket: Bucket, args: tuple[str, ...], expected: str) -> None:
