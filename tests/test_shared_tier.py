@@ -15,8 +15,9 @@ import pytest
 from modelfs.testing.proxy import CountingProxy, Fault
 from modelfs.testing.s3server import JuiceFSGateway, MotoServer, free_port
 
-from .conftest import Bucket, Mount, Mounter, _make_bucket
+from .conftest import Bucket, Mount, Mounter, _make_bucket, run_modelfs
 from .data import pattern
+from .test_observability import _scrape
 
 pytestmark = pytest.mark.mount
 
@@ -62,32 +63,53 @@ def _nchunks(files: dict[str, bytes]) -> int:
     return sum(-(-len(v) // MiB) for v in files.values())
 
 
-@pytest.fixture
-def origin_proxy(juicefs: JuiceFSGateway) -> Iterator[CountingProxy]:
-    p = CountingProxy(juicefs.endpoint_url).start()
-    yield p
-    p.stop()
+def _node(
+    mounter: Mounter,
+    bucket: Bucket,
+    origin: CountingProxy,
+    cache: Path,
+    args: tuple[str, ...],
+    allow_log: list[str] | None = None,
+) -> Mount:
+    """One "node": a mount with its own cache, reading the origin through `origin`."""
+    return mounter(
+        bucket, endpoint_url=origin.endpoint_url, cache_dir=cache, args=args, allow_log=allow_log
+    )
+
+
+def _populated(
+    bucket: Bucket, tier: Bucket, origin: CountingProxy, mounter: Mounter, cache: Path
+) -> tuple[dict[str, bytes], Mount]:
+    """A model read by one node, whose uploads to the tier are done."""
+    files = _model(bucket)
+    a = _node(mounter, bucket, origin, cache, _tier_args(tier))
+    _read_all(a, files)
+    _uploaded(a, _nchunks(files))
+    return files, a
 
 
 def test_a_second_node_reads_the_model_from_the_tier(
     bucket: Bucket,
     juicefs: JuiceFSGateway,
-    origin_proxy: CountingProxy,
+    proxy: CountingProxy,
     mounter: Mounter,
     tmp_path: Path,
 ) -> None:
-    files = _model(bucket)
     tier = _make_bucket(juicefs)
-    args = _tier_args(tier)
-    a = mounter(bucket, endpoint_url=origin_proxy.endpoint_url, cache_dir=tmp_path / "a", args=args)
-    _read_all(a, files)
-    _uploaded(a, _nchunks(files))
-    origin_proxy.reset()
-    b = mounter(bucket, endpoint_url=origin_proxy.endpoint_url, cache_dir=tmp_path / "b", args=args)
+    files, a = _populated(bucket, tier, proxy, mounter, tmp_path / "a")
+    proxy.reset()
+    port = free_port()
+    metrics = ("--metrics-addr", f"127.0.0.1:{port}")
+    b = _node(mounter, bucket, proxy, tmp_path / "b", (*_tier_args(tier), *metrics))
     _read_all(b, files)
+    met = _scrape(port)
+    assert met["modelfs_shared_hit_bytes_total"] == sum(len(v) for v in files.values())
+    assert met["modelfs_origin_received_bytes_total"] == 0
+    stats = run_modelfs("stats", str(b.path))
+    assert stats.returncode == 0 and "shared     9.0 MiB from the tier in 11 chunks" in stats.stdout
     # No ranged GET of any origin object: every chunk came from the tier.
-    assert origin_proxy.object_gets() == []
-    assert origin_proxy.object_bytes() == 0
+    assert proxy.object_gets() == []
+    assert proxy.object_bytes() == 0
     shared = b.stats()["shared"]
     assert shared["hits"] == _nchunks(files)
     assert shared["hit_bytes"] == sum(len(v) for v in files.values())
@@ -100,7 +122,7 @@ def test_a_second_node_reads_the_model_from_the_tier(
 def test_a_node_failing_its_tier_writes_leaves_the_others_correct(
     bucket: Bucket,
     juicefs: JuiceFSGateway,
-    origin_proxy: CountingProxy,
+    proxy: CountingProxy,
     mounter: Mounter,
     tmp_path: Path,
 ) -> None:
@@ -114,7 +136,7 @@ def test_a_node_failing_its_tier_writes_leaves_the_others_correct(
         )
         a = mounter(
             bucket,
-            endpoint_url=origin_proxy.endpoint_url,
+            endpoint_url=proxy.endpoint_url,
             cache_dir=tmp_path / "a",
             args=_tier_args(tier, tier_proxy.endpoint_url),
             allow_log=["shared cache: .* failed"],
@@ -125,15 +147,10 @@ def test_a_node_failing_its_tier_writes_leaves_the_others_correct(
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert a.stats()["shared"]["uploads"] == 0
-        origin_proxy.reset()
-        b = mounter(
-            bucket,
-            endpoint_url=origin_proxy.endpoint_url,
-            cache_dir=tmp_path / "b",
-            args=_tier_args(tier),
-        )
+        proxy.reset()
+        b = _node(mounter, bucket, proxy, tmp_path / "b", _tier_args(tier))
         _read_all(b, files)
-        assert origin_proxy.object_bytes() == sum(len(v) for v in files.values())
+        assert proxy.object_bytes() == sum(len(v) for v in files.values())
         a.umount()
         b.umount()
     finally:
@@ -143,16 +160,12 @@ def test_a_node_failing_its_tier_writes_leaves_the_others_correct(
 def test_a_corrupt_tier_object_costs_one_chunk_from_the_origin(
     bucket: Bucket,
     juicefs: JuiceFSGateway,
-    origin_proxy: CountingProxy,
+    proxy: CountingProxy,
     mounter: Mounter,
     tmp_path: Path,
 ) -> None:
-    files = _model(bucket)
     tier = _make_bucket(juicefs)
-    args = _tier_args(tier)
-    a = mounter(bucket, endpoint_url=origin_proxy.endpoint_url, cache_dir=tmp_path / "a", args=args)
-    _read_all(a, files)
-    _uploaded(a, _nchunks(files))
+    files, a = _populated(bucket, tier, proxy, mounter, tmp_path / "a")
     keys = sorted(
         o["Key"]
         for o in tier.client.list_objects_v2(Bucket=tier.name, Prefix="chunks/")["Contents"]
@@ -161,35 +174,29 @@ def test_a_corrupt_tier_object_costs_one_chunk_from_the_origin(
     body = bytearray(tier.client.get_object(Bucket=tier.name, Key=victim)["Body"].read())
     body[100] ^= 0x01
     tier.client.put_object(Bucket=tier.name, Key=victim, Body=bytes(body))
-    origin_proxy.reset()
-    b = mounter(
-        bucket,
-        endpoint_url=origin_proxy.endpoint_url,
-        cache_dir=tmp_path / "b",
-        args=args,
-        allow_log=["is corrupt"],
-    )
+    proxy.reset()
+    b = _node(mounter, bucket, proxy, tmp_path / "b", _tier_args(tier), allow_log=["is corrupt"])
     _read_all(b, files)
-    assert len(origin_proxy.object_gets()) == 1
-    assert origin_proxy.object_bytes() == MiB
+    assert len(proxy.object_gets()) == 1
+    assert proxy.object_bytes() == MiB
     assert b.stats()["shared"]["corrupt"] == 1
     a.umount()
     b.umount()
 
 
 def test_an_unreachable_tier_is_not_fatal(
-    bucket: Bucket, origin_proxy: CountingProxy, mounter: Mounter, tmp_path: Path
+    bucket: Bucket, proxy: CountingProxy, mounter: Mounter, tmp_path: Path
 ) -> None:
     files = _model(bucket)
     dead = f"http://127.0.0.1:{free_port()}"
     m = mounter(
         bucket,
-        endpoint_url=origin_proxy.endpoint_url,
+        endpoint_url=proxy.endpoint_url,
         args=(*CHUNK, "--shared-cache", "s3://nowhere/c", "--shared-cache-endpoint-url", dead),
         allow_log=["shared cache: .* failed"],
     )
     _read_all(m, files)
-    assert origin_proxy.object_bytes() == sum(len(v) for v in files.values())
+    assert proxy.object_bytes() == sum(len(v) for v in files.values())
     shared = m.stats()["shared"]
     assert shared["errors"].get("unreachable", 0) >= 1 and shared["hits"] == 0
     warnings = [ln for ln in m.log_file.read_text().splitlines() if "shared cache:" in ln]

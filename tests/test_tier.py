@@ -58,6 +58,22 @@ def _run_nodes(nodes: list[ChunkCache], body: Callable[[], Awaitable[None]]) -> 
         c.close()
 
 
+def _read_together(nodes: list[ChunkCache], v: ObjectVersion) -> list[bytes]:
+    """Every node reads m/a.bin at the same time."""
+    got: list[bytes] = []
+
+    async def body() -> None:
+        async def one(c: ChunkCache) -> None:
+            got.append(await _read(c, "m/a.bin", v))
+
+        async with trio.open_nursery() as nursery:
+            for c in nodes:
+                nursery.start_soon(one, c)
+
+    _run_nodes(nodes, body)
+    return got
+
+
 def _origin_chunks(store: MemoryStore) -> list[int]:
     return sorted(start // CS for _, start, _ in store.get_log)
 
@@ -103,17 +119,7 @@ def test_nodes_starting_together_fetch_each_chunk_from_the_origin_once(tmp_path:
     data = pattern(3, 0, SIZE)
     v = store.put("m/a.bin", data)
     nodes = [_node(tmp_path, f"n{i}", store, tier) for i in range(5)]
-    got: list[bytes] = []
-
-    async def body() -> None:
-        async def one(c: ChunkCache) -> None:
-            got.append(await _read(c, "m/a.bin", v))
-
-        async with trio.open_nursery() as nursery:
-            for c in nodes:
-                nursery.start_soon(one, c)
-
-    _run_nodes(nodes, body)
+    got = _read_together(nodes, v)
     assert got == [data] * 5
     assert _origin_chunks(store) == list(range(NCHUNKS))
     assert sum(c.tier.counters.lease_waits for c in nodes if c.tier) > 0
@@ -127,17 +133,7 @@ def test_without_conditional_writes_nodes_fetch_for_themselves(tmp_path: Path) -
     data = pattern(4, 0, SIZE)
     v = store.put("m/a.bin", data)
     nodes = [_node(tmp_path, f"n{i}", store, tier) for i in range(3)]
-    got: list[bytes] = []
-
-    async def body() -> None:
-        async def one(c: ChunkCache) -> None:
-            got.append(await _read(c, "m/a.bin", v))
-
-        async with trio.open_nursery() as nursery:
-            for c in nodes:
-                nursery.start_soon(one, c)
-
-    _run_nodes(nodes, body)
+    got = _read_together(nodes, v)
     assert got == [data] * 3
     assert all(c.tier is not None and c.tier.conditional is False for c in nodes)
     assert len(store.get_log) > NCHUNKS
