@@ -304,9 +304,13 @@ class ChunkCache:
         processes use the directory) and, during set-up, the init byte."""
         try:
             fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CacheError(f"cannot open {root / 'lock'}: {exc.strerror}") from None
+        try:
             ofd_lock_wait(fd, _INIT_BYTE, 1)
             ofd_lock(fd, _MEMBER_BYTE, 1, fcntl.F_RDLCK)
         except OSError as exc:
+            os.close(fd)
             raise CacheError(f"cannot lock {root}: {exc.strerror}") from None
         return fd
 

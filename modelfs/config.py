@@ -175,6 +175,10 @@ class MountConfig:
             )
         if self.chunk_size % (4 * KiB):
             raise ConfigError("--chunk-size must be a multiple of 4 KiB")
+        if self.memory_cache < self.chunk_size:
+            # Reads from disk are checked a whole chunk at a time and served
+            # from memory: with less than a chunk, each read would re-read it.
+            raise ConfigError("--memory-cache must hold at least one chunk (--chunk-size)")
         if self.cache_size is not None and self.cache_size < self.chunk_size * 4:
             raise ConfigError("--cache-size must hold at least four chunks")
         if self.shared_cache_lease <= 0:

@@ -65,6 +65,7 @@ def _cfg(**kw: object) -> MountConfig:
         ({"chunk_size": 64 * 1024 + 1}, "between|multiple"),
         ({"chunk_size": 66 * 1024}, "multiple of 4 KiB"),
         ({"cache_size": MiB}, "at least four chunks"),
+        ({"memory_cache": MiB}, "--memory-cache must hold at least one chunk"),
         ({"metadata_ttl": -1}, ">= 0"),
         ({"uid": -5}, "--uid"),
         ({"endpoint_url": "localhost:9000"}, "endpoint-url"),
