@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Bucket, Mount, Mounter
+from .conftest import Bucket, Mount, Mounter, run_modelfs
 from .data import pattern
 
 pytestmark = pytest.mark.mount
@@ -89,7 +89,10 @@ def test_free_space_guard_evicts_before_the_disk_fills(
     # No write ever hit a full disk. (Under load the guard may once find
     # every old chunk in use and skip storing one: then it says so.)
     assert all("min-free-space" in w for w in _warnings(m.log_file))
-    # Another program fills the filesystem: eviction cannot make room.
+    # Another program fills the filesystem, after the cache was emptied, so
+    # eviction has nothing left to free.
+    cleared = run_modelfs("cache", "clear", "--cache-dir", str(small_fs / "cache"))
+    assert cleared.returncode == 0, cleared.stderr
     filler = small_fs / "filler"
     free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
     filler.write_bytes(b"x" * (free - 512 * 1024))
