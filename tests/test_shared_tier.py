@@ -119,6 +119,36 @@ def test_a_second_node_reads_the_model_from_the_tier(
     b.umount()
 
 
+def test_pull_reads_from_the_tier_too(
+    bucket: Bucket,
+    juicefs: JuiceFSGateway,
+    proxy: CountingProxy,
+    mounter: Mounter,
+    tmp_path: Path,
+) -> None:
+    tier = _make_bucket(juicefs)
+    files, a = _populated(bucket, tier, proxy, mounter, tmp_path / "a")
+    proxy.reset()
+    dest = tmp_path / "pulled"
+    pulled = run_modelfs(
+        "pull",
+        f"s3://{bucket.name}/m",
+        str(dest),
+        "--endpoint-url",
+        proxy.endpoint_url,
+        "--cache-dir",
+        str(tmp_path / "pull-cache"),
+        *_tier_args(tier),
+        env=bucket.env,
+        timeout=120,
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    for key, value in files.items():
+        assert (dest / key.removeprefix("m/")).read_bytes() == value
+    assert proxy.object_gets() == []
+    a.umount()
+
+
 def test_a_node_failing_its_tier_writes_leaves_the_others_correct(
     bucket: Bucket,
     juicefs: JuiceFSGateway,
