@@ -87,13 +87,18 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shared-cache",
         metavar="s3://BUCKET/PREFIX",
-        help="a bucket shared by many nodes as a second cache tier, read before the "
-        "origin (same credentials as the origin)",
+        help="a bucket shared by many nodes as a second cache tier, read before the origin",
     )
     p.add_argument(
         "--shared-cache-endpoint-url",
         metavar="URL",
         help="endpoint of the shared cache (default: the origin's)",
+    )
+    p.add_argument(
+        "--shared-cache-profile",
+        metavar="PROFILE",
+        help="AWS profile (in the same credentials files) for the shared cache "
+        "(default: the origin's credentials)",
     )
     p.add_argument(
         "--shared-cache-lease",
@@ -266,6 +271,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         min_free_space=args.min_free_space,
         shared_cache=parse_s3_url(args.shared_cache) if args.shared_cache else None,
         shared_cache_endpoint_url=args.shared_cache_endpoint_url,
+        shared_cache_profile=args.shared_cache_profile,
         shared_cache_lease=args.shared_cache_lease,
         chunk_size=args.chunk_size,
         debug=args.debug,

@@ -142,6 +142,7 @@ class MountConfig:
     # The shared cache tier (s3://BUCKET/PREFIX on an S3-compatible store).
     shared_cache: S3Location | None = None
     shared_cache_endpoint_url: str | None = None  # default: the origin's
+    shared_cache_profile: str | None = None  # default: the origin's credentials
     shared_cache_lease: float = 30.0  # how long a node waits for another's fetch
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metadata_ttl: float = DEFAULT_METADATA_TTL

@@ -235,22 +235,22 @@ def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> St
     return StoreError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-def boto3_session(cfg: MountConfig) -> Any:
+def boto3_session(cfg: MountConfig, profile: str | None = None) -> Any:
     """The boto3 session for these options: credentials come from boto3's
     chain (environment, shared files, web identity, instance metadata);
-    --credentials-file only replaces which shared-credentials file it reads."""
+    --credentials-file only replaces which shared-credentials file it reads.
+    `profile` overrides --profile (the shared tier's own)."""
     import boto3
     import botocore.session
 
+    profile = profile or cfg.profile
     try:
         core = botocore.session.Session()
         if cfg.credentials_file is not None:
             core.set_config_variable("credentials_file", str(cfg.credentials_file))
-        return boto3.Session(
-            botocore_session=core, profile_name=cfg.profile, region_name=cfg.region
-        )
+        return boto3.Session(botocore_session=core, profile_name=profile, region_name=cfg.region)
     except Exception as exc:  # ProfileNotFound and friends
-        raise AccessDenied(f"cannot load AWS profile {cfg.profile!r}: {exc}") from exc
+        raise AccessDenied(f"cannot load AWS profile {profile!r}: {exc}") from exc
 
 
 def make_client(

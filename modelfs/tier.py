@@ -404,7 +404,7 @@ class S3Tier:
         from .store import boto3_session, make_client
 
         self.bucket = url.bucket
-        session = boto3_session(cfg)
+        session = boto3_session(cfg, cfg.shared_cache_profile)
         self._client = make_client(
             session,
             endpoint_url,

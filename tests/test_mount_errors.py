@@ -123,6 +123,10 @@ def test_foreign_directory_is_not_taken_as_cache(tmp_path: Path, bucket: Bucket)
         (("--addressing-style", "sideways"), "invalid choice"),
         (("--shared-cache", "http://x/y"), "expected s3://BUCKET"),
         (("--min-free-space", "much"), "invalid --min-free-space"),
+        (
+            ("--shared-cache", "s3://tier/c", "--shared-cache-profile", "nosuch"),
+            "cannot load AWS profile 'nosuch'",
+        ),
     ],
 )
 def test_bad_options(tmp_path: Path, bucket: Bucket, args: tuple[str, ...], expected: str) -> None:

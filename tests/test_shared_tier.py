@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from modelfs.testing.proxy import CountingProxy, Fault
-from modelfs.testing.s3server import JuiceFSGateway, MotoServer, free_port
+from modelfs.testing.s3server import ACCESS_KEY, SECRET_KEY, JuiceFSGateway, MotoServer, free_port
 
 from .conftest import Bucket, Mount, Mounter, _make_bucket, run_modelfs
 from .data import pattern
@@ -332,3 +332,35 @@ def test_a_lease_left_by_a_killed_node_expires(
         b.umount()
     finally:
         tier_proxy.stop()
+
+
+def test_the_tier_can_have_its_own_credentials(
+    bucket: Bucket, juicefs: JuiceFSGateway, proxy: CountingProxy, mounter: Mounter, tmp_path: Path
+) -> None:
+    """--shared-cache-profile: the tier's keys from another profile of the
+    same credentials file; wrong ones cost the tier, never a read."""
+    files = _model(bucket)
+    tier = _make_bucket(juicefs)
+    creds = tmp_path / "credentials"
+    creds.write_text(
+        f"[models]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        f"[tier]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        f"[wrong]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = not-it\n"
+    )
+    base = (*_tier_args(tier), "--credentials-file", str(creds), "--profile", "models")
+    bad = _node(
+        mounter,
+        bucket,
+        proxy,
+        tmp_path / "bad",
+        (*base, "--shared-cache-profile", "wrong"),
+        allow_log=["shared cache: .* failed"],
+    )
+    _read_all(bad, files)
+    assert bad.stats()["shared"]["errors"].get("denied", 0) >= 1
+    good_args = (*base, "--shared-cache-profile", "tier")
+    good = _node(mounter, bucket, proxy, tmp_path / "good", good_args)
+    _read_all(good, files)
+    _uploaded(good, _nchunks(files))
+    bad.umount()
+    good.umount()
