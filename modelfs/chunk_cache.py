@@ -436,14 +436,22 @@ class ChunkCache:
         if len(data) <= self._mem.maxsize:
             self._mem[key] = data
 
+    @property
+    def memory_bytes(self) -> int:
+        """Size of the memory cache of recent chunks."""
+        return int(self._mem.maxsize)
+
     def is_ready(self, obj: CachedObject, n: int) -> bool:
         """Being loaded or held in memory: nothing for read-ahead to do."""
         key = (obj.obj_id, n)
         return key in self._flights or key in self._mem
 
+    def on_disk(self, obj: CachedObject, n: int) -> bool:
+        return self.index.get(obj.obj_id, n) is not None
+
     def is_stored(self, obj: CachedObject, n: int) -> bool:
         """Ready, or recorded on disk: nothing for prefetch on open to fetch."""
-        return self.is_ready(obj, n) or self.index.get(obj.obj_id, n) is not None
+        return self.is_ready(obj, n) or self.on_disk(obj, n)
 
     @contextlib.contextmanager
     def _pinned(self, obj_id: bytes, chunks: range) -> Iterator[None]:

@@ -149,15 +149,24 @@ class Prefetcher:
         target = min(self.obj.size, stream.next_off + stream.window)
         first = max(stream.ahead_until, stream.next_off) // cs
         last = (target - 1) // cs
+        # Chunks already on disk are loaded ahead into the memory cache; past
+        # half of it they would push out nearer ones the reader has not got
+        # to yet (each then read and checked twice), so they wait for the
+        # reader to come closer, while origin fetches beyond them go on.
+        disk_limit = stream.next_off + self.cache.memory_bytes // 2
+        waiting = None  # the first chunk left for later
         n = first
         while n <= last and self.budget.in_flight < self.budget.max_chunks:
-            if not self.cache.is_ready(self.obj, n):
+            if n * cs >= disk_limit and self.cache.on_disk(self.obj, n):
+                waiting = n if waiting is None else waiting
+            elif not self.cache.is_ready(self.obj, n):
                 self.budget.in_flight += 1
                 self.budget.issued_chunks += 1
                 self.cache.retain(self.obj)  # the payload file stays open meanwhile
                 self.spawn(self._fetch, n)
             n += 1
-        stream.ahead_until = max(stream.ahead_until, min(self.obj.size, n * cs))
+        done = n if waiting is None else waiting
+        stream.ahead_until = max(stream.ahead_until, min(self.obj.size, done * cs))
 
     async def _fetch(self, n: int) -> None:
         try:

@@ -102,3 +102,41 @@ def test_read_ahead_can_be_turned_off(tmp_path: Path) -> None:
     reads = [(off, 16 * 1024) for off in range(0, 8 * CS, 16 * 1024)]
     out = _run(tmp_path, reads, max_window=0)
     assert out["issued"] == 0 and len(out["gets"]) == 8
+
+
+def test_warm_read_ahead_loads_each_chunk_from_disk_once(tmp_path: Path) -> None:
+    """A window larger than the memory cache: chunks already on disk are
+    loaded ahead only within half of the memory cache, so none is pushed
+    out before the reader gets to it (and read and checked twice)."""
+    store = MemoryStore()
+    v = store.put("k", pattern(2, 0, SIZE))
+    counts: list[int] = []
+
+    def one_pass(memory: int) -> None:
+        cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, memory_cache=memory)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                ra = ReadAhead(
+                    cache,
+                    nursery.start_soon,
+                    max_chunks_in_flight=6,
+                    initial_window=2 * CS,
+                    max_window=16 * CS,
+                )
+                obj = cache.open_object("k", v, CS)
+                h = OpenFile(1, 2, obj, cache, ra)
+                for off in range(0, SIZE, 16 * 1024):
+                    assert await h.read(off, 16 * 1024) == pattern(2, off, off + 16 * 1024)
+                    await trio.sleep(0.001)
+                h.close()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        counts.append(cache.counters.verified_chunks)
+        cache.close()
+
+    one_pass(1 << 30)  # cold: everything fetched and stored
+    one_pass(4 * CS)  # warm, with a memory cache a quarter of the window
+    assert len(store.get_log) == SIZE // CS
+    assert counts == [0, SIZE // CS]
