@@ -7,6 +7,7 @@ range of a multi-GiB object without holding it in memory.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -44,3 +45,12 @@ def upload_large(client: object, bucket: str, key: str, seed: int, size: int) ->
     client.complete_multipart_upload(  # type: ignore[attr-defined]
         Bucket=bucket, Key=key, UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
     )
+
+
+def put_shards(bucket: Any, seed: int, n: int, size: int, step: int) -> dict[str, bytes]:
+    """Upload `n` shards ``m/shard-<i>.safetensors`` of ``size + step * i``
+    bytes through `bucket.put`; returns key -> bytes."""
+    files = {f"m/shard-{i}.safetensors": pattern(seed + i, 0, size + step * i) for i in range(n)}
+    for key, value in files.items():
+        bucket.put(key, value)
+    return files

@@ -10,7 +10,7 @@ import trio
 from modelfs.chunk_cache import ChunkCache
 from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead
 from modelfs.reader import OpenFile
-from modelfs.store import MemoryStore
+from modelfs.store import MemoryStore, ObjectVersion
 
 from .data import pattern
 
@@ -18,12 +18,15 @@ CS = 64 * 1024
 SIZE = 64 * CS
 
 
-def _run(
-    tmp_path: Path, offsets: list[tuple[int, int]], max_window: int = 16 * CS, size: int = SIZE
-):
-    store = MemoryStore()
-    v = store.put("k", pattern(1, 0, size))
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, fetch_concurrency=8)
+def _read_through(
+    cache: ChunkCache,
+    v: ObjectVersion,
+    seed: int,
+    offsets: list[tuple[int, int]],
+    max_window: int = 16 * CS,
+    size: int = SIZE,
+) -> dict[str, object]:
+    """Reads through one handle with read-ahead on; what read-ahead did."""
     out: dict[str, object] = {}
 
     async def main() -> None:
@@ -38,7 +41,7 @@ def _run(
             obj = cache.open_object("k", v, CS)
             h = OpenFile(1, 2, obj, cache, ra)
             for off, n in offsets:
-                assert await h.read(off, n) == pattern(1, off, min(size, off + n))
+                assert await h.read(off, n) == pattern(seed, off, min(size, off + n))
                 await trio.sleep(0.001)  # let read-ahead run, as between FUSE requests
             await trio.sleep(0.1)
             out["streams"] = len(obj.prefetcher.streams) if obj.prefetcher else 0
@@ -48,6 +51,16 @@ def _run(
             h.close()
 
     trio.run(main)
+    return out
+
+
+def _run(
+    tmp_path: Path, offsets: list[tuple[int, int]], max_window: int = 16 * CS, size: int = SIZE
+) -> dict[str, object]:
+    store = MemoryStore()
+    v = store.put("k", pattern(1, 0, size))
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, fetch_concurrency=8)
+    out = _read_through(cache, v, 1, offsets, max_window, size)
     out["gets"] = list(store.get_log)
     cache.close()
     return out
@@ -111,28 +124,11 @@ def test_warm_read_ahead_loads_each_chunk_from_disk_once(tmp_path: Path) -> None
     store = MemoryStore()
     v = store.put("k", pattern(2, 0, SIZE))
     counts: list[int] = []
+    reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
 
     def one_pass(memory: int) -> None:
         cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, memory_cache=memory)
-
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                ra = ReadAhead(
-                    cache,
-                    nursery.start_soon,
-                    max_chunks_in_flight=6,
-                    initial_window=2 * CS,
-                    max_window=16 * CS,
-                )
-                obj = cache.open_object("k", v, CS)
-                h = OpenFile(1, 2, obj, cache, ra)
-                for off in range(0, SIZE, 16 * 1024):
-                    assert await h.read(off, 16 * 1024) == pattern(2, off, off + 16 * 1024)
-                    await trio.sleep(0.001)
-                h.close()
-                nursery.cancel_scope.cancel()
-
-        trio.run(main)
+        _read_through(cache, v, 2, reads)
         counts.append(cache.counters.verified_chunks)
         cache.close()
 

@@ -19,7 +19,7 @@ import pytest
 from modelfs.testing.proxy import CountingProxy
 
 from .conftest import Bucket, Mount, Mounter, run_modelfs
-from .data import pattern
+from .data import put_shards
 
 pytestmark = pytest.mark.mount
 
@@ -28,10 +28,7 @@ ARGS = ("--chunk-size", "1M")
 
 
 def _model(bucket: Bucket, n: int = 3, size: int = 12 * MiB) -> dict[str, bytes]:
-    files = {f"m/shard-{i}.safetensors": pattern(60 + i, 0, size + 1000 * i) for i in range(n)}
-    for key, value in files.items():
-        bucket.put(key, value)
-    return files
+    return put_shards(bucket, 60, n, size, 1000)
 
 
 def _drop_page_cache() -> None:

@@ -16,7 +16,7 @@ from modelfs.testing.proxy import CountingProxy, Fault
 from modelfs.testing.s3server import ACCESS_KEY, SECRET_KEY, JuiceFSGateway, MotoServer, free_port
 
 from .conftest import Bucket, Mount, Mounter, _make_bucket, run_modelfs
-from .data import pattern
+from .data import put_shards
 from .test_observability import _scrape
 
 pytestmark = pytest.mark.mount
@@ -26,10 +26,7 @@ CHUNK = ("--chunk-size", "1M")
 
 
 def _model(bucket: Bucket, n: int = 3, size: int = 3 * MiB) -> dict[str, bytes]:
-    files = {f"m/shard-{i}.safetensors": pattern(80 + i, 0, size + 333 * i) for i in range(n)}
-    for key, value in files.items():
-        bucket.put(key, value)
-    return files
+    return put_shards(bucket, 80, n, size, 333)
 
 
 def _tier_args(tier: Bucket, endpoint: str | None = None, *extra: str) -> tuple[str, ...]:
