@@ -17,8 +17,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,25 @@ def proxy(juicefs: JuiceFSGateway) -> Iterator[CountingProxy]:
     p = CountingProxy(juicefs.endpoint_url).start()
     yield p
     p.stop()
+
+
+# -- helpers ---------------------------------------------------------------
+def in_threads(*jobs: Callable[[], None]) -> None:
+    """Run the jobs in threads at once; fail with what any of them raised."""
+    errors: list[BaseException] = []
+
+    def run(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
 
 
 # -- mounts ----------------------------------------------------------------

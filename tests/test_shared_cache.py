@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from modelfs.testing.proxy import CountingProxy
 
-from .conftest import Bucket, Mount, Mounter, run_modelfs
+from .conftest import Bucket, Mount, Mounter, in_threads, run_modelfs
 from .data import put_shards
 
 pytestmark = pytest.mark.mount
@@ -33,23 +32,6 @@ def _model(bucket: Bucket, n: int = 3, size: int = 12 * MiB) -> dict[str, bytes]
 
 def _drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def _in_threads(*jobs: Callable[[], None]) -> None:
-    errors: list[BaseException] = []
-
-    def run(job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as exc:  # reported below, in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
 
 
 def _reader(m: Mount, files: dict[str, bytes], order: list[str]) -> Callable[[], None]:
@@ -74,7 +56,7 @@ def test_two_mounts_on_one_cache_fetch_each_byte_once(
     keys = sorted(files)
     # Both read the same files at the same time, in opposite orders, and
     # both prefetch them on open: every chunk is wanted by both at once.
-    _in_threads(_reader(a, files, keys), _reader(b, files, keys[::-1]), _reader(b, files, keys))
+    in_threads(_reader(a, files, keys), _reader(b, files, keys[::-1]), _reader(b, files, keys))
     assert proxy.object_bytes() == total
     peers = a.stats()["cache"]["peer_chunks"] + b.stats()["cache"]["peer_chunks"]
     assert peers > 0  # one waited for the other's fetch instead of fetching
@@ -85,7 +67,7 @@ def test_two_mounts_on_one_cache_fetch_each_byte_once(
     assert proc.returncode == 0, proc.stderr
     _drop_page_cache()
     proxy.reset()
-    _in_threads(_reader(a, files, keys), _reader(b, files, keys))
+    in_threads(_reader(a, files, keys), _reader(b, files, keys))
     assert proxy.object_bytes() == total
     a.umount()
     b.umount()
@@ -116,7 +98,7 @@ def test_pull_beside_a_mount_fetches_each_byte_once(
             )
         )
 
-    _in_threads(pull, _reader(m, files, sorted(files)))
+    in_threads(pull, _reader(m, files, sorted(files)))
     assert result[0].returncode == 0, result[0].stderr
     for key, value in files.items():
         assert (dest / key.removeprefix("m/")).read_bytes() == value
@@ -144,7 +126,7 @@ def test_two_mounts_evicting_each_other_stay_byte_exact(
 
         return job
 
-    _in_threads(rounds(a, keys), rounds(b, keys[::-1]), rounds(b, keys[1:] + keys[:1]))
+    in_threads(rounds(a, keys), rounds(b, keys[::-1]), rounds(b, keys[1:] + keys[:1]))
     evicted = a.stats()["cache"]["evicted_chunks"] + b.stats()["cache"]["evicted_chunks"]
     assert evicted > 0
     assert a.stats()["cache"]["used_bytes"] <= 6 * MiB + 2 * MiB  # chunks being stored

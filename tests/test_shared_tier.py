@@ -5,7 +5,6 @@ origin sent."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from modelfs.testing.proxy import CountingProxy, Fault
 from modelfs.testing.s3server import ACCESS_KEY, SECRET_KEY, JuiceFSGateway, MotoServer, free_port
 
-from .conftest import Bucket, Mount, Mounter, _make_bucket, run_modelfs
+from .conftest import Bucket, Mount, Mounter, _make_bucket, in_threads, run_modelfs
 from .data import put_shards
 from .test_observability import _scrape
 
@@ -258,20 +257,7 @@ def test_nodes_starting_together_fetch_each_chunk_from_the_origin_once(
         )
         for i in range(3)
     ]
-    errors: list[BaseException] = []
-
-    def read(m: Mount) -> None:
-        try:
-            _read_all(m, files)
-        except BaseException as exc:  # reported in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=read, args=(m,)) for m in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
+    in_threads(*[lambda m=m: _read_all(m, files) for m in nodes])
     assert moto_proxy.object_bytes("") == sum(len(v) for v in files.values())
     stats = [m.stats()["shared"] for m in nodes]
     assert all(s["herd_control"] is True for s in stats)
