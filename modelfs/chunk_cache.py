@@ -381,7 +381,7 @@ class ChunkCache:
         fetched: set[int] = set()
 
         async def load(n: int) -> None:
-            data, from_origin = await self._chunk(obj, n, background)
+            data, from_origin = await self._get(obj, n, background)
             bufs[n] = data
             if from_origin:
                 fetched.add(n)
@@ -474,13 +474,19 @@ class ChunkCache:
         *before* announcing its flight, so a reader never waits on a
         background flight that is itself queued.
         """
-        if not prefetch:
-            return (await self._chunk(obj, n, False))[1]
-        if self.is_ready(obj, n):
+        if prefetch and self.is_ready(obj, n):
             return False
+        return (await self._get(obj, n, prefetch))[1]
+
+    async def _get(self, obj: CachedObject, n: int, background: bool) -> tuple[bytes, bool]:
+        """Chunk `n`'s verified bytes, and whether they came from the origin.
+        Background work that has to load the chunk takes a background fetch
+        slot first; one that finds it in memory or in flight just takes it."""
+        if not background or self.is_ready(obj, n):
+            return await self._chunk(obj, n, False)
         await self.slots.acquire(background=True)
         try:
-            return (await self._chunk(obj, n, True))[1]
+            return await self._chunk(obj, n, True)
         finally:
             self.slots.release()
 

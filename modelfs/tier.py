@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 import xxhash
 
-from .errors import StoreError
+from .errors import AccessDenied, EndpointUnreachable, StoreError
 
 if TYPE_CHECKING:
     from .config import MountConfig, S3Location
@@ -387,8 +387,6 @@ class SharedTier:
 
 
 def _kind(exc: BaseException) -> str:
-    from .errors import AccessDenied, EndpointUnreachable
-
     if isinstance(exc, EndpointUnreachable):
         return "unreachable"
     if isinstance(exc, AccessDenied):
@@ -478,8 +476,6 @@ class MemoryTier:
         with self._lock:
             self.log.append((op, key))
         if self.down:
-            from .errors import EndpointUnreachable
-
             raise EndpointUnreachable("tier down")
 
     def get(self, key: str) -> bytes | None:
