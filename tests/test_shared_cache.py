@@ -113,7 +113,11 @@ def test_two_mounts_evicting_each_other_stay_byte_exact(
     and over: each evicts chunks the other has read or is reading."""
     files = _model(bucket, n=4, size=6 * MiB)
     cache = tmp_path / "shared"
-    args = (*ARGS, "--cache-size", "6M", "--memory-cache", "2M", "--prefetch-on-open", "none")
+    args = (
+        *ARGS,
+        *("--cache-size", "6M", "--memory-cache", "2M", "--prefetch-on-open", "none"),
+        *("--fetch-concurrency", "4"),
+    )
     a = mounter(bucket, cache_dir=cache, args=args)
     b = mounter(bucket, cache_dir=cache, args=args)
     keys = sorted(files)
@@ -129,7 +133,10 @@ def test_two_mounts_evicting_each_other_stay_byte_exact(
     in_threads(rounds(a, keys), rounds(b, keys[::-1]), rounds(b, keys[1:] + keys[:1]))
     evicted = a.stats()["cache"]["evicted_chunks"] + b.stats()["cache"]["evicted_chunks"]
     assert evicted > 0
-    assert a.stats()["cache"]["used_bytes"] <= 6 * MiB + 2 * MiB  # chunks being stored
+    # Each process keeps the cache within its size counting its own stores
+    # in progress, not the other's: it may be over by what the other was
+    # storing at that moment (4 fetch slots of 1 MiB each).
+    assert a.stats()["cache"]["used_bytes"] <= 6 * MiB + 2 * 4 * MiB
     a.umount()
     b.umount()
 
