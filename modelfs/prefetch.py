@@ -46,6 +46,9 @@ class _Stream:
     next_off: int  # where the last read of the stream ended
     window: int
     ahead_until: int  # read-ahead has been issued up to here
+    # Chunks past the disk limit below this were already looked up in the
+    # index (and were on disk, or were fetched): not looked up again.
+    scanned_until: int = 0
     last_used: int = 0
     progress: int = 0  # bytes consumed since the window last grew
 
@@ -157,14 +160,19 @@ class Prefetcher:
         waiting = None  # the first chunk left for later
         n = first
         while n <= last and self.budget.in_flight < self.budget.max_chunks:
-            if n * cs >= disk_limit and self.cache.on_disk(self.obj, n):
+            if self.cache.is_ready(self.obj, n):
+                pass
+            elif n * cs >= disk_limit and (
+                n * cs < stream.scanned_until or self.cache.on_disk(self.obj, n)
+            ):
                 waiting = n if waiting is None else waiting
-            elif not self.cache.is_ready(self.obj, n):
+            else:
                 self.budget.in_flight += 1
                 self.budget.issued_chunks += 1
                 self.cache.retain(self.obj)  # the payload file stays open meanwhile
                 self.spawn(self._fetch, n)
             n += 1
+        stream.scanned_until = max(stream.scanned_until, n * cs)
         done = n if waiting is None else waiting
         stream.ahead_until = max(stream.ahead_until, min(self.obj.size, done * cs))
 
