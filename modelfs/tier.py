@@ -154,6 +154,7 @@ class SharedTier:
         self.lease_seconds = lease
         self.counters = TierCounters()
         self.conditional: bool | None = None  # If-None-Match honoured? None: not probed yet
+        self._probe_lock = trio.Lock()
         self._node = f"{socket.gethostname()}:{os.getpid()}"
         self._down_until = 0.0
         self._down_for = 0.0
@@ -242,7 +243,9 @@ class SharedTier:
         lease_key = tier_key + ".lease"
         try:
             if self.conditional is None:
-                await self._probe()
+                async with self._probe_lock:  # one probe, however many chunks miss at once
+                    if self.conditional is None:
+                        await self._probe()
             if not self.conditional:
                 return None, None
             deadline = trio.current_time() + self.lease_seconds
