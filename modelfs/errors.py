@@ -29,6 +29,11 @@ class ObjectChanged(StoreError):
     """The object no longer matches the version pinned at open (HTTP 412)."""
 
 
+class VersionReplaced(ObjectChanged):
+    """An inode whose object has a newer version under the same name: an
+    ordinary answer (ESTALE makes the kernel look the name up again)."""
+
+
 class AccessDenied(StoreError):
     """Credentials are missing, wrong, or lack permission."""
 
@@ -39,6 +44,16 @@ class NoSuchBucket(StoreError):
 
 class EndpointUnreachable(StoreError):
     """The endpoint could not be reached (DNS, refused, timeout)."""
+
+
+class BadResponse(StoreError):
+    """The endpoint answered, but not with exactly the bytes asked for (a
+    range it ignored, a wrong Content-Range or length, or not S3 at all).
+    Such a response is never cached or served."""
+
+
+class OutOfFileDescriptors(StoreError):
+    """This process hit its open-file limit (EMFILE); not the endpoint's fault."""
 
 
 class RetriesExhausted(StoreError):

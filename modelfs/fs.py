@@ -30,13 +30,14 @@ from .errors import (
     EndpointUnreachable,
     NoSuchObject,
     ObjectChanged,
+    OutOfFileDescriptors,
     StoreError,
+    VersionReplaced,
 )
 from .metrics import RecentRates
 from .namespace import ROOT_INODE, Namespace, Node
 from .prefetch import OpenPrefetch, ReadAhead
 from .reader import OpenFile
-from .store import ObjectVersion
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def errno_for(exc: BaseException) -> int:
         return errno.EACCES
     if isinstance(exc, EndpointUnreachable):
         return errno.EHOSTUNREACH
+    if isinstance(exc, OutOfFileDescriptors):
+        return errno.EMFILE
     if isinstance(exc, StoreError | CacheError):
         return errno.EIO
     if isinstance(exc, NotADirectoryError):
@@ -80,7 +83,7 @@ def _fuse_errors(
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except (NoSuchObject, NotADirectoryError) as exc:  # ordinary answers: no log line
+        except (NoSuchObject, NotADirectoryError, VersionReplaced) as exc:  # ordinary answers
             raise pyfuse3.FUSEError(errno_for(exc)) from None
         except (StoreError, CacheError, OSError) as exc:
             code = errno_for(exc)
@@ -123,9 +126,6 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
-        # The version each inode was last opened at: the kernel page cache may
-        # be kept across opens only while it is unchanged.
-        self._last_version: dict[int, ObjectVersion] = {}
         # Set by the daemon once its nursery exists; None disables read-ahead.
         self.readahead: ReadAhead | None = None
         self.open_prefetch: OpenPrefetch | None = None
@@ -219,9 +219,9 @@ class Operations(pyfuse3.Operations):
         self._files[fh] = OpenFile(fh, inode, obj, self.cache, self.readahead)
         if self.open_prefetch is not None:
             self.open_prefetch.on_open(obj, node.key.rsplit("/", 1)[-1])
-        keep = self._last_version.get(inode) == node.version
-        self._last_version[inode] = node.version
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        # An inode serves one version for its life (Namespace gives a new
+        # version a new inode), so its page cache never needs dropping.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     # pyfuse3 takes any contiguous buffer, so a memoryview slice of a cached
     # chunk goes to the kernel without a copy; its stub says bytes.
@@ -230,10 +230,13 @@ class Operations(pyfuse3.Operations):
         handle = self._files[fh]
         try:
             return await handle.read(off, size)
-        except ObjectChanged:
+        except ObjectChanged as exc:
             # New opens should see the new version without waiting for the TTL.
             self.ns.invalidate_parent(handle.inode)
-            self._last_version.pop(handle.inode, None)
+            # A stale handle fails every read after: one warning per handle.
+            if handle.stale_warned:
+                exc.modelfs_logged = True  # type: ignore[attr-defined]
+            handle.stale_warned = True
             raise
 
     async def release(self, fh: int) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import NoSuchObject
+from .errors import NoSuchObject, VersionReplaced
 from .store import Listing, ObjectStore, ObjectVersion
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,15 @@ class Namespace:
         return state.children
 
     async def refresh(self, inode: int) -> Node:
-        """Re-check a file against its parent's listing if the TTL passed."""
+        """Re-check a file against its parent's listing if the TTL passed.
+
+        A file replaced by a new version raises ObjectChanged (ESTALE): the
+        kernel then looks the name up again and opens the new inode."""
         node = self.get(inode)
-        await self.children(node.parent)
+        children = await self.children(node.parent)
         if not node.listed:
+            if node.name in children:
+                raise VersionReplaced(f"{node.key} was replaced by a new version")
             raise NoSuchObject(f"{node.key} no longer exists")
         return node
 
@@ -187,8 +192,11 @@ class Namespace:
         for bname, (is_dir, key, version) in wanted.items():
             inode = old.get(bname)
             node = self._nodes.get(inode) if inode is not None else None
-            if node is not None and node.is_dir == is_dir:
-                node.version = version
+            # A file's inode names one version for its whole life: a new
+            # version gets a new inode, so the kernel never keeps pages of
+            # one version under an inode that now serves another (as NFS
+            # file handles change when a file is replaced).
+            if node is not None and node.is_dir == is_dir and node.version == version:
                 node.listed = True
             else:
                 node = Node(self._next_inode, dnode.inode, bname, is_dir, key, version)

@@ -23,6 +23,7 @@ class OpenFile:
     cache: ChunkCache
     readahead: ReadAhead | None = None
     stale: bool = False
+    stale_warned: bool = False  # the one warning of a stale handle was logged
 
     async def read(self, offset: int, size: int) -> Buffer:
         if self.stale:

@@ -11,9 +11,11 @@ layers above; it enforces If-Match the same way a real server does.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,10 +23,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import (
     AccessDenied,
+    BadResponse,
     EndpointUnreachable,
     NoSuchBucket,
     NoSuchObject,
     ObjectChanged,
+    OutOfFileDescriptors,
     RetriesExhausted,
     StoreError,
 )
@@ -40,18 +44,28 @@ class ObjectVersion:
     """What pins one version of an object: ETag and size (mtime as fallback).
 
     Some servers send no ETag (the JuiceFS gateway without --keep-etag). Then
-    the identity falls back to (size, LastModified) and ranged GETs carry
-    If-Unmodified-Since instead of If-Match; an overwrite with the same size
-    within the same second cannot be detected in that mode.
+    the identity falls back to (bucket, key, size, LastModified): two objects
+    written in the same second must never share cache entries, so the place
+    is part of it. Ranged GETs carry If-Unmodified-Since instead of If-Match,
+    and every response's total size and Last-Modified are compared with the
+    pinned ones; an overwrite with the same size within the same second
+    cannot be detected in that mode (docs/semantics.md).
     """
 
     etag: str | None
     size: int
     mtime_ns: int
+    # "bucket/key" of the object this version was listed at; part of the
+    # identity only without an ETag (with one, equal ETags and sizes are the
+    # same bytes, wherever they live).
+    origin: str = ""
 
     def identity(self) -> bytes:
         """16 bytes naming this content version in the chunk cache."""
-        tag = f"etag:{self.etag}" if self.etag else f"mtime:{self.mtime_ns}"
+        if self.etag:
+            tag = f"etag:{self.etag}"
+        else:
+            tag = f"mtime:{self.mtime_ns}\0at:{self.origin}"
         return hashlib.sha256(f"{tag}\0size:{self.size}".encode()).digest()[:16]
 
 
@@ -160,6 +174,8 @@ def result_of(exc: BaseException | None) -> str:
         return "ok"
     for kind, label in (
         (RetriesExhausted, "gave_up"),
+        (BadResponse, "bad_response"),
+        (OutOfFileDescriptors, "out_of_fds"),
         (ObjectChanged, "stale"),
         (NoSuchObject, "not_found"),
         (AccessDenied, "denied"),
@@ -187,6 +203,91 @@ class ObjectStore(Protocol):
 
 def _strip_etag(etag: str | None) -> str | None:
     return etag if etag else None
+
+
+def _ns(when: Any) -> int:
+    """A timezone-aware datetime as integer nanoseconds since the epoch
+    (exact: no float rounding of the microseconds)."""
+    import datetime
+
+    delta = when - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    return (delta // datetime.timedelta(microseconds=1)) * 1000
+
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+def check_response(
+    what: str, version: ObjectVersion, start: int, end: int, resp: dict[str, Any]
+) -> None:
+    """Accept a ranged GET's response only if it is exactly bytes [start, end)
+    of the pinned version: status 206 with that Content-Range (or 200 for a
+    whole-object range), that length, the pinned total size and, without an
+    ETag, the pinned Last-Modified second. A changed object raises
+    ObjectChanged (ESTALE); anything else malformed raises BadResponse."""
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    length = resp.get("ContentLength")
+    crange = resp.get("ContentRange")
+    if status == 206 and crange:
+        m = _CONTENT_RANGE.match(str(crange).strip())
+        if m is None:
+            raise BadResponse(f"{what}: unparsable Content-Range {crange!r}")
+        total = m.group(3)
+        if total != "*" and int(total) != version.size:
+            raise ObjectChanged(
+                f"{what}: object changed since it was opened "
+                f"(size {total}, was {version.size})"
+            )
+        if (int(m.group(1)), int(m.group(2)) + 1) != (start, end):
+            raise BadResponse(f"{what}: the endpoint sent {crange!r} instead")
+    elif status == 200 and start == 0 and end == version.size:
+        pass  # the whole object, which is what was asked for
+    elif status == 200:
+        raise BadResponse(
+            f"{what}: the endpoint ignored the Range header (HTTP 200 with the whole "
+            "object); a proxy in between may be stripping it"
+        )
+    else:
+        raise BadResponse(f"{what}: unexpected HTTP {status} without a Content-Range")
+    if length is not None and int(length) != end - start:
+        if status == 200:
+            raise ObjectChanged(
+                f"{what}: object changed since it was opened (size {length}, was {version.size})"
+            )
+        raise BadResponse(f"{what}: {length} bytes announced for a {end - start}-byte range")
+    got_etag = resp.get("ETag")
+    if version.etag and got_etag and got_etag != version.etag:
+        # A server that ignores If-Match hands us another version.
+        raise ObjectChanged(f"{what}: object changed since it was opened")
+    modified = resp.get("LastModified")
+    if not version.etag and modified is not None:
+        # HTTP dates carry whole seconds; listings may carry milliseconds.
+        if _ns(modified) // 10**9 != version.mtime_ns // 10**9:
+            raise ObjectChanged(f"{what}: object changed since it was opened (Last-Modified)")
+
+
+def _out_of_fds(what: str) -> OutOfFileDescriptors:
+    return OutOfFileDescriptors(
+        f"{what}: this process has too many open files (EMFILE); "
+        "raise its limit (ulimit -n, LimitNOFILE=)"
+    )
+
+
+def _emfile(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is this process running out of fds."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        if "Too many open files" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None)]
+    return False
 
 
 def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> StoreError:
@@ -326,7 +427,8 @@ class S3Store:
                     version = ObjectVersion(
                         etag=_strip_etag(obj.get("ETag")),
                         size=int(obj["Size"]),
-                        mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
+                        mtime_ns=_ns(obj["LastModified"]),
+                        origin=f"{self.bucket}/{obj['Key']}",
                     )
                     out.objects.append(ObjectInfo(obj["Key"], version))
                 out.prefixes.extend(p["Prefix"] for p in resp.get("CommonPrefixes", ()))
@@ -404,12 +506,14 @@ class S3Store:
         before = len(buf)
         try:
             resp = self._get_client.get_object(**kwargs)
-            # Servers that ignore If-Match would hand us a different version;
-            # the response's own ETag catches that.
-            got_etag = resp.get("ETag")
-            if version.etag and got_etag and got_etag != version.etag:
-                raise ObjectChanged(f"{what}: object changed since it was opened")
             body = resp["Body"]
+            try:
+                check_response(what, version, start, end, resp)
+            except StoreError:
+                # Never read a body that is not the range asked for: closing
+                # drops the connection instead of draining a whole object.
+                body.close()
+                raise
             while len(buf) - before < end - start:
                 piece = body.read(min(1 << 20, end - start - (len(buf) - before)))
                 if not piece:
@@ -420,6 +524,9 @@ class S3Store:
         except bex.ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             code = str(exc.response.get("Error", {}).get("Code", ""))
+            if status == 416 or code == "InvalidRange":
+                # The range lies inside the pinned size: the object shrank.
+                raise ObjectChanged(f"{what}: object changed since it was opened (shrank)")
             if status >= 500 or status == 429 or code in RETRYABLE_CODES:
                 raise _Retry(StoreError(f"{code or status}")) from None
             raise self._translate(exc, what) from None
@@ -434,8 +541,12 @@ class S3Store:
             ConnectionError,
             TimeoutError,
         ) as exc:
+            if _emfile(exc):
+                raise _out_of_fds(what) from None
             raise _Retry(StoreError(f"{type(exc).__name__}: {exc}")) from None
         except Exception as exc:
+            if _emfile(exc):
+                raise _out_of_fds(what) from None
             raise self._translate(exc, what) from None
         finally:
             self.counters.add_get(len(buf) - before)
@@ -456,7 +567,9 @@ class MemoryStore:
     def put(self, key: str, data: bytes) -> ObjectVersion:
         with self._lock:
             self._mtime += 10**9
-            version = ObjectVersion(f'"{hashlib.md5(data).hexdigest()}"', len(data), self._mtime)
+            version = ObjectVersion(
+                f'"{hashlib.md5(data).hexdigest()}"', len(data), self._mtime, origin=f"mem/{key}"
+            )
             self.objects[key] = (data, version)
             return version
 

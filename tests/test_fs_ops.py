@@ -44,12 +44,11 @@ def test_lookup_getattr_open_read(ops) -> None:  # type: ignore[no-untyped-def]
         assert stat.S_ISREG(f.st_mode) and f.st_size == 300_000 and f.st_mode & 0o777 == 0o444
         assert (await o.lookup(d.st_ino, b"..", CTX)).st_ino == ROOT_INODE
         fi = await o.open(f.st_ino, os.O_RDONLY, CTX)
-        assert not fi.keep_cache  # first open: nothing to keep
         assert await o.read(fi.fh, 299_990, 100) == pattern(1, 299_990, 300_000)
         assert await o.read(fi.fh, 1000, 131072) == pattern(1, 1000, 1000 + 131072)
         await o.release(fi.fh)
         fi2 = await o.open(f.st_ino, os.O_RDONLY, CTX)
-        assert fi2.keep_cache  # same version: the page cache stays valid
+        assert fi2.keep_cache  # an inode is one version: its page cache stays valid
         await o.release(fi2.fh)
         assert await o.getxattr(f.st_ino, b"user.modelfs.key", CTX) == b"dir/w.bin"
         stats = json.loads(await o.getxattr(ROOT_INODE, b"user.modelfs.stats", CTX))
@@ -77,8 +76,14 @@ def test_changed_object_is_estale_and_new_open_sees_new_version(ops) -> None:  #
             await o.read(fi.fh, 0, 10)
         assert info.value.errno == errno.ESTALE
         await o.release(fi.fh)
-        fi = await o.open(f.st_ino, os.O_RDONLY, CTX)  # re-listed at once, no TTL wait
-        assert not fi.keep_cache
+        # Re-listed at once, no TTL wait: the old inode answers ESTALE (the
+        # kernel then looks the name up again) and the name has a new inode.
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await o.open(f.st_ino, os.O_RDONLY, CTX)
+        assert info.value.errno == errno.ESTALE
+        f2 = await o.lookup(ROOT_INODE, b"top.txt", CTX)
+        assert f2.st_ino != f.st_ino and f2.st_size == 6
+        fi = await o.open(f2.st_ino, os.O_RDONLY, CTX)
         assert await o.read(fi.fh, 0, 10) == b"HELLO!"
         await o.release(fi.fh)
 

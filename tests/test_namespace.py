@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from modelfs.errors import NoSuchObject
+from modelfs.errors import NoSuchObject, ObjectChanged
 from modelfs.namespace import ROOT_INODE, Namespace
 from modelfs.store import MemoryStore
 
@@ -64,9 +64,18 @@ def test_listing_is_cached_for_ttl_and_inodes_are_stable() -> None:
     assert _names(ns) == ["f"] and s.counters.list_requests == lists
     assert trio.run(ns.refresh, f1.inode).version.size == 1  # type: ignore[union-attr]
     clock.now = 11
-    node = trio.run(ns.refresh, f1.inode)
-    assert node.inode == f1.inode and node.version is not None and node.version.size == 2
     assert _names(ns) == ["f", "g"]
+    # An unchanged file keeps its inode across listings...
+    g1 = trio.run(ns.lookup, ROOT_INODE, b"g")
+    clock.now = 22
+    assert trio.run(ns.lookup, ROOT_INODE, b"g").inode == g1.inode
+    # ...a new version gets a new one; the old inode answers ESTALE, so the
+    # kernel looks the name up again instead of mixing versions in one inode.
+    with pytest.raises(ObjectChanged):
+        trio.run(ns.refresh, f1.inode)
+    f2 = trio.run(ns.lookup, ROOT_INODE, b"f")
+    assert f2.inode != f1.inode and f2.version is not None and f2.version.size == 2
+    assert f1.version is not None and f1.version.size == 1  # never rewritten in place
 
 
 def test_removed_file_lives_until_forgotten() -> None:

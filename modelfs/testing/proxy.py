@@ -11,7 +11,8 @@ Faults are injected per request by `CountingProxy.fault`, a function of the
 request that returns a `Fault` or None: an error status with an S3 error
 body (503 SlowDown, 403, 404...), a connection reset after N body bytes, a
 body truncated after N bytes (the connection closed early), or a stall
-before the body.
+before the body. `drop_headers` removes request headers on the way (a
+proxy that strips Range).
 """
 
 from __future__ import annotations
@@ -105,7 +106,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(fault)
             self._record(fault.status, 0)
             return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in _HOP and k.lower() not in proxy.drop_headers
+        }
         conn = self._upstream()
         try:
             conn.request(self.command, self.path, body=body, headers=headers)
@@ -208,6 +213,9 @@ class CountingProxy:
         self.first_byte_delay = first_byte_delay
         self.rate = rate  # bytes per second per connection
         self.fault: Callable[[str, str, str | None], Fault | None] | None = None
+        # Request headers (lower case) not forwarded: {"range"} makes a
+        # server that ignores Range, as a misbehaving proxy would.
+        self.drop_headers: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self.requests: list[Request] = []
         self._server = _ThreadingServer(("127.0.0.1", 0), _Handler)
