@@ -62,10 +62,8 @@ class ObjectVersion:
 
     def identity(self) -> bytes:
         """16 bytes naming this content version in the chunk cache."""
-        if self.etag:
-            tag = f"etag:{self.etag}"
-        else:
-            tag = f"mtime:{self.mtime_ns}\0at:{self.origin}"
+        where = f"mtime:{self.mtime_ns}\0at:{self.origin}"
+        tag = f"etag:{self.etag}" if self.etag else where
         return hashlib.sha256(f"{tag}\0size:{self.size}".encode()).digest()[:16]
 
 
@@ -235,8 +233,7 @@ def check_response(
         total = m.group(3)
         if total != "*" and int(total) != version.size:
             raise ObjectChanged(
-                f"{what}: object changed since it was opened "
-                f"(size {total}, was {version.size})"
+                f"{what}: object changed since it was opened (size {total}, was {version.size})"
             )
         if (int(m.group(1)), int(m.group(2)) + 1) != (start, end):
             raise BadResponse(f"{what}: the endpoint sent {crange!r} instead")
@@ -260,10 +257,13 @@ def check_response(
         # A server that ignores If-Match hands us another version.
         raise ObjectChanged(f"{what}: object changed since it was opened")
     modified = resp.get("LastModified")
-    if not version.etag and modified is not None:
-        # HTTP dates carry whole seconds; listings may carry milliseconds.
-        if _ns(modified) // 10**9 != version.mtime_ns // 10**9:
-            raise ObjectChanged(f"{what}: object changed since it was opened (Last-Modified)")
+    # HTTP dates carry whole seconds; listings may carry milliseconds.
+    if (
+        not version.etag
+        and modified is not None
+        and _ns(modified) // 10**9 != version.mtime_ns // 10**9
+    ):
+        raise ObjectChanged(f"{what}: object changed since it was opened (Last-Modified)")
 
 
 def _out_of_fds(what: str) -> OutOfFileDescriptors:
@@ -526,7 +526,9 @@ class S3Store:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if status == 416 or code == "InvalidRange":
                 # The range lies inside the pinned size: the object shrank.
-                raise ObjectChanged(f"{what}: object changed since it was opened (shrank)")
+                raise ObjectChanged(
+                    f"{what}: object changed since it was opened (shrank)"
+                ) from None
             if status >= 500 or status == 429 or code in RETRYABLE_CODES:
                 raise _Retry(StoreError(f"{code or status}")) from None
             raise self._translate(exc, what) from None

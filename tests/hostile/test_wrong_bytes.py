@@ -184,9 +184,7 @@ def test_no_etag_same_size_later_second_is_estale(
         assert info.value.errno == errno.ESTALE
 
 
-def test_no_etag_parallel_puts_read_back_exact(
-    no_etag_gateway: Bucket, mounter: Mounter
-) -> None:
+def test_no_etag_parallel_puts_read_back_exact(no_etag_gateway: Bucket, mounter: Mounter) -> None:
     # 120 objects of one size PUT at once: several share a LastModified.
     blobs = {f"s{i:03d}.bin": pattern(200 + i, 0, 64 * 1024) for i in range(120)}
     keys = list(blobs)
