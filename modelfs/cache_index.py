@@ -31,7 +31,8 @@ from typing import Any
 
 import lmdb
 
-from .errors import CacheError, CacheFormatError
+from .cache_dir import index_damage
+from .errors import CacheError, CacheFormatError, IndexDamaged
 
 INDEX_FORMAT = 1
 _CKEY = struct.Struct(">16sQ")
@@ -105,7 +106,16 @@ class CacheIndex:
         """`readonly` opens an index another process may be writing (LMDB
         allows any number of readers beside one writer): for inspection."""
         if not readonly:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CacheError(
+                    f"cannot create cache index {path}: {exc.strerror or exc}"
+                ) from None
+        damage = index_damage(path)
+        if damage is not None:
+            hint = "; `modelfs cache clear` sets it aside" if readonly else ""
+            raise IndexDamaged(f"cache index {path} is damaged: {damage}{hint}")
         try:
             # metasync=False: one fsync per commit instead of two. A system
             # crash may lose the last commits but never corrupts the index;
@@ -126,13 +136,29 @@ class CacheIndex:
             self._lru = self.env.open_db(b"lru", create=not readonly)
             # Free reader slots a killed process left (several share the index).
             self.env.reader_check()
+        except (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError) as exc:
+            raise IndexDamaged(f"cache index {path} is damaged: {exc}") from None
         except lmdb.Error as exc:
             raise CacheError(f"cannot open cache index {path}: {exc}") from None
         try:
             self._check_format(path, readonly)
+            self._walk()
+        except lmdb.Error as exc:
+            _Envs.close(self.env)
+            raise IndexDamaged(f"cache index {path} is damaged: {exc}") from None
         except BaseException:
             _Envs.close(self.env)
             raise
+
+    def _walk(self) -> None:
+        """Read every record once: a garbled page fails here, at open, with
+        an lmdb error, rather than in the middle of serving reads."""
+        with self.env.begin() as txn:
+            for db in (self._meta, self._objects, self._chunks, self._lru, self._atime):
+                if db is None:
+                    continue
+                for _ in txn.cursor(db=db).iternext(keys=True, values=True):
+                    pass
 
     def _check_format(self, path: Path, readonly: bool) -> None:
         try:

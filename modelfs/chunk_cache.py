@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ import lmdb
 import trio
 import xxhash
 
+from . import cache_dir
 from .cache_index import CacheIndex, Victim
 from .config import (
     DEFAULT_CACHE_CAP,
@@ -64,7 +66,7 @@ from .config import (
     MountConfig,
     format_size,
 )
-from .errors import CacheError, CacheFormatError, ModelfsError
+from .errors import CacheError, CacheFormatError, IndexDamaged, ModelfsError
 from .payload import PayloadFile, PayloadStore, ofd_conflict, ofd_lock, ofd_lock_wait
 from .store import ObjectStore, ObjectVersion
 from .tier import S3Tier, SharedTier
@@ -72,7 +74,7 @@ from .tier import S3Tier, SharedTier
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-FORMAT_FILE = "modelfs-cache.json"
+FORMAT_FILE = cache_dir.FORMAT_FILE
 TOUCH_FLUSH_INTERVAL = 2.0
 # Another process fetching a chunk we want: poll its lock this often, and
 # after PEER_WAIT fetch it ourselves (a stalled peer must not stall us).
@@ -141,6 +143,8 @@ class CacheCounters:
 
 
 def _check_format(root: Path) -> None:
+    """Read the format file, or write it into a directory `cache_dir.vet`
+    accepted as empty (checked again, under the init lock)."""
     fmt_path = root / FORMAT_FILE
     if fmt_path.exists():
         try:
@@ -153,7 +157,7 @@ def _check_format(root: Path) -> None:
                 f"format {CACHE_FORMAT}; use another --cache-dir or delete it"
             )
         return
-    if any(p.name not in ("lock", "modelfs.log") for p in root.iterdir()):
+    if any(p.name not in cache_dir.FIRST_START_LEFTOVERS for p in root.iterdir()):
         raise CacheFormatError(
             f"{root} is not empty and is not a modelfs cache; use another --cache-dir"
         )
@@ -238,16 +242,15 @@ class ChunkCache:
     ) -> None:
         self.root = root
         self.store = store
-        try:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(root, 0o700)
-        except OSError as exc:
-            raise CacheError(f"cannot create cache directory {root}: {exc.strerror}") from None
+        cache_dir.claim(root)
         self._lock_fd = self._join(root)
         try:
             _check_format(root)
-            self.index = CacheIndex(root / "index")
+            self.index = self._open_index(root)
             self.payload = PayloadStore(root)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            raise CacheError(f"cannot use cache directory {root}: {exc.strerror or exc}") from None
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -296,6 +299,24 @@ class ChunkCache:
             memory_cache=cfg.memory_cache,
             tier=tier,
         )
+
+    def _open_index(self, root: Path) -> CacheIndex:
+        """The index, or a fresh one when it is damaged: the damaged one is
+        set aside (renamed, one warning) with the payload files it described,
+        which nothing indexes any more."""
+        try:
+            return CacheIndex(root / "index")
+        except IndexDamaged as exc:
+            aside = root / f"index.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+            os.replace(root / "index", aside)
+            if self.alone():
+                shutil.rmtree(root / "data", ignore_errors=True)
+            log.warning(
+                "%s; set it aside as %s and started an empty cache (chunks are fetched again)",
+                exc,
+                aside.name,
+            )
+            return CacheIndex(root / "index")
 
     @staticmethod
     def _join(root: Path) -> int:
@@ -657,7 +678,15 @@ class ChunkCache:
         tier = self.tier
         if tier is None:
             data, digest = await trio.to_thread.run_sync(
-                self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
+                self._fetch_sync,
+                obj,
+                start,
+                end,
+                limiter=self._fetch_limiter,
+                # A GET may stall for the whole retry timeout: shutdown (and
+                # a cancelled read) must not wait for it. The thread's late
+                # result is dropped; it writes nothing.
+                abandon_on_cancel=True,
             )
             return data, digest, None
         tier_key = tier.chunk_key(obj.key, obj.version, obj.chunk_size, n)
@@ -670,7 +699,15 @@ class ChunkCache:
             return got, checksum(got), None
         try:
             data, digest = await trio.to_thread.run_sync(
-                self._fetch_sync, obj, start, end, limiter=self._fetch_limiter
+                self._fetch_sync,
+                obj,
+                start,
+                end,
+                limiter=self._fetch_limiter,
+                # A GET may stall for the whole retry timeout: shutdown (and
+                # a cancelled read) must not wait for it. The thread's late
+                # result is dropped; it writes nothing.
+                abandon_on_cancel=True,
             )
         except BaseException:
             if lease is not None:

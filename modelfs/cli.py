@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cache_dir
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
@@ -45,6 +46,7 @@ from .mounts import (
     fusermount_unmount,
     process_alive,
     require_modelfs_mount,
+    resolve,
 )
 
 log = logging.getLogger("modelfs")
@@ -302,9 +304,12 @@ def _setup_logging(debug: bool, stream: object = None, path: Path | None = None)
     handler: logging.Handler
     fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     if path is not None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Owner only, like the cache: the log names keys and ranges.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Owner only, like the cache: the log names keys and ranges.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise ConfigError(f"cannot write the log file {path}: {exc.strerror or exc}") from None
         handler = logging.FileHandler(path)
     else:
         handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
@@ -330,7 +335,14 @@ def cmd_mount(cfg: MountConfig) -> int:
             f"modelfs: removed the disconnected mount a dead daemon left on {cfg.mountpoint}",
             file=sys.stderr,
         )
-    check_mountpoint(cfg.mountpoint)  # fail before forking on obvious mistakes
+    # Fail before forking, and before writing anything, on obvious mistakes.
+    cfg.mountpoint = check_mountpoint(cfg.mountpoint)
+    cache_root = cfg.resolved_cache_dir
+    cache_dir.refuse_inside(cache_root, cfg.mountpoint)
+    cache_dir.vet(cache_root)
+    if cfg.log_file is not None:
+        cfg.log_file = cfg.log_file.absolute()
+        cache_dir.refuse_inside(cfg.log_file.parent, cfg.mountpoint)
     if cfg.foreground:
         _setup_logging(cfg.debug)
 
@@ -371,6 +383,8 @@ def _daemon_child(cfg: MountConfig, write_fd: int) -> int:
         if to_journal:
             _setup_logging(cfg.debug)
         else:
+            if cfg.log_file is None:
+                cache_dir.claim(cfg.resolved_cache_dir)  # vetted: empty or a cache
             _setup_logging(cfg.debug, path=cfg.log_file or cfg.resolved_cache_dir / "modelfs.log")
         from .daemon import serve
 
@@ -424,7 +438,7 @@ def _cleanup_mount(mnt: Path) -> None:
 
 
 def cmd_umount(mnt: Path, lazy: bool) -> int:
-    mnt = Path(os.path.abspath(mnt))
+    mnt = Path(resolve(mnt))
     require_modelfs_mount(mnt)
     pid = None
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 Notify = Callable[[str | None], None]
 
+# Seconds requests in progress get to finish after a stop signal.
+SHUTDOWN_GRACE = 2.0
+
 
 def fuse_options(cfg: MountConfig) -> set[str]:
     source = str(cfg.source)
@@ -55,7 +59,24 @@ def build_store(cfg: MountConfig) -> ObjectStore:
     return S3Store(cfg)
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard one: the daemon holds one
+    descriptor per open object plus a connection per fetch slot, and a
+    distribution's default soft limit (1024) is below what a big model
+    needs. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep what we have: EMFILE is reported as such if it comes
+    return soft
+
+
 def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) -> int:
+    raise_fd_limit()
     mnt = check_mountpoint(cfg.mountpoint)
     store = store or build_store(cfg)
     store.probe(cfg.source.prefix)
@@ -129,9 +150,11 @@ async def _main(
         )
         nursery.start_soon(cache.run_background)
         nursery.start_soon(_sample_rates, ops)
-        nursery.start_soon(_stop_on_signal)
+        serving = trio.CancelScope()
+        nursery.start_soon(_stop_on_signal, serving)
         nursery.start_soon(_announce_ready, mnt, cfg, notify)
-        await pyfuse3.main()
+        with serving:
+            await pyfuse3.main()
         if cache.tier is not None:
             # Chunks other nodes may wait for: a few seconds to send them.
             with trio.move_on_after(10):
@@ -145,13 +168,22 @@ async def _sample_rates(ops: Operations) -> None:
         await trio.sleep(1.0)
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(serving: trio.CancelScope) -> None:
+    """Stop on SIGTERM/SIGINT/SIGHUP. pyfuse3.main() returns only once every
+    request in progress is answered, and a read may wait on a GET that stalls
+    for the whole --retry-timeout: after SHUTDOWN_GRACE the requests still
+    running are cancelled (their GET threads are abandoned, their readers get
+    an error when the mount goes), so systemd's stop timeout is never hit."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s, unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
             pyfuse3.terminate()
-            return
+            break
+    await trio.sleep(SHUTDOWN_GRACE)
+    if not serving.cancel_called:
+        log.info("cancelling the requests still in progress")
+        serving.cancel()
 
 
 async def _announce_ready(mnt: Path, cfg: MountConfig, notify: Notify) -> None:

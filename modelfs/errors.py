@@ -68,5 +68,10 @@ class CacheFormatError(CacheError):
     """The cache directory holds a format this version does not understand."""
 
 
+class IndexDamaged(CacheError):
+    """The cache's LMDB index is truncated or garbled; a cache is a cache:
+    the writer sets it aside and starts a fresh one."""
+
+
 class MountError(ModelfsError):
     """The mountpoint cannot be used or the kernel refused the mount."""

@@ -40,9 +40,15 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def resolve(path: str | Path) -> str:
+    """The path the kernel mounts on: absolute, symlinks resolved (a link to
+    a mountpoint names that mountpoint)."""
+    return os.path.realpath(path)
+
+
 def find_mount(path: str | Path) -> MountEntry | None:
     """The mount whose mountpoint is exactly `path` (the last one if stacked)."""
-    target = os.path.abspath(path)
+    target = resolve(path)
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -58,7 +64,7 @@ def find_mount(path: str | Path) -> MountEntry | None:
 
 def require_modelfs_mount(path: str | Path) -> MountEntry:
     """The modelfs mount at exactly `path`; MountError if there is none."""
-    mnt = os.path.abspath(path)
+    mnt = resolve(path)
     entry = find_mount(mnt)
     if entry is None:
         raise MountError(f"{mnt} is not mounted")
@@ -88,7 +94,7 @@ def clear_stale_mount(path: Path) -> bool:
     Such a mount answers "Transport endpoint is not connected" until it is
     removed. A dead mount of another filesystem is never touched.
     """
-    mnt = Path(os.path.abspath(path))
+    mnt = Path(resolve(path))
     entry = find_mount(mnt)
     if entry is None or entry.fstype != FSTYPE or not _is_disconnected(mnt):
         return False
@@ -98,7 +104,7 @@ def clear_stale_mount(path: Path) -> bool:
 
 def check_mountpoint(path: Path) -> Path:
     """Resolve and vet a mountpoint before anything is started."""
-    mnt = Path(os.path.abspath(path))
+    mnt = Path(resolve(path))
     if find_mount(mnt) is not None and _is_disconnected(mnt):
         raise _disconnected(mnt)
     try:

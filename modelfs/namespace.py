@@ -117,7 +117,9 @@ class Namespace:
             state.loading = trio.Event()
             state.error = None
             try:
-                listing = await trio.to_thread.run_sync(self.store.list_dir, node.key)
+                listing = await trio.to_thread.run_sync(
+                    self.store.list_dir, node.key, abandon_on_cancel=True
+                )
                 self._apply(node, state, listing)
             except BaseException as exc:
                 state.error = exc

@@ -290,6 +290,12 @@ def _emfile(exc: BaseException) -> bool:
     return False
 
 
+def not_s3(endpoint: str, detail: str) -> BadResponse:
+    return BadResponse(
+        f"the endpoint {endpoint} did not answer like S3 ({detail}); check --endpoint-url"
+    )
+
+
 def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> StoreError:
     """A botocore/boto3 failure as a modelfs StoreError."""
     import botocore.exceptions as bex
@@ -297,8 +303,12 @@ def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> St
     if isinstance(exc, bex.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        meta = exc.response.get("ResponseMetadata", {})
+        status = meta.get("HTTPStatusCode")
         msg = err.get("Message") or code
+        ctype = str(meta.get("HTTPHeaders", {}).get("content-type", ""))
+        if "html" in ctype.lower():
+            return not_s3(endpoint, f"HTTP {status}, {ctype}")
         if code in ("PreconditionFailed", "412") or status == 412:
             return ObjectChanged(f"{what}: object changed since it was opened")
         if code in ("NoSuchKey", "404", "NotFound"):
@@ -320,6 +330,9 @@ def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> St
             return AccessDenied(
                 f"access denied to bucket {bucket!r} ({code}: {msg}); check the credentials"
             )
+        if code in ("", str(status)) and not err.get("Message"):
+            # No S3 error document: something else answered.
+            return not_s3(endpoint, f"HTTP {status} without an S3 error")
         return StoreError(f"{what}: {code or status}: {msg}")
     if isinstance(exc, bex.NoCredentialsError):
         return AccessDenied(
@@ -331,6 +344,8 @@ def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> St
         exc, bex.EndpointConnectionError | bex.ConnectTimeoutError | bex.ConnectionClosedError
     ):
         return EndpointUnreachable(f"cannot reach {endpoint}: {exc}")
+    if isinstance(exc, bex.ResponseParserError):
+        return not_s3(endpoint, "its answer is not S3's XML")
     if isinstance(exc, bex.BotoCoreError):
         return StoreError(f"{what}: {exc}")
     return StoreError(f"{what}: {type(exc).__name__}: {exc}")
@@ -410,11 +425,16 @@ class S3Store:
     # -- operations -------------------------------------------------------
     def probe(self, prefix: str) -> None:
         try:
-            self._probe_client.list_objects_v2(
+            resp = self._probe_client.list_objects_v2(
                 Bucket=self.bucket, Prefix=prefix, Delimiter="/", MaxKeys=1
             )
         except Exception as exc:
             raise self._translate(exc, f"listing s3://{self.bucket}/{prefix}") from None
+        # An HTML page with status 200 parses as an empty listing: a real one
+        # always names its bucket and says whether it is truncated.
+        if "IsTruncated" not in resp and "Name" not in resp:
+            ctype = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("content-type")
+            raise not_s3(self._endpoint, f"HTTP 200, {ctype or 'no content type'}")
 
     def list_dir(self, prefix: str) -> Listing:
         out = Listing()

@@ -201,7 +201,7 @@ class SharedTier:
         """Run a blocking tier call; TierError on any failure (counted)."""
         try:
             result = await trio.to_thread.run_sync(
-                lambda: fn(*args, **kwargs), limiter=self._limiter
+                lambda: fn(*args, **kwargs), limiter=self._limiter, abandon_on_cancel=True
             )
         except Exception as exc:
             self._failed(exc, what)
