@@ -49,10 +49,10 @@ def vet(root: Path) -> bool:
     or empty. Raises CacheError with one line naming the path otherwise."""
     try:
         st = os.stat(root)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         # Some ancestor must be creatable: find the first existing one.
         parent = root.parent
-        while not parent.exists() and parent != parent.parent:
+        while not os.path.lexists(parent) and parent != parent.parent:
             parent = parent.parent
         if not parent.is_dir():
             raise CacheError(

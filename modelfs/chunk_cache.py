@@ -243,6 +243,12 @@ class ChunkCache:
         self.root = root
         self.store = store
         cache_dir.claim(root)
+        disk = shutil.disk_usage(root).total
+        if min_free and min_free >= disk:
+            raise CacheError(
+                f"--min-free-space {format_size(min_free)} is more than the filesystem of "
+                f"{root} holds ({format_size(disk)})"
+            )
         self._lock_fd = self._join(root)
         try:
             _check_format(root)

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from . import cache_dir
 from .config import (
@@ -144,8 +145,16 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """One line per usage error, like every other error of modelfs, instead
+    of argparse's usage block; --help still shows everything."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"modelfs: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="modelfs",
         description="Mount an S3-compatible bucket read-only, with a persistent chunk cache.",
     )
@@ -183,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
     )
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    m.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount over a directory that has files in it (they are hidden while mounted)",
+    )
     m.add_argument("--uid", type=int, help="owner of every file (default: yours)")
     m.add_argument("--gid", type=int, help="group of every file (default: yours)")
     m.add_argument("--foreground", "-f", action="store_true", help="do not detach")
@@ -250,6 +264,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         for k in (
             "metadata_ttl",
             "allow_other",
+            "nonempty",
             "uid",
             "gid",
             "foreground",
@@ -305,6 +320,13 @@ def _setup_logging(debug: bool, stream: object = None, path: Path | None = None)
     fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     if path is not None:
         try:
+            for above in (path.parent, *path.parent.parents):
+                if os.path.lexists(above):
+                    if not above.is_dir():
+                        raise ConfigError(
+                            f"cannot write the log file {path}: {above} is not a directory"
+                        )
+                    break
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Owner only, like the cache: the log names keys and ranges.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
@@ -336,7 +358,7 @@ def cmd_mount(cfg: MountConfig) -> int:
             file=sys.stderr,
         )
     # Fail before forking, and before writing anything, on obvious mistakes.
-    cfg.mountpoint = check_mountpoint(cfg.mountpoint)
+    cfg.mountpoint = check_mountpoint(cfg.mountpoint, nonempty=cfg.nonempty)
     cache_root = cfg.resolved_cache_dir
     cache_dir.refuse_inside(cache_root, cfg.mountpoint)
     cache_dir.vet(cache_root)
@@ -363,6 +385,10 @@ def cmd_mount(cfg: MountConfig) -> int:
 
 def _daemon_child(cfg: MountConfig, write_fd: int) -> int:
     os.setsid()
+    # Descriptors the caller passed on (a deploy script's `flock 9`) would
+    # stay held for the life of the mount: keep only stdio and the pipe.
+    os.closerange(3, write_fd)
+    os.closerange(write_fd + 1, 1 << 20)
     sent = False
 
     def notify(err: str | None) -> None:

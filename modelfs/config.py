@@ -6,6 +6,7 @@ so a typo produces a one-line `ConfigError` instead of a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ DEFAULT_CACHE_CAP = 64 * GiB
 # --min-free-space is not given: this share of the filesystem, at most the cap.
 DEFAULT_MIN_FREE_SHARE = 0.05
 DEFAULT_MIN_FREE_CAP = 4 * GiB
+# Bounds that catch typos: a week for any duration, 1024 parallel GETs (each
+# holds a thread, a connection and a chunk in memory).
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_FETCH_CONCURRENCY = 1024
 
 _UNITS = {
     "": 1,
@@ -119,6 +124,14 @@ def parse_patterns(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in re.split(r"[,:]", text) if p.strip())
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 if unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
 def default_cache_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/cache/modelfs")
@@ -147,6 +160,7 @@ class MountConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metadata_ttl: float = DEFAULT_METADATA_TTL
     allow_other: bool = False
+    nonempty: bool = False  # mount over a directory with files in it
     uid: int | None = None
     gid: int | None = None
     foreground: bool = False
@@ -182,8 +196,25 @@ class MountConfig:
             raise ConfigError("--memory-cache must hold at least one chunk (--chunk-size)")
         if self.cache_size is not None and self.cache_size < self.chunk_size * 4:
             raise ConfigError("--cache-size must hold at least four chunks")
+        for name, seconds in (
+            ("--metadata-ttl", self.metadata_ttl),
+            ("--shared-cache-lease", self.shared_cache_lease),
+            ("--connect-timeout", self.connect_timeout),
+            ("--read-timeout", self.read_timeout),
+            ("--retry-timeout", self.retry_timeout),
+        ):
+            if not math.isfinite(seconds) or seconds > MAX_SECONDS:
+                raise ConfigError(f"{name} must be a number of seconds up to {MAX_SECONDS:g}")
         if self.shared_cache_lease <= 0:
             raise ConfigError("--shared-cache-lease must be > 0")
+        if self.fetch_concurrency > MAX_FETCH_CONCURRENCY:
+            raise ConfigError(f"--fetch-concurrency must be at most {MAX_FETCH_CONCURRENCY}")
+        ram = physical_memory()
+        if ram and self.memory_cache > ram // 2:
+            raise ConfigError(
+                f"--memory-cache {format_size(self.memory_cache)} is more than half of this "
+                f"machine's memory ({format_size(ram)})"
+            )
         tier = self.shared_cache
         same_store = self.shared_cache_endpoint_url in (None, self.endpoint_url)
         if (

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,9 @@ def fuse_options(cfg: MountConfig) -> set[str]:
         "ro",
         "default_permissions",
         f"subtype={FSTYPE.split('.', 1)[1]}",
-        # Commas would split the option string; such prefixes get a plain name.
-        f"fsname={source if ',' not in source else 'modelfs'}",
+        # libfuse takes ASCII only, and a comma would split the option
+        # string: anything else is percent-encoded (s3://b/%D0%BC...).
+        f"fsname={urllib.parse.quote(source, safe='/:@')}",
     }
     if cfg.allow_other:
         opts.add("allow_other")
@@ -77,7 +79,7 @@ def raise_fd_limit() -> int:
 
 def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) -> int:
     raise_fd_limit()
-    mnt = check_mountpoint(cfg.mountpoint)
+    mnt = check_mountpoint(cfg.mountpoint, nonempty=cfg.nonempty)
     store = store or build_store(cfg)
     store.probe(cfg.source.prefix)
     cache = ChunkCache.for_config(cfg, store)

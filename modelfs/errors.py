@@ -56,6 +56,10 @@ class OutOfFileDescriptors(StoreError):
     """This process hit its open-file limit (EMFILE); not the endpoint's fault."""
 
 
+class SourceIsObject(StoreError):
+    """The mount source names an object, not a prefix."""
+
+
 class RetriesExhausted(StoreError):
     """Retries of a GET ran out of time (--retry-timeout); the read gets EIO."""
 

@@ -102,8 +102,9 @@ def clear_stale_mount(path: Path) -> bool:
     return True
 
 
-def check_mountpoint(path: Path) -> Path:
-    """Resolve and vet a mountpoint before anything is started."""
+def check_mountpoint(path: Path, *, nonempty: bool = False) -> Path:
+    """Resolve and vet a mountpoint before anything is started. A directory
+    with files in it is refused unless `nonempty`: the mount would hide them."""
     mnt = Path(resolve(path))
     if find_mount(mnt) is not None and _is_disconnected(mnt):
         raise _disconnected(mnt)
@@ -119,6 +120,16 @@ def check_mountpoint(path: Path) -> Path:
         raise MountError(f"mountpoint {mnt} is not a directory")
     if os.path.ismount(mnt) or find_mount(mnt) is not None:
         raise MountError(f"mountpoint {mnt} is busy: something is already mounted there")
+    if not nonempty:
+        try:
+            has_files = any(os.scandir(mnt))
+        except OSError as exc:
+            raise MountError(f"cannot use mountpoint {mnt}: {exc.strerror}") from None
+        if has_files:
+            raise MountError(
+                f"mountpoint {mnt} is not empty: the mount would hide its files "
+                "(use --nonempty to mount over them)"
+            )
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MountError("/dev/fuse is missing or not accessible; FUSE is required")
     if shutil.which("fusermount3") is None and os.geteuid() != 0:

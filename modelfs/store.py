@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import random
 import re
 import threading
@@ -30,6 +31,7 @@ from .errors import (
     ObjectChanged,
     OutOfFileDescriptors,
     RetriesExhausted,
+    SourceIsObject,
     StoreError,
 )
 
@@ -156,6 +158,13 @@ RETRYABLE_CODES = frozenset(
 )
 BACKOFF_BASE = 0.1  # seconds; doubles per attempt, full jitter
 BACKOFF_CAP = 5.0
+# A retry is not started with less than this left of --retry-timeout.
+MIN_ATTEMPT = 0.5
+# The start-up probe: an endpoint that does not answer fails the mount
+# within PROBE_TIMEOUT seconds (docs/semantics.md).
+PROBE_TIMEOUT = 10.0
+PROBE_CONNECT_TIMEOUT = 3.0
+PROBE_READ_TIMEOUT = 4.0
 
 
 class _Retry(Exception):
@@ -344,6 +353,8 @@ def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> St
         exc, bex.EndpointConnectionError | bex.ConnectTimeoutError | bex.ConnectionClosedError
     ):
         return EndpointUnreachable(f"cannot reach {endpoint}: {exc}")
+    if isinstance(exc, bex.ReadTimeoutError):
+        return EndpointUnreachable(f"{endpoint} did not answer in time: {exc}")
     if isinstance(exc, bex.ResponseParserError):
         return not_s3(endpoint, "its answer is not S3's XML")
     if isinstance(exc, bex.BotoCoreError):
@@ -413,28 +424,74 @@ class S3Store:
         # Ranged GETs retry in `get_range` itself: it resumes from the last
         # byte received and bounds the total time, which botocore's retries
         # (whole request again, attempts rather than time) cannot do.
-        self._get_client = client(cfg.connect_timeout, cfg.read_timeout, {"total_max_attempts": 1})
+        self._new_get_client = lambda connect, read: client(
+            connect, read, {"total_max_attempts": 1}
+        )
+        self._timeouts = (cfg.connect_timeout, cfg.read_timeout)
+        self._get_clients = {self._timeouts: self._new_get_client(*self._timeouts)}
+        self._clients_lock = threading.Lock()
         self.retry_timeout = cfg.retry_timeout
-        # The start-up probe must answer "unreachable" within seconds, so it
-        # uses short timeouts and a single retry.
-        self._probe_client = client(3, 10, {"mode": "standard", "max_attempts": 2})
+        # The start-up probe must answer "unreachable" within PROBE_TIMEOUT:
+        # short timeouts, one attempt, retried by `probe` while time is left.
+        self._probe_client = client(
+            PROBE_CONNECT_TIMEOUT, PROBE_READ_TIMEOUT, {"total_max_attempts": 1}
+        )
+
+    def _get_client_for(self, remaining: float) -> Any:
+        """A GET client whose stalls (connect + read timeout) fit in the
+        `remaining` seconds of --retry-timeout, so the bound is real: the
+        configured timeouts while they fit, else halving steps (a few more
+        clients, made once each, used only near the deadline)."""
+        connect, read = self._timeouts
+        if connect + read > remaining:
+            step = 2.0 ** math.floor(math.log2(max(remaining / 2, MIN_ATTEMPT / 2)))
+            connect, read = min(connect, step), min(read, step)
+        with self._clients_lock:
+            got = self._get_clients.get((connect, read))
+            if got is None:
+                got = self._get_clients[(connect, read)] = self._new_get_client(connect, read)
+            return got
 
     def _translate(self, exc: Exception, what: str) -> StoreError:
         return translate_error(exc, what, self.bucket, self._endpoint)
 
     # -- operations -------------------------------------------------------
     def probe(self, prefix: str) -> None:
-        try:
-            resp = self._probe_client.list_objects_v2(
-                Bucket=self.bucket, Prefix=prefix, Delimiter="/", MaxKeys=1
-            )
-        except Exception as exc:
-            raise self._translate(exc, f"listing s3://{self.bucket}/{prefix}") from None
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while True:
+            try:
+                resp = self._probe_client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=prefix, Delimiter="/", MaxKeys=1
+                )
+                break
+            except Exception as exc:
+                err = self._translate(exc, f"listing s3://{self.bucket}/{prefix}")
+                worth_again = isinstance(err, EndpointUnreachable) or type(err) is StoreError
+                left = deadline - time.monotonic()
+                if not worth_again or left < PROBE_CONNECT_TIMEOUT + PROBE_READ_TIMEOUT + 0.5:
+                    raise err from None
+                time.sleep(0.5)
         # An HTML page with status 200 parses as an empty listing: a real one
         # always names its bucket and says whether it is truncated.
         if "IsTruncated" not in resp and "Name" not in resp:
             ctype = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("content-type")
             raise not_s3(self._endpoint, f"HTTP 200, {ctype or 'no content type'}")
+        if prefix and not resp.get("Contents") and not resp.get("CommonPrefixes"):
+            self._refuse_object_source(prefix.rstrip("/"))
+
+    def _refuse_object_source(self, key: str) -> None:
+        """An empty prefix that is the key of an object: the user named a
+        file, which would mount as an empty directory."""
+        try:
+            resp = self._probe_client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+        except Exception:
+            return  # the first listing worked; this one is only a hint
+        if any(o.get("Key") == key for o in resp.get("Contents", ())):
+            parent = key.rpartition("/")[0]
+            raise SourceIsObject(
+                f"s3://{self.bucket}/{key} is an object, not a prefix; mount the "
+                f"prefix that holds it (s3://{self.bucket}/{parent})"
+            )
 
     def list_dir(self, prefix: str) -> Listing:
         out = Listing()
@@ -473,12 +530,13 @@ class S3Store:
             while True:
                 attempts += 1
                 try:
+                    client = self._get_client_for(deadline - time.monotonic())
                     # Fills `buf` to the end of the range, or raises.
-                    self._get_once(key, version, start + len(buf), end, buf)
+                    self._get_once(client, key, version, start + len(buf), end, buf)
                     return bytes(buf)
                 except _Retry as retry:
                     pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1)))
-                    if time.monotonic() + pause > deadline:
+                    if time.monotonic() + pause + MIN_ATTEMPT > deadline:
                         raise RetriesExhausted(
                             f"{what}: gave up after {attempts} attempts in "
                             f"{time.monotonic() - t0:.1f} s; last error: {retry.error}"
@@ -503,7 +561,7 @@ class S3Store:
             )
 
     def _get_once(
-        self, key: str, version: ObjectVersion, start: int, end: int, buf: bytearray
+        self, client: Any, key: str, version: ObjectVersion, start: int, end: int, buf: bytearray
     ) -> None:
         """One GET of [start, end), appending to `buf` as bytes arrive, so a
         failure mid-body keeps what was received. Raises _Retry for what a
@@ -525,7 +583,7 @@ class S3Store:
             )
         before = len(buf)
         try:
-            resp = self._get_client.get_object(**kwargs)
+            resp = client.get_object(**kwargs)
             body = resp["Body"]
             try:
                 check_response(what, version, start, end, resp)

@@ -55,6 +55,26 @@ def _fail_on_unexpected_log(
         pytest.fail("unexpected log records: " + "; ".join(r.getMessage() for r in bad))
 
 
+@pytest.fixture(autouse=True)
+def _no_mount_left_under_tmp(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that expected a mount to be refused, and failed because it was
+    made, must not leave it behind: any modelfs mount under the test's
+    tmp_path is unmounted (and its daemon then exits)."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    root = str(request.getfixturevalue("tmp_path"))
+    yield
+    with open("/proc/self/mountinfo") as f:
+        left = [
+            line.split()[4]
+            for line in f
+            if " - fuse.modelfs " in line and line.split()[4].startswith(root + "/")
+        ]
+    for mnt in left:
+        subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
+
+
 # -- servers ---------------------------------------------------------------
 @pytest.fixture(scope="session")
 def juicefs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JuiceFSGateway]:

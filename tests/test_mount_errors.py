@@ -53,7 +53,7 @@ def _mount_fails(
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 or lines[0].startswith("usage:"), proc.stderr
+    assert len(lines) == 1, proc.stderr
     if mnt.is_dir():
         assert find_mount(mnt) == mounted_before
     assert _daemons() <= before

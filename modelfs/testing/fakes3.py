@@ -10,7 +10,7 @@ ranged GET with If-Match), and can be told to misbehave:
 ``etags``         False: send no ETag anywhere (If-Match is then ignored);
 ``html``          answer everything with an HTML page of this status, as a
                   web server or captive portal at the wrong URL would;
-``stall``         seconds to wait before answering a GET.
+``stall``         seconds to wait before answering any request.
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except OSError:  # the client gave up (a stalled request timed out)
+                self.close_connection = True
 
     def _error(self, status: int, code: str) -> None:
         body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
@@ -67,11 +70,11 @@ class _Handler(BaseHTTPRequestHandler):
         if bucket != fake.bucket:
             self._error(404, "NoSuchBucket")
             return
+        if fake.stall:
+            time.sleep(fake.stall)
         if not key:
             self._list(parse_qs(split.query))
             return
-        if fake.stall:
-            time.sleep(fake.stall)
         with fake.lock:
             obj = fake.objects.get(key)
         if obj is None:
@@ -136,6 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     fake: FakeS3
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that hang up on a stalled answer are the point
 
 
 class FakeS3:
