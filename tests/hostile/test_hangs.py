@@ -118,9 +118,7 @@ def test_emfile_is_not_retried_as_a_network_error() -> None:
 
 # -- 11: endpoints that are not S3 --------------------------------------------------
 @pytest.mark.parametrize("status", [200, 404])
-def test_html_endpoint_is_refused_in_one_line(
-    fake: FakeS3, tmp_path: Path, status: int
-) -> None:
+def test_html_endpoint_is_refused_in_one_line(fake: FakeS3, tmp_path: Path, status: int) -> None:
     fake.html = status
     mnt = tmp_path / "mnt"
     mnt.mkdir()

@@ -35,7 +35,9 @@ def test_unicode_prefix_mounts(bucket: Bucket, mounter: Mounter) -> None:
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     ro = tmp_path / "ro"
     ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "modelfs-test", str(ro)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "modelfs-test", str(ro)], check=True
+    )
     try:
         yield ro
     finally:
@@ -119,9 +121,7 @@ def test_stalled_endpoint_fails_the_mount_within_ten_seconds(
     assert took < 15, f"{took:.1f} s (documented: 10 s; 30.7 s before)"
 
 
-def test_retry_timeout_is_a_real_bound(
-    fake: FakeS3, fake_bucket: Bucket, mounter: Mounter
-) -> None:
+def test_retry_timeout_is_a_real_bound(fake: FakeS3, fake_bucket: Bucket, mounter: Mounter) -> None:
     fake.put("w.bin", b"x" * 1000)
     m = mounter(
         fake_bucket,
@@ -159,7 +159,9 @@ def test_source_naming_an_object_is_refused(tmp_path: Path, bucket: Bucket) -> N
     assert "is an object, not a prefix" in msg and f"s3://{bucket.name}/models" in msg, msg
 
 
-def test_fd_of_the_caller_is_not_inherited(bucket: Bucket, mounter: Mounter, tmp_path: Path) -> None:
+def test_fd_of_the_caller_is_not_inherited(
+    bucket: Bucket, mounter: Mounter, tmp_path: Path
+) -> None:
     bucket.put("w.bin", b"x")
     lock = tmp_path / "deploy.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
