@@ -38,6 +38,7 @@ from .config import (
     parse_size,
 )
 from .errors import ConfigError, ModelfsError, MountError
+from .humane import HumaneFormatter, for_humans
 from .mountopts import expand_o, helper_argv
 from .mounts import (
     FSTYPE,
@@ -150,7 +151,7 @@ class _Parser(argparse.ArgumentParser):
     of argparse's usage block; --help still shows everything."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"modelfs: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"modelfs: error: {for_humans(message)} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,7 +338,7 @@ def _setup_logging(debug: bool, stream: object = None, path: Path | None = None)
         handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
         if journal_stderr():
             fmt = "%(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(HumaneFormatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -450,7 +451,7 @@ def _wait_for_daemon(pid: int, read_fd: int, cfg: MountConfig) -> int:
         pass
     _cleanup_mount(cfg.mountpoint)
     if line.startswith("ERR "):
-        raise MountError(line[4:])
+        raise MountError(for_humans(line[4:]))
     raise MountError("the daemon exited during start-up; see its log")
 
 
@@ -515,7 +516,7 @@ def cmd_pull(cfg: MountConfig, dest: Path, force: bool, debug: bool) -> int:
         f"{len(result.skipped)} up to date, {len(result.failed)} failed"
     )
     for rel, err in result.failed.items():
-        print(f"modelfs: error: {rel}: {err}", file=sys.stderr)
+        print(f"modelfs: error: {for_humans(f'{rel}: {err}')}", file=sys.stderr)
     return 1 if result.failed else 0
 
 
@@ -559,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cache(args.cache_command, args)
         return cmd_umount(args.mountpoint, args.lazy)
     except ModelfsError as exc:
-        print(f"modelfs: error: {exc}", file=sys.stderr)
+        print(f"modelfs: error: {for_humans(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return _interrupted()

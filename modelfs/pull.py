@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 METADATA_DIR = Path(".cache/s3/download")
 PART_SUFFIX = ".modelfs-part"  # a file being written; removed by the next pull if left
+# Bytes of a file's name kept in its temporary name: 255, less the dots, the
+# random part of mkstemp (8) and the longest suffix.
+TEMP_NAME_ROOM = 255 - 2 - 8 - len(PART_SUFFIX) - 8
 
 
 @dataclass
@@ -83,9 +86,17 @@ def up_to_date(dest: Path, rel: str, obj: ObjectInfo) -> bool:
         return False
 
 
+def _temp_prefix(name: str) -> str:
+    """``.NAME.`` for a temporary file beside NAME, with NAME cut so the
+    whole temporary name (random part and suffix added) fits in 255 bytes:
+    a file name of 236-255 bytes must be copyable too."""
+    raw = name.encode("utf-8", "surrogateescape")[:TEMP_NAME_ROOM]
+    return "." + raw.decode("utf-8", "ignore") + "."
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
@@ -126,7 +137,7 @@ async def _pull_one(
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise ModelfsError(f"{path} is a directory")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PART_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=PART_SUFFIX)
     try:
         os.ftruncate(fd, info.version.size)
         obj = cache.open_object(info.key, info.version, chunk_size)
@@ -144,10 +155,13 @@ async def _pull_one(
     os.replace(tmp, path)
     # Written after the file: a crash in between leaves a file without
     # metadata, which the next pull copies again (from the cache).
+    meta = metadata_path(dest, rel)
+    if len(meta.name.encode("utf-8", "surrogateescape")) > 255:
+        return  # no room for AIBrix's ".metadata" name: the next pull copies it again
     if info.version.etag:
-        _atomic_write_text(metadata_path(dest, rel), info.version.etag)
+        _atomic_write_text(meta, info.version.etag)
     else:
-        metadata_path(dest, rel).unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
 
 
 def pull(

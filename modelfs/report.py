@@ -21,6 +21,7 @@ from typing import Any
 from . import cache_admin
 from .config import default_cache_dir, format_size
 from .errors import CacheError, MountError
+from .humane import escape
 from .mounts import require_modelfs_mount
 
 
@@ -132,7 +133,7 @@ def cmd_cache(action: str, args: argparse.Namespace) -> int:
             print(
                 f"{format_size(e.cached_bytes):>10} {format_size(size):>10} "
                 f"{_pct(e.cached_bytes, size):>4}  {when:<19}  "
-                f"{str(e.meta.get('etag') or '-'):<34}  {e.meta.get('key', '?')}"
+                f"{str(e.meta.get('etag') or '-'):<34}  {escape(str(e.meta.get('key', '?')))}"
             )
         return 0
     if action == "du":
