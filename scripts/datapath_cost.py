@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""What one GiB costs on the data path: CPU, page faults and peak RSS.
+
+Uploads a model (SIZE MiB in SHARDS files) to a JuiceFS gateway on loopback,
+mounts it, and reads every file once cold (empty cache, page cache dropped)
+and once warm (a fresh mount over the filled cache, page cache dropped).
+For each phase it prints, from /proc: MiB/s, the daemon's CPU seconds per
+GiB (user + system), the gateway's CPU seconds per GiB, the daemon's page
+faults per MiB (minor + major) and its peak RSS (VmHWM). Used for the
+before/after numbers of data-path changes (docs/benchmarks.md). Needs root.
+
+    .venv/bin/python scripts/datapath_cost.py --size-mib 1024 --shards 4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import drop_caches, generate_model, proc_hwm, read_files  # noqa: E402
+
+from modelfs.testing.s3server import JuiceFSGateway  # noqa: E402
+
+MiB = 1 << 20
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[float, int]:
+    """(CPU seconds, page faults) of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # After the command: state ppid ... minflt(7) cminflt majflt(9) ... utime(11) stime(12)
+    return (int(fields[11]) + int(fields[12])) / TICK, int(fields[7]) + int(fields[9])
+
+
+def _mount(srv: JuiceFSGateway, mnt: Path, cache: Path, extra: list[str]) -> int:
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelfs", "mount", "s3://cost", str(mnt)]
+        + ["--endpoint-url", srv.endpoint_url, "--cache-dir", str(cache), *extra],
+        env=dict(os.environ, **srv.env()),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    return int(os.getxattr(mnt, "user.modelfs.pid"))
+
+
+def _umount(mnt: Path) -> None:
+    subprocess.run([sys.executable, "-m", "modelfs", "umount", str(mnt)], check=True)
+
+
+def measure(
+    srv: JuiceFSGateway, mnt: Path, cache: Path, names: list[str], extra: list[str]
+) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    assert srv.proc is not None
+    for phase in ("cold", "warm"):
+        if phase == "cold":
+            shutil.rmtree(cache, ignore_errors=True)
+        pid = _mount(srv, mnt, cache, extra)
+        drop_caches()
+        d_cpu, d_flt = _stat(pid)
+        s_cpu, _ = _stat(srv.proc.pid)
+        t = time.perf_counter()
+        total = read_files([mnt / n for n in names])
+        secs = time.perf_counter() - t
+        d_cpu2, d_flt2 = _stat(pid)
+        s_cpu2, _ = _stat(srv.proc.pid)
+        gib = total / (1 << 30)
+        out[phase] = {
+            "mib_s": total / MiB / secs,
+            "daemon_cpu_s_per_gib": (d_cpu2 - d_cpu) / gib,
+            "server_cpu_s_per_gib": (s_cpu2 - s_cpu) / gib,
+            "faults_per_mib": (d_flt2 - d_flt) / (total / MiB),
+            "peak_rss_mib": proc_hwm(pid) / MiB,
+        }
+        _umount(mnt)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("extra", nargs="*", help="more `modelfs mount` options (after --)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="modelfs-cost-", dir="/var/tmp"))
+    mnt = work / "mnt"
+    mnt.mkdir()
+    try:
+        with JuiceFSGateway(work / "gw") as srv:
+            (work / "model").mkdir()
+            files = generate_model(work / "model", args.size_mib * MiB, args.shards)
+            client = srv.client()
+            client.create_bucket(Bucket="cost")
+            for f in files:
+                client.upload_file(str(f), "cost", f.name)
+            shutil.rmtree(work / "model")
+            names = [f.name for f in files]
+            runs = [
+                measure(srv, mnt, work / "cache", names, args.extra) for _ in range(args.rounds)
+            ]
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    medians = {
+        phase: {k: statistics.median(r[phase][k] for r in runs) for k in runs[0][phase]}
+        for phase in ("cold", "warm")
+    }
+    if args.json:
+        print(json.dumps({"runs": runs, "median": medians}, indent=2))
+    else:
+        for phase, m in medians.items():
+            print(
+                f"{phase}: {m['mib_s']:.0f} MiB/s, "
+                f"daemon {m['daemon_cpu_s_per_gib']:.2f} CPU s/GiB, "
+                f"server {m['server_cpu_s_per_gib']:.2f} CPU s/GiB, "
+                f"{m['faults_per_mib']:.0f} faults/MiB, peak RSS {m['peak_rss_mib']:.0f} MiB"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
