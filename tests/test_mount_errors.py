@@ -52,6 +52,7 @@ def _mount_fails(
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
+    assert "internal error" not in proc.stderr, proc.stderr  # a user error, named as such
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     if mnt.is_dir():

@@ -15,7 +15,7 @@ import pytest
 from modelfs.mounts import find_mount
 from modelfs.testing.fakes3 import FakeS3
 
-from ..conftest import Bucket, Mounter
+from ..conftest import Bucket, Mounter, run_modelfs
 from ..test_mount_errors import _mount_fails
 
 pytestmark = pytest.mark.mount
@@ -48,8 +48,24 @@ def test_cache_dir_on_read_only_filesystem(
     tmp_path: Path, bucket: Bucket, read_only_dir: Path
 ) -> None:
     where = read_only_dir / "cache"
-    msg = _mount_fails(tmp_path, bucket, "--cache-dir", str(where))
-    assert str(where) in msg and "Read-only file system" in msg, msg
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # No --log-file: the log would go into the cache directory, the first
+    # thing the daemon writes.
+    proc = run_modelfs(
+        "mount",
+        f"s3://{bucket.name}",
+        str(mnt),
+        "--endpoint-url",
+        bucket.endpoint_url,
+        "--cache-dir",
+        str(where),
+        env=bucket.env,
+    )
+    msg = proc.stderr
+    assert proc.returncode == 1 and msg.count("\n") == 1, msg
+    assert str(where) in msg and "Read-only file system" in msg and "internal" not in msg, msg
+    assert find_mount(mnt) is None
 
 
 def test_log_file_on_read_only_filesystem(
