@@ -68,7 +68,7 @@ from .config import (
 )
 from .errors import CacheError, CacheFormatError, IndexDamaged, ModelfsError
 from .payload import PayloadFile, PayloadStore, ofd_conflict, ofd_lock, ofd_lock_wait
-from .store import ObjectStore, ObjectVersion
+from .store import Bytes, ObjectStore, ObjectVersion
 from .tier import S3Tier, SharedTier
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,10 @@ PEER_WAIT = 30.0
 _MEMBER_BYTE, _INIT_BYTE = 0, 1
 
 ChunkKey = tuple[bytes, int]
-Buffer = bytes | memoryview
+Buffer = bytes | bytearray | memoryview
 
 
-def checksum(data: bytes | memoryview) -> int:
+def checksum(data: Bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
@@ -118,7 +118,7 @@ class CachedObject:
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
-    data: bytes | None = None  # None: failed, cancelled, or an eviction
+    data: Bytes | None = None  # None: failed, cancelled, or an eviction
     fetched: bool = False  # the bytes came from the origin, not the disk
 
 
@@ -276,7 +276,7 @@ class ChunkCache:
         self._prefetched: dict[ChunkKey, int] = {}
         self._reserved = 0
         self._storage_warned = False  # a failed cache write is warned once per mount
-        self._mem: cachetools.LRUCache[ChunkKey, bytes] = cachetools.LRUCache(
+        self._mem: cachetools.LRUCache[ChunkKey, Bytes] = cachetools.LRUCache(
             maxsize=max(1, memory_cache), getsizeof=len
         )
         self.slots = FetchSlots(fetch_concurrency)
@@ -404,7 +404,7 @@ class ChunkCache:
         if offset >= end:
             return b""
         chunks = range(offset // obj.chunk_size, (end - 1) // obj.chunk_size + 1)
-        bufs: dict[int, bytes] = {}
+        bufs: dict[int, Bytes] = {}
         fetched: set[int] = set()
 
         async def load(n: int) -> None:
@@ -456,7 +456,7 @@ class ChunkCache:
         self.counters.hit_bytes += end - offset - miss
         return data
 
-    def _remember(self, key: ChunkKey, data: bytes) -> None:
+    def _remember(self, key: ChunkKey, data: Bytes) -> None:
         # Always replace: an entry left from before an eviction could hold
         # the chunk as cut with another chunk size.
         self._mem.pop(key, None)
@@ -505,7 +505,7 @@ class ChunkCache:
             return False
         return (await self._get(obj, n, prefetch))[1]
 
-    async def _get(self, obj: CachedObject, n: int, background: bool) -> tuple[bytes, bool]:
+    async def _get(self, obj: CachedObject, n: int, background: bool) -> tuple[Bytes, bool]:
         """Chunk `n`'s verified bytes, and whether they came from the origin.
         Background work that has to load the chunk takes a background fetch
         slot first; one that finds it in memory or in flight just takes it."""
@@ -517,7 +517,7 @@ class ChunkCache:
         finally:
             self.slots.release()
 
-    async def _chunk(self, obj: CachedObject, n: int, background: bool) -> tuple[bytes, bool]:
+    async def _chunk(self, obj: CachedObject, n: int, background: bool) -> tuple[Bytes, bool]:
         """Chunk `n`'s verified bytes, and whether they came from the origin."""
         key = (obj.obj_id, n)
         while True:
@@ -543,7 +543,7 @@ class ChunkCache:
                 del self._flights[key]
                 flight.done.set()
 
-    async def _load(self, obj: CachedObject, n: int, background: bool) -> tuple[bytes, bool]:
+    async def _load(self, obj: CachedObject, n: int, background: bool) -> tuple[Bytes, bool]:
         """Chunk `n` from disk if it verifies, else from the origin (stored
         on the way when the cache can take it). A `background` caller
         already holds a fetch slot."""
@@ -582,7 +582,9 @@ class ChunkCache:
         self._remember(key, data)
         return data, True
 
-    async def _from_disk(self, obj: CachedObject, n: int, *, corrupt_is_news: bool) -> bytes | None:
+    async def _from_disk(
+        self, obj: CachedObject, n: int, *, corrupt_is_news: bool
+    ) -> Bytes | None:
         """The chunk's bytes from its payload file if the index records it
         and they match its checksum; None otherwise."""
         start, end = obj.chunk_span(n)
@@ -633,7 +635,7 @@ class ChunkCache:
             if locked:
                 pf.unlock(start, end - start)
 
-    async def _store(self, obj: CachedObject, n: int, data: bytes, digest: int) -> bool:
+    async def _store(self, obj: CachedObject, n: int, data: Bytes, digest: int) -> bool:
         """Write a fetched chunk to the cache; False when it could not."""
         self._reserved += len(data)
         try:
@@ -677,7 +679,7 @@ class ChunkCache:
 
     async def _fetch(
         self, obj: CachedObject, n: int
-    ) -> tuple[bytes, int, Callable[[], None] | None]:
+    ) -> tuple[Bytes, int, Callable[[], None] | None]:
         """Chunk `n` from the shared tier or the origin: (bytes, checksum,
         what to call to upload it to the tier once stored locally)."""
         start, end = obj.chunk_span(n)
@@ -721,7 +723,7 @@ class ChunkCache:
             raise
         return data, digest, lambda: tier.upload(tier_key, data, digest, lease)
 
-    def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[bytes, int]:
+    def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[Bytes, int]:
         data = self.store.get_range(obj.key, obj.version, start, end)
         return data, checksum(data)
 

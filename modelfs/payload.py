@@ -100,7 +100,7 @@ class PayloadFile:
     def pread(self, length: int, offset: int) -> bytes:
         return os.pread(self._require_fd(), length, offset)
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
         fd = self._require_fd()
         view = memoryview(data)
         while view:

@@ -83,6 +83,10 @@ class Listing:
     prefixes: list[str] = field(default_factory=list)
 
 
+# A chunk's bytes as the store hands them over: a buffer received in place
+# (bytearray) or an immutable copy; read-only by convention either way.
+Bytes = bytes | bytearray
+
 # Upper bounds (seconds) of the GET latency histogram; +Inf is implied.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -198,9 +202,9 @@ class ObjectStore(Protocol):
 
     def list_dir(self, prefix: str) -> Listing: ...
 
-    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
+    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> Bytes:
         """Bytes [start, end) of `key`, failing with ObjectChanged if the
-        object is no longer `version`."""
+        object is no longer `version`. The caller must not write to them."""
         ...
 
     def probe(self, prefix: str) -> None:
@@ -516,14 +520,19 @@ class S3Store:
         except Exception as exc:
             raise self._translate(exc, f"listing s3://{self.bucket}/{prefix}") from None
 
-    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
+    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> Bytes:
         """Bytes [start, end), retried with backoff and resumed from the last
-        byte received until `retry_timeout` runs out."""
+        byte received until `retry_timeout` runs out.
+
+        The body is received straight into one buffer of the range's size
+        (`recv_into`, see `_receive`): no per-piece objects, no joining copy.
+        The buffer is returned as it is; callers never write to it."""
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         t0 = time.monotonic()
         deadline = t0 + self.retry_timeout
         self.counters.start_get()
-        buf = bytearray()
+        buf = bytearray(end - start)
+        filled = _Filled()
         attempts = 0
         error: StoreError | None = None
         try:
@@ -532,8 +541,8 @@ class S3Store:
                 try:
                     client = self._get_client_for(deadline - time.monotonic())
                     # Fills `buf` to the end of the range, or raises.
-                    self._get_once(client, key, version, start + len(buf), end, buf)
-                    return bytes(buf)
+                    self._get_once(client, key, version, start, end, buf, filled)
+                    return buf
                 except _Retry as retry:
                     pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1)))
                     if time.monotonic() + pause + MIN_ATTEMPT > deadline:
@@ -561,14 +570,25 @@ class S3Store:
             )
 
     def _get_once(
-        self, client: Any, key: str, version: ObjectVersion, start: int, end: int, buf: bytearray
+        self,
+        client: Any,
+        key: str,
+        version: ObjectVersion,
+        range_start: int,
+        end: int,
+        buf: bytearray,
+        filled: _Filled,
     ) -> None:
-        """One GET of [start, end), appending to `buf` as bytes arrive, so a
-        failure mid-body keeps what was received. Raises _Retry for what a
-        retry may cure, a StoreError for what it cannot."""
+        """One GET of the part of [range_start, end) not yet in `buf`,
+        received into it as bytes arrive, so a failure mid-body keeps what
+        was received (`filled`). Raises _Retry for what a retry may cure, a
+        StoreError for what it cannot."""
+        import http.client
+
         import botocore.exceptions as bex
         import urllib3.exceptions
 
+        start = range_start + filled.n
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
         if version.etag:
@@ -581,7 +601,7 @@ class S3Store:
             kwargs["IfUnmodifiedSince"] = datetime.datetime.fromtimestamp(
                 -(-version.mtime_ns // 10**9), tz=datetime.UTC
             )
-        before = len(buf)
+        before = filled.n
         try:
             resp = client.get_object(**kwargs)
             body = resp["Body"]
@@ -592,11 +612,7 @@ class S3Store:
                 # drops the connection instead of draining a whole object.
                 body.close()
                 raise
-            while len(buf) - before < end - start:
-                piece = body.read(min(1 << 20, end - start - (len(buf) - before)))
-                if not piece:
-                    break
-                buf += piece
+            _receive(body, memoryview(buf), filled)
         except StoreError:
             raise
         except bex.ClientError as exc:
@@ -618,6 +634,7 @@ class S3Store:
             bex.ResponseStreamingError,
             bex.IncompleteReadError,
             urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
             ConnectionError,
             TimeoutError,
         ) as exc:
@@ -629,9 +646,51 @@ class S3Store:
                 raise _out_of_fds(what) from None
             raise self._translate(exc, what) from None
         finally:
-            self.counters.add_get(len(buf) - before)
-        if len(buf) - before < end - start:
-            raise _Retry(StoreError(f"body ended after {len(buf) - before} of {end - start} bytes"))
+            self.counters.add_get(filled.n - before)
+        if filled.n < len(buf):
+            raise _Retry(StoreError(f"body ended after {filled.n - before} of {end - start} bytes"))
+
+
+class _Filled:
+    """Bytes of a range's buffer received so far, across attempts."""
+
+    n: int = 0
+
+
+def _receive(body: Any, view: memoryview, filled: _Filled) -> None:
+    """Receive a response body into `view[filled.n:]`.
+
+    botocore's body wraps a urllib3 response whose `readinto` is `read()`
+    plus a copy; the http.client response under it has a real `recv_into`.
+    Reading that one fills the buffer with no object per piece, and once
+    the body is read to its Content-Length the connection is handed back to
+    the pool. Anything unexpected (another HTTP stack) falls back to
+    `read()` pieces, copied in."""
+    import http.client
+
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if raw is not None and isinstance(fp, http.client.HTTPResponse):
+        try:
+            while filled.n < len(view):
+                got = fp.readinto(view[filled.n :])
+                if not got:
+                    break
+                filled.n += got
+        except BaseException:
+            raw.close()  # a half-read connection must not be reused
+            raise
+        if filled.n == len(view) and fp.isclosed():
+            raw.release_conn()
+        else:
+            raw.close()
+        return
+    while filled.n < len(view):
+        piece = body.read(min(1 << 20, len(view) - filled.n))
+        if not piece:
+            break
+        view[filled.n : filled.n + len(piece)] = piece
+        filled.n += len(piece)
 
 
 class MemoryStore:

@@ -82,7 +82,7 @@ class TierStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
-def frame(tier_key: str, data: bytes, digest: int) -> bytes:
+def frame(tier_key: str, data: bytes | bytearray, digest: int) -> bytes:
     return _HEADER.pack(MAGIC, TIER_FORMAT, 0, len(data), digest, _key_digest(tier_key)) + data
 
 
@@ -324,7 +324,9 @@ class SharedTier:
             )
 
     # -- uploads ---------------------------------------------------------
-    def upload(self, tier_key: str, data: bytes, digest: int, lease_key: str | None) -> None:
+    def upload(
+        self, tier_key: str, data: bytes | bytearray, digest: int, lease_key: str | None
+    ) -> None:
         """Queue a chunk for the tier; never blocks. A full queue drops it
         (and its lease, so waiting nodes stop waiting)."""
         if not self.available() or self._queued_bytes + len(data) > self._queue_limit:
