@@ -24,6 +24,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -79,6 +80,38 @@ def payload_path(cache_root: Path, obj_id: bytes) -> Path:
     return cache_root / "data" / name[:2] / name
 
 
+# O_DIRECT wants offsets, lengths and buffer addresses on this boundary.
+DIRECT_ALIGN = 4096
+# Bounce buffers: page-aligned (mmap), reused, one per concurrent writer.
+BOUNCE_SIZE = 2 << 20
+_bounces: list[mmap.mmap] = []
+_bounce_lock = threading.Lock()
+_direct_ok = True  # False once the cache's filesystem refused O_DIRECT
+
+
+def _direct_write(dfd: int, view: memoryview, offset: int) -> None:
+    """Write block-aligned `view` at `offset` through `dfd` (O_DIRECT),
+    copying it piece by piece into a page-aligned bounce buffer."""
+    with _bounce_lock:
+        bounce = _bounces.pop() if _bounces else mmap.mmap(-1, BOUNCE_SIZE)
+    try:
+        b = memoryview(bounce)
+        try:
+            while view:
+                n = min(len(view), BOUNCE_SIZE)
+                b[:n] = view[:n]
+                done = 0
+                while done < n:
+                    done += os.pwrite(dfd, b[done:n], offset + done)
+                view = view[n:]
+                offset += n
+        finally:
+            b.release()
+    finally:
+        with _bounce_lock:
+            _bounces.append(bounce)
+
+
 class PayloadFile:
     """An open payload file; use through `PayloadStore.acquire/release`.
 
@@ -91,6 +124,7 @@ class PayloadFile:
         self.fd = fd
         self.error = error  # why an unbacked file could not be created
         self.refs = 0
+        self.dfd: int | None = None  # O_DIRECT descriptor for writes, opened on first use
 
     def _require_fd(self) -> int:
         if self.fd is None:
@@ -100,13 +134,44 @@ class PayloadFile:
     def pread(self, length: int, offset: int) -> bytes:
         return os.pread(self._require_fd(), length, offset)
 
-    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write `data` at `offset`. The block-aligned part goes through an
+        O_DIRECT descriptor from a page-aligned bounce buffer when the
+        filesystem allows it (on this kind of VM a buffered 8 MiB write
+        costs 2-3.5 CPU s/GiB of page-cache work, O_DIRECT under 0.1 and
+        the copy into the bounce buffer 0.08); the rest, and filesystems
+        that refuse O_DIRECT (tmpfs), are written buffered."""
         fd = self._require_fd()
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        if offset % DIRECT_ALIGN == 0 and len(view) >= DIRECT_ALIGN:
+            dfd = self._direct_fd()
+            if dfd is not None:
+                aligned = len(view) - len(view) % DIRECT_ALIGN
+                _direct_write(dfd, view[:aligned], offset)
+                view = view[aligned:]
+                offset += aligned
         while view:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
+
+    def _direct_fd(self) -> int | None:
+        """This file opened with O_DIRECT, or None where that is refused."""
+        global _direct_ok
+        if self.dfd is None and _direct_ok:
+            try:
+                self.dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _direct_ok = False  # the cache's filesystem refuses it: ask no more
+        return self.dfd
+
+    def close(self) -> None:
+        for fd in (self.fd, self.dfd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.dfd = None
 
     def try_lock(self, start: int, length: int) -> bool:
         return self.fd is None or ofd_lock(self.fd, start, length)
@@ -156,8 +221,7 @@ class PayloadStore:
             pf.refs -= 1
             if pf.refs == 0:
                 del self._open[obj_id]
-                if pf.fd is not None:
-                    os.close(pf.fd)
+                pf.close()
 
     def punch(self, pf: PayloadFile, offset: int, length: int) -> None:
         """Free a chunk's blocks."""
@@ -189,6 +253,5 @@ class PayloadStore:
     def close_all(self) -> None:
         with self._lock:
             for pf in self._open.values():
-                if pf.fd is not None:
-                    os.close(pf.fd)
+                pf.close()
             self._open.clear()
