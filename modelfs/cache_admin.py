@@ -141,6 +141,9 @@ class _NoOrigin:
     def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
         raise StoreError("offline")
 
+    def get_chunks(self, *args: Any, **kwargs: Any) -> None:
+        raise StoreError("offline")
+
     def probe(self, prefix: str) -> None:
         return None
 

@@ -80,6 +80,10 @@ TOUCH_FLUSH_INTERVAL = 2.0
 # after PEER_WAIT fetch it ourselves (a stalled peer must not stall us).
 PEER_POLL = 0.01
 PEER_WAIT = 30.0
+# Background fetches of consecutive chunks (read-ahead, prefetch on open) are
+# one GET of up to this many bytes: a server spends less CPU per byte on
+# large GETs (the JuiceFS gateway: 1.66 s/GiB at 8 MiB, ~1.2 at 32-64 MiB).
+RUN_BYTES = 32 << 20
 # Bytes of the lock file: 0 is held shared by every process using the cache,
 # 1 exclusively while one creates or checks the format and index.
 _MEMBER_BYTE, _INIT_BYTE = 0, 1
@@ -271,6 +275,9 @@ class ChunkCache:
         self.counters = CacheCounters()
         self._objects: dict[bytes, CachedObject] = {}
         self._flights: dict[ChunkKey, _Flight] = {}
+        # Chunks a coalesced GET handed out whose payload write is running:
+        # readers take them from here, not from the origin a second time.
+        self._storing: dict[ChunkKey, Bytes] = {}
         self._pins: Counter[ChunkKey] = Counter()
         self._touched: dict[ChunkKey, None] = {}
         self._prefetched: dict[ChunkKey, int] = {}
@@ -471,7 +478,122 @@ class ChunkCache:
     def is_ready(self, obj: CachedObject, n: int) -> bool:
         """Being loaded or held in memory: nothing for read-ahead to do."""
         key = (obj.obj_id, n)
-        return key in self._flights or key in self._mem
+        return key in self._flights or key in self._mem or key in self._storing
+
+    def run_length(self, obj: CachedObject) -> int:
+        """How many chunks of `obj` one coalesced GET fetches at most."""
+        return max(1, RUN_BYTES // obj.chunk_size)
+
+    async def ensure_run(self, obj: CachedObject, chunks: list[int]) -> int:
+        """Background work: load consecutive `chunks`, fetching the ones
+        missing everywhere (memory, disk, other processes) in GETs of up to
+        `run_length` chunks, each chunk released to waiting readers the
+        moment its bytes are in. One background fetch slot is held for the
+        whole run (one GET at a time). Returns how many came from the origin.
+
+        Without a shared tier only: the tier is read chunk by chunk."""
+        if self.tier is not None or len(chunks) == 1:
+            return sum([await self.ensure(obj, n, prefetch=True) for n in chunks])
+        await self.slots.acquire(background=True)
+        try:
+            fetched, i = 0, 0
+            while i < len(chunks):
+                segment = self._claim_segment(obj, chunks[i:])
+                if segment:
+                    fetched += await self._fetch_segment(obj, segment)
+                    i += len(segment)
+                    continue
+                n = chunks[i]
+                if not self.is_ready(obj, n):  # on disk, or a peer has its lock
+                    fetched += (await self._chunk(obj, n, True))[1]
+                i += 1
+            return fetched
+        finally:
+            self.slots.release()
+
+    def _claim_segment(self, obj: CachedObject, chunks: list[int]) -> list[int]:
+        """The leading chunks of `chunks` that are consecutive, not ready,
+        not on disk, and whose range locks this process could take now; for
+        each, a flight is registered and the lock is held. No await: nothing
+        can change in between."""
+        segment: list[int] = []
+        for n in chunks[: self.run_length(obj)]:
+            if segment and n != segment[-1] + 1:
+                break
+            start, end = obj.chunk_span(n)
+            if self.is_ready(obj, n) or self.on_disk(obj, n):
+                break
+            if not obj.file.try_lock(start, end - start):
+                break
+            self._flights[(obj.obj_id, n)] = _Flight()
+            segment.append(n)
+        return segment
+
+    async def _fetch_segment(self, obj: CachedObject, segment: list[int]) -> int:
+        """One GET for the claimed `segment`; each chunk is handed to its
+        flight as it arrives, then stored (still under its range lock, so
+        other processes find it on disk when they get the lock)."""
+        cs = obj.chunk_size
+        first = segment[0]
+        start, end = first * cs, obj.chunk_span(segment[-1])[1]
+        self.counters.misses += len(segment)
+        send, receive = trio.open_memory_channel[tuple[int, Bytes, int]](float("inf"))
+        failure: list[BaseException] = []
+
+        def deliver(i: int, buf: bytearray) -> None:  # in the GET's thread
+            trio.from_thread.run_sync(send.send_nowait, (first + i, buf, checksum(buf)))
+
+        async def get() -> None:
+            try:
+                async with send:
+                    await trio.to_thread.run_sync(
+                        self.store.get_chunks,
+                        obj.key,
+                        obj.version,
+                        start,
+                        end,
+                        cs,
+                        deliver,
+                        limiter=self._fetch_limiter,
+                        abandon_on_cancel=True,
+                    )
+            except Exception as exc:
+                failure.append(exc)
+
+        left = set(segment)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(get)
+                async with receive:
+                    async for n, data, digest in receive:
+                        key = (obj.obj_id, n)
+                        flight = self._flights.pop(key)
+                        flight.data, flight.fetched = data, True
+                        self._remember(key, data)
+                        self._storing[key] = data
+                        flight.done.set()
+                        self._prefetched[key] = len(data)
+                        self.counters.prefetch_fetched_bytes += len(data)
+                        self.counters.fetched_chunks += 1
+                        try:
+                            if not await self._store(obj, n, data, digest):
+                                self.counters.uncached_chunks += 1
+                        finally:
+                            del self._storing[key]
+                            left.discard(n)
+                            c0, c1 = obj.chunk_span(n)
+                            obj.file.unlock(c0, c1 - c0)
+        finally:
+            error = failure[0] if failure else CacheError(f"{obj.key}: fetch ended early")
+            for n in left:
+                flight = self._flights.pop((obj.obj_id, n))
+                flight.error = error
+                flight.done.set()
+                c0, c1 = obj.chunk_span(n)
+                obj.file.unlock(c0, c1 - c0)
+        if left:
+            raise error
+        return len(segment)
 
     def on_disk(self, obj: CachedObject, n: int) -> bool:
         return self.index.get(obj.obj_id, n) is not None
@@ -522,6 +644,8 @@ class ChunkCache:
         key = (obj.obj_id, n)
         while True:
             buf = self._mem.get(key)
+            if buf is None:
+                buf = self._storing.get(key)  # fetched, its disk write not done
             if buf is not None:
                 return buf, False
             flight = self._flights.get(key)
@@ -582,9 +706,7 @@ class ChunkCache:
         self._remember(key, data)
         return data, True
 
-    async def _from_disk(
-        self, obj: CachedObject, n: int, *, corrupt_is_news: bool
-    ) -> Bytes | None:
+    async def _from_disk(self, obj: CachedObject, n: int, *, corrupt_is_news: bool) -> Bytes | None:
         """The chunk's bytes from its payload file if the index records it
         and they match its checksum; None otherwise."""
         start, end = obj.chunk_span(n)

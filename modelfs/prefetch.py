@@ -24,7 +24,7 @@ import fnmatch
 import json
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,37 +158,75 @@ class Prefetcher:
         # reader to come closer, while origin fetches beyond them go on.
         disk_limit = stream.next_off + self.cache.memory_bytes // 2
         waiting = None  # the first chunk left for later
+        run: list[int] = []  # consecutive chunks for one coalesced GET
+        longest = self.cache.run_length(self.obj)
         n = first
         while n <= last and self.budget.in_flight < self.budget.max_chunks:
             if self.cache.is_ready(self.obj, n):
-                pass
-            elif n * cs >= disk_limit and (
-                n * cs < stream.scanned_until or self.cache.on_disk(self.obj, n)
-            ):
+                self._start(run)
+            elif n * cs >= disk_limit and n * cs < stream.scanned_until:
+                # Looked up before: on disk (or it would be in flight by now).
+                self._start(run)
                 waiting = n if waiting is None else waiting
+            elif self.cache.on_disk(self.obj, n):
+                self._start(run)
+                if n * cs >= disk_limit:
+                    waiting = n if waiting is None else waiting
+                else:
+                    self._start([n])
             else:
+                run.append(n)
                 self.budget.in_flight += 1
-                self.budget.issued_chunks += 1
-                self.cache.retain(self.obj)  # the payload file stays open meanwhile
-                self.spawn(self._fetch, n)
+                if len(run) == longest:
+                    self._start(run)
             n += 1
+        self._start(run)
         stream.scanned_until = max(stream.scanned_until, n * cs)
         done = n if waiting is None else waiting
         stream.ahead_until = max(stream.ahead_until, min(self.obj.size, done * cs))
 
-    async def _fetch(self, n: int) -> None:
+    def _start(self, run: list[int]) -> None:
+        """Spawn the load of `run` (chunks counted in the budget already by
+        the caller for origin runs; a disk chunk is counted here) and empty it."""
+        if not run:
+            return
+        chunks = list(run)
+        run.clear()
+        if len(chunks) == 1 and self.cache.on_disk(self.obj, chunks[0]):
+            self.budget.in_flight += 1
+        self.budget.issued_chunks += len(chunks)
+        self.cache.retain(self.obj)  # the payload file stays open meanwhile
+        self.spawn(self._fetch, chunks)
+
+    async def _fetch(self, chunks: list[int]) -> None:
         try:
-            await self.cache.ensure(self.obj, n, prefetch=True)
+            await self.cache.ensure_run(self.obj, chunks)
         except ModelfsError as exc:
-            # The demand read of this chunk will fetch it again and report.
-            log.debug("read-ahead of chunk %d of %s failed: %s", n, self.obj.key, exc)
+            # The demand read of these chunks will fetch them again and report.
+            log.debug("read-ahead of chunks %s of %s failed: %s", chunks, self.obj.key, exc)
         except trio.Cancelled:
             raise
         except Exception:
-            log.exception("read-ahead of chunk %d of %s failed", n, self.obj.key)
+            log.exception("read-ahead of chunks %s of %s failed", chunks, self.obj.key)
         finally:
-            self.budget.in_flight -= 1
+            self.budget.in_flight -= len(chunks)
             self.cache.close_object(self.obj)
+
+
+def _runs(order: list[int], longest: int, stored: Callable[[int], bool]) -> Iterator[list[int]]:
+    """`order` cut into runs of consecutive chunks not yet stored, each at
+    most `longest` long; `stored` is asked lazily, as the runs are taken, so
+    chunks stored meanwhile (a reader got there first) are skipped."""
+    run: list[int] = []
+    for n in order:
+        if stored(n):
+            continue
+        if run and (n != run[-1] + 1 or len(run) == longest):
+            yield run
+            run = []
+        run.append(n)
+    if run:
+        yield run
 
 
 # -- prefetch on open ------------------------------------------------------
@@ -263,13 +301,13 @@ class OpenPrefetch:
             if await trio.to_thread.run_sync(self.cache.index.cached_bytes, obj.obj_id) >= obj.size:
                 return
             order = await self._order(obj, name)
-            limit = trio.Semaphore(self.concurrency)
+            longest = self.cache.run_length(obj)
+            # The concurrency is in chunks; a coalesced GET carries several.
+            limit = trio.Semaphore(max(1, self.concurrency // longest))
             async with trio.open_nursery() as nursery:
-                for n in order:
-                    if self.cache.is_stored(obj, n):
-                        continue
+                for run in _runs(order, longest, lambda n: self.cache.is_stored(obj, n)):
                     await limit.acquire()
-                    nursery.start_soon(self._one, obj, n, limit)
+                    nursery.start_soon(self._one, obj, run, limit)
             log.debug("prefetched %s on open (%d chunks)", obj.key, len(order))
         except ModelfsError as exc:
             log.debug("prefetch on open of %s stopped: %s", obj.key, exc)
@@ -279,13 +317,13 @@ class OpenPrefetch:
             self._running.discard(obj.obj_id)
             self.cache.close_object(obj)
 
-    async def _one(self, obj: CachedObject, n: int, limit: trio.Semaphore) -> None:
+    async def _one(self, obj: CachedObject, run: list[int], limit: trio.Semaphore) -> None:
         # A failed chunk never ends the mount: a reader that needs it fetches
         # it again and gets the error itself.
         try:
-            await self.cache.ensure(obj, n, prefetch=True)
+            await self.cache.ensure_run(obj, run)
         except ModelfsError as exc:
-            log.debug("prefetch on open of chunk %d of %s failed: %s", n, obj.key, exc)
+            log.debug("prefetch on open of chunks %s of %s failed: %s", run, obj.key, exc)
         finally:
             limit.release()
 

@@ -19,6 +19,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -205,6 +206,19 @@ class ObjectStore(Protocol):
     def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> Bytes:
         """Bytes [start, end) of `key`, failing with ObjectChanged if the
         object is no longer `version`. The caller must not write to them."""
+        ...
+
+    def get_chunks(
+        self,
+        key: str,
+        version: ObjectVersion,
+        start: int,
+        end: int,
+        chunk_size: int,
+        deliver: Callable[[int, bytearray], None],
+    ) -> None:
+        """[start, end) in one request, handed over `chunk_size` bytes at a
+        time as they arrive (see S3Store.get_chunks)."""
         ...
 
     def probe(self, prefix: str) -> None:
@@ -527,12 +541,32 @@ class S3Store:
         The body is received straight into one buffer of the range's size
         (`recv_into`, see `_receive`): no per-piece objects, no joining copy.
         The buffer is returned as it is; callers never write to it."""
+        sink = _Sink(start, end, end - start, None)
+        self._get(key, version, sink)
+        return sink.buffers[0]
+
+    def get_chunks(
+        self,
+        key: str,
+        version: ObjectVersion,
+        start: int,
+        end: int,
+        chunk_size: int,
+        deliver: Deliver,
+    ) -> None:
+        """Bytes [start, end) in one GET, cut into `chunk_size` pieces (the
+        last may be shorter): `deliver(i, piece)` is called, in this thread,
+        as soon as piece i has arrived, before the rest of the body. On a
+        failure, pieces already delivered stay delivered and the error is
+        raised."""
+        self._get(key, version, _Sink(start, end, chunk_size, deliver))
+
+    def _get(self, key: str, version: ObjectVersion, sink: _Sink) -> None:
+        start, end = sink.start, sink.end
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         t0 = time.monotonic()
         deadline = t0 + self.retry_timeout
         self.counters.start_get()
-        buf = bytearray(end - start)
-        filled = _Filled()
         attempts = 0
         error: StoreError | None = None
         try:
@@ -540,9 +574,9 @@ class S3Store:
                 attempts += 1
                 try:
                     client = self._get_client_for(deadline - time.monotonic())
-                    # Fills `buf` to the end of the range, or raises.
-                    self._get_once(client, key, version, start, end, buf, filled)
-                    return buf
+                    # Fills the sink to the end of the range, or raises.
+                    self._get_once(client, key, version, sink)
+                    return
                 except _Retry as retry:
                     pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1)))
                     if time.monotonic() + pause + MIN_ATTEMPT > deadline:
@@ -569,26 +603,17 @@ class S3Store:
                 f" after {attempts - 1} retries" if attempts > 1 else "",
             )
 
-    def _get_once(
-        self,
-        client: Any,
-        key: str,
-        version: ObjectVersion,
-        range_start: int,
-        end: int,
-        buf: bytearray,
-        filled: _Filled,
-    ) -> None:
-        """One GET of the part of [range_start, end) not yet in `buf`,
-        received into it as bytes arrive, so a failure mid-body keeps what
-        was received (`filled`). Raises _Retry for what a retry may cure, a
-        StoreError for what it cannot."""
+    def _get_once(self, client: Any, key: str, version: ObjectVersion, sink: _Sink) -> None:
+        """One GET of the part of the sink's range not yet received, into
+        the sink as bytes arrive, so a failure mid-body keeps what was
+        received. Raises _Retry for what a retry may cure, a StoreError for
+        what it cannot."""
         import http.client
 
         import botocore.exceptions as bex
         import urllib3.exceptions
 
-        start = range_start + filled.n
+        start, end = sink.start + sink.received, sink.end
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
         if version.etag:
@@ -601,7 +626,7 @@ class S3Store:
             kwargs["IfUnmodifiedSince"] = datetime.datetime.fromtimestamp(
                 -(-version.mtime_ns // 10**9), tz=datetime.UTC
             )
-        before = filled.n
+        before = sink.received
         try:
             resp = client.get_object(**kwargs)
             body = resp["Body"]
@@ -612,7 +637,7 @@ class S3Store:
                 # drops the connection instead of draining a whole object.
                 body.close()
                 raise
-            _receive(body, memoryview(buf), filled)
+            _receive(body, sink)
         except StoreError:
             raise
         except bex.ClientError as exc:
@@ -646,23 +671,51 @@ class S3Store:
                 raise _out_of_fds(what) from None
             raise self._translate(exc, what) from None
         finally:
-            self.counters.add_get(filled.n - before)
-        if filled.n < len(buf):
-            raise _Retry(StoreError(f"body ended after {filled.n - before} of {end - start} bytes"))
+            self.counters.add_get(sink.received - before)
+        if sink.received < sink.end - sink.start:
+            raise _Retry(
+                StoreError(f"body ended after {sink.received - before} of {end - start} bytes")
+            )
 
 
-class _Filled:
-    """Bytes of a range's buffer received so far, across attempts."""
-
-    n: int = 0
+Deliver = Callable[[int, bytearray], None]
 
 
-def _receive(body: Any, view: memoryview, filled: _Filled) -> None:
-    """Receive a response body into `view[filled.n:]`.
+class _Sink:
+    """Where a GET's body goes: the range [start, end) as buffers of
+    `piece` bytes, filled in order across attempts; each full one is handed
+    to `deliver` (if any) at once."""
+
+    def __init__(self, start: int, end: int, piece: int, deliver: Deliver | None) -> None:
+        self.start, self.end, self.piece = start, end, piece
+        self.deliver = deliver
+        self.buffers: list[bytearray] = []
+        self.received = 0
+
+    def space(self) -> memoryview:
+        """The unfilled part of the current buffer (empty when all is in)."""
+        total = self.end - self.start
+        if self.received >= total:
+            return memoryview(b"")
+        i, off = divmod(self.received, self.piece)
+        if i == len(self.buffers):
+            self.buffers.append(bytearray(min(self.piece, total - i * self.piece)))
+        return memoryview(self.buffers[i])[off:]
+
+    def filled(self, n: int) -> None:
+        i = self.received // self.piece
+        self.received += n
+        full = self.received == self.end - self.start or self.received // self.piece > i
+        if full and self.deliver is not None:
+            self.deliver(i, self.buffers[i])
+
+
+def _receive(body: Any, sink: _Sink) -> None:
+    """Receive a response body into the sink.
 
     botocore's body wraps a urllib3 response whose `readinto` is `read()`
     plus a copy; the http.client response under it has a real `recv_into`.
-    Reading that one fills the buffer with no object per piece, and once
+    Reading that one fills the buffers with no object per piece, and once
     the body is read to its Content-Length the connection is handed back to
     the pool. Anything unexpected (another HTTP stack) falls back to
     `read()` pieces, copied in."""
@@ -672,25 +725,25 @@ def _receive(body: Any, view: memoryview, filled: _Filled) -> None:
     fp = getattr(raw, "_fp", None)
     if raw is not None and isinstance(fp, http.client.HTTPResponse):
         try:
-            while filled.n < len(view):
-                got = fp.readinto(view[filled.n :])
+            while space := sink.space():
+                got = fp.readinto(space)
                 if not got:
                     break
-                filled.n += got
+                sink.filled(got)
         except BaseException:
             raw.close()  # a half-read connection must not be reused
             raise
-        if filled.n == len(view) and fp.isclosed():
+        if not sink.space() and fp.isclosed():
             raw.release_conn()
         else:
             raw.close()
         return
-    while filled.n < len(view):
-        piece = body.read(min(1 << 20, len(view) - filled.n))
+    while space := sink.space():
+        piece = body.read(min(1 << 20, len(space)))
         if not piece:
             break
-        view[filled.n : filled.n + len(piece)] = piece
-        filled.n += len(piece)
+        space[: len(piece)] = piece
+        sink.filled(len(piece))
 
 
 class MemoryStore:
@@ -699,7 +752,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self.objects: dict[str, tuple[bytes, ObjectVersion]] = {}
         self.counters = StoreCounters()
+        # (key, start, end) of each chunk-sized piece fetched, and of each
+        # request (a coalesced GET is one request, several pieces).
         self.get_log: list[tuple[str, int, int]] = []
+        self.requests: list[tuple[str, int, int]] = []
         self._lock = threading.Lock()
         self._mtime = 1_700_000_000 * 10**9
 
@@ -735,14 +791,32 @@ class MemoryStore:
         out.prefixes = sorted(prefixes)
         return out
 
-    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
+    def _data(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
         with self._lock:
             if key not in self.objects:
                 raise NoSuchObject(f"{key}: no such key")
             data, current = self.objects[key]
             if current != version:
                 raise ObjectChanged(f"{key}: object changed since it was opened")
-            self.get_log.append((key, start, end))
-        chunk = data[start:end]
-        self.counters.add_get(len(chunk))
-        return chunk
+            self.requests.append((key, start, end))
+        self.counters.add_get(end - start)
+        return data[start:end]
+
+    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
+        data = self._data(key, version, start, end)
+        self.get_log.append((key, start, end))
+        return data
+
+    def get_chunks(
+        self,
+        key: str,
+        version: ObjectVersion,
+        start: int,
+        end: int,
+        chunk_size: int,
+        deliver: Deliver,
+    ) -> None:
+        data = self._data(key, version, start, end)
+        for i in range(0, len(data), chunk_size):
+            self.get_log.append((key, start + i, min(end, start + i + chunk_size)))
+            deliver(i // chunk_size, bytearray(data[i : i + chunk_size]))

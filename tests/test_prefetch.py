@@ -8,6 +8,7 @@ from pathlib import Path
 import trio
 
 from modelfs.chunk_cache import ChunkCache
+from modelfs.errors import StoreError
 from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead
 from modelfs.reader import OpenFile
 from modelfs.store import MemoryStore, ObjectVersion
@@ -55,13 +56,19 @@ def _read_through(
 
 
 def _run(
-    tmp_path: Path, offsets: list[tuple[int, int]], max_window: int = 16 * CS, size: int = SIZE
+    tmp_path: Path,
+    offsets: list[tuple[int, int]],
+    max_window: int = 16 * CS,
+    size: int = SIZE,
+    store: MemoryStore | None = None,
 ) -> dict[str, object]:
-    store = MemoryStore()
+    store = store or MemoryStore()
     v = store.put("k", pattern(1, 0, size))
     cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, fetch_concurrency=8)
     out = _read_through(cache, v, 1, offsets, max_window, size)
     out["gets"] = list(store.get_log)
+    out["requests"] = list(store.requests)
+    out["cache"] = cache
     cache.close()
     return out
 
@@ -136,3 +143,45 @@ def test_warm_read_ahead_loads_each_chunk_from_disk_once(tmp_path: Path) -> None
     one_pass(4 * CS)  # warm, with a memory cache a quarter of the window
     assert len(store.get_log) == SIZE // CS
     assert counts == [0, SIZE // CS]
+
+
+def test_sequential_read_ahead_coalesces_chunks_into_large_gets(tmp_path: Path) -> None:
+    """Consecutive missing chunks are one GET (read-ahead's budget allows 6
+    chunks here), each byte still fetched once."""
+    reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
+    out = _run(tmp_path, reads)
+    requests = out["requests"]
+    assert isinstance(requests, list)
+    spans = sorted((s, e) for _, s, e in requests)
+    assert sum(e - s for s, e in spans) == SIZE  # every byte once...
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # ...no overlap
+    assert max(e - s for s, e in spans) >= 4 * CS  # and GETs of several chunks
+    assert len(requests) < SIZE // CS
+
+
+class _FailsMidRun(MemoryStore):
+    """Fails the first multi-chunk GET after delivering two chunks."""
+
+    failed = False
+
+    def get_chunks(self, key, version, start, end, chunk_size, deliver):  # type: ignore[no-untyped-def]
+        if self.failed or end - start <= 2 * chunk_size:
+            return super().get_chunks(key, version, start, end, chunk_size, deliver)
+        self.failed = True
+        for i in range(2):
+            s = start + i * chunk_size
+            self.get_log.append((key, s, s + chunk_size))
+            deliver(i, bytearray(self.objects[key][0][s : s + chunk_size]))
+        raise StoreError("connection reset mid-body")
+
+
+def test_a_run_failing_midway_keeps_what_arrived_and_refetches_the_rest(tmp_path: Path) -> None:
+    store = _FailsMidRun()
+    reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
+    out = _run(tmp_path, reads, store=store)  # every read still byte-exact
+    assert store.failed
+    gets = out["gets"]
+    assert isinstance(gets, list)
+    # The two chunks that arrived are not fetched again; the rest of that
+    # run is, once (by the reader or the next read-ahead).
+    assert len(gets) == len(set(gets)) == SIZE // CS
