@@ -278,6 +278,8 @@ class ChunkCache:
         # Chunks a coalesced GET handed out whose payload write is running:
         # readers take them from here, not from the origin a second time.
         self._storing: dict[ChunkKey, Bytes] = {}
+        self._segments = 0  # coalesced GETs running (their stores included)
+        self._settling = False  # set by `settle`: no new coalesced GETs
         self._pins: Counter[ChunkKey] = Counter()
         self._touched: dict[ChunkKey, None] = {}
         self._prefetched: dict[ChunkKey, int] = {}
@@ -517,6 +519,8 @@ class ChunkCache:
         each, a flight is registered and the lock is held. No await: nothing
         can change in between."""
         segment: list[int] = []
+        if self._settling:
+            return segment  # shutting down: no new GETs
         for n in chunks[: self.run_length(obj)]:
             if segment and n != segment[-1] + 1:
                 break
@@ -525,7 +529,11 @@ class ChunkCache:
                 break
             if not obj.file.try_lock(start, end - start):
                 break
-            self._flights[(obj.obj_id, n)] = _Flight()
+            key = (obj.obj_id, n)
+            self._flights[key] = _Flight()
+            # Fetched ahead once, evicted (by any process) before any read
+            # used it: that fetch was wasted.
+            self.counters.prefetch_wasted_bytes += self._prefetched.pop(key, 0)
             segment.append(n)
         return segment
 
@@ -561,6 +569,7 @@ class ChunkCache:
                 failure.append(exc)
 
         left = set(segment)
+        self._segments += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(get)
@@ -584,6 +593,7 @@ class ChunkCache:
                             c0, c1 = obj.chunk_span(n)
                             obj.file.unlock(c0, c1 - c0)
         finally:
+            self._segments -= 1
             error = failure[0] if failure else CacheError(f"{obj.key}: fetch ended early")
             for n in left:
                 flight = self._flights.pop((obj.obj_id, n))
@@ -971,6 +981,16 @@ class ChunkCache:
         if self._touched:
             self.index.touch(list(self._touched))
             self._touched.clear()
+
+    async def settle(self, timeout: float) -> None:
+        """Let coalesced GETs in progress finish and store what they
+        fetched (readers got those chunks before they were on disk), for at
+        most `timeout` seconds; start no new ones. Called at unmount, so a
+        remount finds on disk everything this mount served."""
+        self._settling = True
+        with trio.move_on_after(timeout):
+            while self._segments or self._storing:
+                await trio.sleep(0.01)
 
     async def run_background(self) -> None:
         """Periodic chores and the shared tier's uploads; runs until cancelled."""

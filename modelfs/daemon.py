@@ -40,6 +40,8 @@ Notify = Callable[[str | None], None]
 
 # Seconds requests in progress get to finish after a stop signal.
 SHUTDOWN_GRACE = 2.0
+# Seconds fetched chunks get to reach the disk at unmount.
+SETTLE_TIMEOUT = 5.0
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -157,6 +159,9 @@ async def _main(
         nursery.start_soon(_announce_ready, mnt, cfg, notify)
         with serving:
             await pyfuse3.main()
+        # Chunks served before their payload write finished: a few seconds
+        # to store them, so a remount does not fetch them again.
+        await cache.settle(SETTLE_TIMEOUT)
         if cache.tier is not None:
             # Chunks other nodes may wait for: a few seconds to send them.
             with trio.move_on_after(10):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from .config import format_size
 from .errors import MountError
 from .mounts import FSTYPE, find_mount
 
+# How long `warm` waits for a file's cached bytes to stop growing.
+SETTLE_SECONDS = 2.0
 READ_SIZE = 8 << 20
 TASK_SIZE = 64 << 20  # one worker reads this much of a file sequentially
 
@@ -50,6 +53,21 @@ def mount_root(path: Path) -> Path:
 
 def cached_bytes(path: Path) -> int:
     return int(os.getxattr(path, "user.modelfs.cached"))
+
+
+def _settled_cached_bytes(path: Path, size: int) -> int:
+    """Cached bytes of `path` once the daemon's writes have landed: a chunk
+    is served as soon as it arrives and written to disk just after, so the
+    count may trail the read briefly. Waits while it still grows."""
+    have = cached_bytes(path)
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while have < size and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = cached_bytes(path)
+        if now > have:
+            deadline = time.monotonic() + SETTLE_SECONDS
+        have = now
+    return have
 
 
 def files_under(paths: list[Path]) -> Iterator[Path]:
@@ -122,7 +140,7 @@ def warm(
         if str(f) in result.failed:
             continue
         try:
-            have = cached_bytes(f)
+            have = _settled_cached_bytes(f, size)
         except OSError as exc:
             result.failed[str(f)] = exc.strerror or str(exc)
             continue

@@ -60,6 +60,11 @@ def test_metrics_match_the_bytes_on_the_wire(
     m = mounter(bucket, endpoint_url=proxy.endpoint_url, args=args)
     proxy.reset()
     _read_all(m)
+    # Chunks are served as they arrive and written to disk just after: give
+    # the last writes a moment before reading the cache's size.
+    deadline = time.monotonic() + 10
+    while _scrape(port)["modelfs_cache_size_bytes"] < TOTAL and time.monotonic() < deadline:
+        time.sleep(0.05)
     with open(m.path / "big.safetensors", "rb") as held:
         met = _scrape(port)
         assert met["modelfs_open_files"] == 1
@@ -181,9 +186,12 @@ def test_stats_command(bucket: Bucket, mounter: Mounter) -> None:
     out = proc.stdout
     assert f"s3://{bucket.name}/ on {m.path}" in out
     assert "served     25.0 MiB to readers" in out
-    assert "in 26 GETs" in out  # 20 MiB + 77 B and 5 MiB: 21 + 5 chunks of 1 MiB
-    assert "last minute" in out and f"in {m.cache_dir}" in out
     raw = json.loads(run_modelfs("stats", str(m.path), "--json").stdout)
+    # 20 MiB + 77 B and 5 MiB: 21 + 5 chunks of 1 MiB, fetched by fewer GETs
+    # where read-ahead coalesced consecutive chunks.
+    gets = raw["store"]["get_requests"]
+    assert 2 <= gets <= 26 and f"in {gets} GETs" in out
+    assert "last minute" in out and f"in {m.cache_dir}" in out
     assert raw["store"]["get_bytes"] == TOTAL
     assert raw["last_minute"]["served_bytes_per_s"] > 0
     proc = run_modelfs("stats", str(m.cache_dir))
