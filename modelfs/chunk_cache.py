@@ -92,6 +92,11 @@ ChunkKey = tuple[bytes, int]
 Buffer = bytes | bytearray | memoryview
 
 
+def _read_and_hash(pf: PayloadFile, length: int, offset: int) -> tuple[bytes, int]:
+    data = pf.pread(length, offset)
+    return data, checksum(data)
+
+
 def checksum(data: Bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
@@ -724,13 +729,15 @@ class ChunkCache:
         if rec is None or rec.length != end - start:
             return None
         try:
-            data = await trio.to_thread.run_sync(
-                obj.file.pread, rec.length, start, limiter=self._disk_limiter
+            # The checksum runs in the worker thread too: hashing 8 MiB on
+            # the trio thread would stall every other FUSE reply meanwhile.
+            data, digest = await trio.to_thread.run_sync(
+                _read_and_hash, obj.file, rec.length, start, limiter=self._disk_limiter
             )
         except OSError as exc:
             self._storage_failed(exc)
             return None
-        if len(data) == rec.length and checksum(data) == rec.checksum:
+        if len(data) == rec.length and digest == rec.checksum:
             self.counters.verified_chunks += 1
             return data
         # Evicted by another process while we read it (and maybe stored

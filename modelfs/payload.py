@@ -158,14 +158,17 @@ class PayloadFile:
     def _direct_fd(self) -> int | None:
         """This file opened with O_DIRECT, or None where that is refused."""
         global _direct_ok
-        if self.dfd is None and _direct_ok:
-            try:
-                self.dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                _direct_ok = False  # the cache's filesystem refuses it: ask no more
-        return self.dfd
+        # Writes of several chunks of one file run in parallel threads: one
+        # lock, so only one of them opens the descriptor (two would leak one).
+        with _bounce_lock:
+            if self.dfd is None and _direct_ok:
+                try:
+                    self.dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    _direct_ok = False  # the cache's filesystem refuses it: ask no more
+            return self.dfd
 
     def close(self) -> None:
         for fd in (self.fd, self.dfd):

@@ -342,3 +342,33 @@ def test_two_caches_on_one_directory_fetch_each_chunk_once(tmp_path: Path) -> No
     b.close()
     assert a.alone()
     a.close()
+
+
+def test_parallel_writes_to_one_payload_file_open_one_direct_descriptor(tmp_path: Path) -> None:
+    """Chunks of one file are written from several threads at once; the
+    O_DIRECT descriptor is opened once and closed with the file."""
+    import os
+    import threading
+
+    from modelfs.payload import PayloadStore
+
+    store = PayloadStore(tmp_path)
+    pf = store.acquire(b"\x01" * 16)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    before = len(os.listdir("/proc/self/fd"))
+    barrier = threading.Barrier(8)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        pf.pwrite(data, i * len(data))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+    store.release(b"\x01" * 16)
+    assert len(os.listdir("/proc/self/fd")) < before
+    with open(store.path_of(b"\x01" * 16), "rb") as f:
+        assert f.read() == data * 8
