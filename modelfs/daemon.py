@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 import time
 import urllib.parse
@@ -31,6 +30,7 @@ from .metrics import make_registry, parse_addr
 from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
 from .prefetch import OpenPrefetch, ReadAhead
+from .process import raise_fd_limit, tune_malloc
 from .sdnotify import notify as sd_notify
 from .store import ObjectStore, S3Store
 
@@ -63,23 +63,8 @@ def build_store(cfg: MountConfig) -> ObjectStore:
     return S3Store(cfg)
 
 
-def raise_fd_limit() -> int:
-    """Raise the soft open-file limit to the hard one: the daemon holds one
-    descriptor per open object plus a connection per fetch slot, and a
-    distribution's default soft limit (1024) is below what a big model
-    needs. Returns the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass  # keep what we have: EMFILE is reported as such if it comes
-    return soft
-
-
 def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) -> int:
+    tune_malloc()
     raise_fd_limit()
     mnt = check_mountpoint(cfg.mountpoint, nonempty=cfg.nonempty)
     store = store or build_store(cfg)

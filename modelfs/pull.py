@@ -31,6 +31,7 @@ from .chunk_cache import CachedObject, ChunkCache
 from .config import MountConfig
 from .errors import ModelfsError
 from .namespace import valid_name
+from .process import raise_fd_limit, tune_malloc
 from .store import ObjectInfo, ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,8 @@ def pull(
 ) -> PullResult:
     """Copy s3://cfg.source into `dest`. `progress(files, total_bytes)` returns
     the callback fed with bytes as they are written."""
+    tune_malloc()
+    raise_fd_limit()
     store = store or S3Store(cfg)
     store.probe(cfg.source.prefix)
     files = walk(store, cfg.source.prefix)
