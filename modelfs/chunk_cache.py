@@ -824,17 +824,7 @@ class ChunkCache:
         start, end = obj.chunk_span(n)
         tier = self.tier
         if tier is None:
-            data, digest = await trio.to_thread.run_sync(
-                self._fetch_sync,
-                obj,
-                start,
-                end,
-                limiter=self._fetch_limiter,
-                # A GET may stall for the whole retry timeout: shutdown (and
-                # a cancelled read) must not wait for it. The thread's late
-                # result is dropped; it writes nothing.
-                abandon_on_cancel=True,
-            )
+            data, digest = await self._from_origin(obj, start, end)
             return data, digest, None
         tier_key = tier.chunk_key(obj.key, obj.version, obj.chunk_size, n)
         got = await tier.read(tier_key, end - start)
@@ -845,22 +835,26 @@ class ChunkCache:
             self.counters.tier_chunks += 1
             return got, checksum(got), None
         try:
-            data, digest = await trio.to_thread.run_sync(
-                self._fetch_sync,
-                obj,
-                start,
-                end,
-                limiter=self._fetch_limiter,
-                # A GET may stall for the whole retry timeout: shutdown (and
-                # a cancelled read) must not wait for it. The thread's late
-                # result is dropped; it writes nothing.
-                abandon_on_cancel=True,
-            )
+            data, digest = await self._from_origin(obj, start, end)
         except BaseException:
             if lease is not None:
                 tier.abandon(lease)
             raise
         return data, digest, lambda: tier.upload(tier_key, data, digest, lease)
+
+    async def _from_origin(self, obj: CachedObject, start: int, end: int) -> tuple[Bytes, int]:
+        """Bytes [start, end) of `obj` from the origin, and their checksum."""
+        return await trio.to_thread.run_sync(
+            self._fetch_sync,
+            obj,
+            start,
+            end,
+            limiter=self._fetch_limiter,
+            # A GET may stall for the whole retry timeout: shutdown (and a
+            # cancelled read) must not wait for it. The thread's late result
+            # is dropped; it writes nothing.
+            abandon_on_cancel=True,
+        )
 
     def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[Bytes, int]:
         data = self.store.get_range(obj.key, obj.version, start, end)
