@@ -46,7 +46,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,9 @@ class ChunkCache:
         # readers take them from here, not from the origin a second time.
         self._storing: dict[ChunkKey, Bytes] = {}
         self._segments = 0  # coalesced GETs running (their stores included)
+        # Where demand misses are stored after their reader got the bytes;
+        # set while `run_background` runs (else misses are stored inline).
+        self._behind: trio.Nursery | None = None
         self._settling = False  # set by `settle`: no new coalesced GETs
         self._pins: Counter[ChunkKey] = Counter()
         self._touched: dict[ChunkKey, None] = {}
@@ -693,7 +696,9 @@ class ChunkCache:
             self._remember(key, on_disk)
             return on_disk, False
         self.counters.misses += 1
-        async with self._fetch_lock(obj, start, end):
+        locked = await self._range_lock(obj, start, end)
+        handed_over = False
+        try:
             # Another process may have stored it while we looked or waited.
             on_disk = await self._from_disk(obj, n, corrupt_is_news=False)
             if on_disk is not None:
@@ -710,16 +715,56 @@ class ChunkCache:
             finally:
                 if not background:
                     self.slots.release()
+            self.counters.fetched_chunks += 1
+            if background:
+                self._prefetched[key] = len(data)
+                self.counters.prefetch_fetched_bytes += len(data)
+            self._remember(key, data)
+            behind = self._behind
+            if behind is not None:
+                # Write-behind: the reader gets the bytes now; the payload
+                # write and the index commit follow, under the range lock
+                # (handed over), with the object kept open until then.
+                self._storing[key] = data
+                self.retain(obj)
+                behind.start_soon(self._store_behind, obj, n, data, digest, tier_upload, locked)
+                handed_over = True
+            else:
+                if not await self._store(obj, n, data, digest):
+                    self.counters.uncached_chunks += 1
+                if tier_upload is not None:
+                    tier_upload()
+            return data, True
+        finally:
+            if locked and not handed_over:
+                obj.file.unlock(start, end - start)
+
+    async def _store_behind(
+        self,
+        obj: CachedObject,
+        n: int,
+        data: Bytes,
+        digest: int,
+        tier_upload: Callable[[], None] | None,
+        locked: bool,
+    ) -> None:
+        """Store a chunk a reader already has (see `_load`), then give up
+        its range lock and the object reference taken for it."""
+        key = (obj.obj_id, n)
+        start, end = obj.chunk_span(n)
+        try:
             if not await self._store(obj, n, data, digest):
                 self.counters.uncached_chunks += 1
             if tier_upload is not None:
                 tier_upload()
-        self.counters.fetched_chunks += 1
-        if background:
-            self._prefetched[key] = len(data)
-            self.counters.prefetch_fetched_bytes += len(data)
-        self._remember(key, data)
-        return data, True
+        except Exception:
+            # A bug here must not end the mount; the chunk is fetched again.
+            log.exception("storing chunk %d of %s failed", n, obj.key)
+        finally:
+            del self._storing[key]
+            if locked:
+                obj.file.unlock(start, end - start)
+            self.close_object(obj)
 
     async def _from_disk(self, obj: CachedObject, n: int, *, corrupt_is_news: bool) -> Bytes | None:
         """The chunk's bytes from its payload file if the index records it
@@ -757,9 +802,10 @@ class ChunkCache:
             )
         return None
 
-    @contextlib.asynccontextmanager
-    async def _fetch_lock(self, obj: CachedObject, start: int, end: int) -> AsyncIterator[None]:
-        """Hold the chunk's range lock: the cross-process single flight."""
+    async def _range_lock(self, obj: CachedObject, start: int, end: int) -> bool:
+        """Take the chunk's range lock, the cross-process single flight:
+        True when taken (the caller unlocks), False when another process
+        held it past PEER_WAIT (the caller goes ahead without it)."""
         pf = obj.file
         deadline = trio.current_time() + PEER_WAIT
         locked = pf.try_lock(start, end - start)
@@ -768,11 +814,7 @@ class ChunkCache:
             locked = pf.try_lock(start, end - start)
         if not locked:
             log.debug("bytes %d-%d of %s: another process holds them too long", start, end, obj.key)
-        try:
-            yield
-        finally:
-            if locked:
-                pf.unlock(start, end - start)
+        return locked
 
     async def _store(self, obj: CachedObject, n: int, data: Bytes, digest: int) -> bool:
         """Write a fetched chunk to the cache; False when it could not."""
@@ -990,17 +1032,25 @@ class ChunkCache:
         remount finds on disk everything this mount served."""
         self._settling = True
         with trio.move_on_after(timeout):
-            while self._segments or self._storing:
-                await trio.sleep(0.01)
+            await self.stored()
+
+    async def stored(self) -> None:
+        """Return once no chunk that was fetched waits for its payload write
+        and index commit (coalesced GETs and write-behind of demand misses)."""
+        while self._segments or self._storing:
+            await trio.sleep(0.01)
 
     async def run_background(self) -> None:
-        """Periodic chores and the shared tier's uploads; runs until cancelled."""
-        if self.tier is not None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.tier.run_uploads)
-                nursery.start_soon(self._chores)
-        else:
-            await self._chores()
+        """Periodic chores, write-behind stores and the shared tier's
+        uploads; runs until cancelled (call `settle` first)."""
+        async with trio.open_nursery() as nursery:
+            self._behind = nursery
+            try:
+                if self.tier is not None:
+                    nursery.start_soon(self.tier.run_uploads)
+                await self._chores()
+            finally:
+                self._behind = None
 
     async def _chores(self) -> None:
         while True:

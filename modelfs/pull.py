@@ -210,6 +210,7 @@ def pull(
                 except (ModelfsError, OSError) as exc:
                     log.debug("pulling %s failed: %s", rel, exc)
                     result.failed[rel] = str(exc)
+            await cache.settle(60)  # chunks written behind the copy reach the cache
             if cache.tier is not None:
                 await cache.tier.drain()  # what this node fetched, others can read
             nursery.cancel_scope.cancel()

@@ -50,6 +50,7 @@ def _run_nodes(nodes: list[ChunkCache], body: Callable[[], Awaitable[None]]) -> 
             await body()
             for c in nodes:
                 assert c.tier is not None
+                await c.stored()  # chunks are uploaded once stored locally
                 await c.tier.drain()
             nursery.cancel_scope.cancel()
 
@@ -100,6 +101,7 @@ def test_a_second_node_reads_from_the_tier_not_the_origin(tmp_path: Path) -> Non
     async def body() -> None:
         assert await _read(a, "m/a.bin", v) == data
         assert a.tier is not None
+        await a.stored()
         await a.tier.drain()
         assert await _read(b, "m/a.bin", v) == data
 
@@ -151,6 +153,7 @@ def test_a_corrupt_tier_object_is_refetched_and_replaced(tmp_path: Path) -> None
     async def body() -> None:
         assert await _read(a, "m/a.bin", v) == data
         assert a.tier is not None
+        await a.stored()
         await a.tier.drain()
         bad = bytearray(tier.objects[key])
         bad[HEADER_SIZE + 7] ^= 0x10
@@ -158,6 +161,7 @@ def test_a_corrupt_tier_object_is_refetched_and_replaced(tmp_path: Path) -> None
         store.get_log.clear()
         assert await _read(b, "m/a.bin", v) == data
         assert b.tier is not None
+        await b.stored()
         await b.tier.drain()
         assert await _read(c, "m/a.bin", v) == data
 
@@ -191,6 +195,7 @@ def test_an_unreachable_tier_is_skipped_then_used_again(
         await trio.sleep(0.3)  # the back-off ends
         assert await _read(b, "m/a.bin", v) == data
         assert b.tier is not None
+        await b.stored()
         await b.tier.drain()
 
     _run_nodes([a, b], body)
@@ -262,6 +267,7 @@ def test_a_node_that_wins_a_lease_looks_at_the_tier_again(tmp_path: Path) -> Non
     async def body() -> None:
         assert await _read(a, "m/a.bin", v) == data
         assert a.tier is not None
+        await a.stored()
         await a.tier.drain()
         store.get_log.clear()
         assert await _read(b, "m/a.bin", v) == data
