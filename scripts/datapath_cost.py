@@ -8,7 +8,8 @@ For each phase it prints, from /proc: MiB/s (the clock stops after a
 `sync`, so writeback of the cache counts), the daemon's CPU seconds per
 GiB (user + system), the gateway's, the whole machine's (every process and
 kernel thread: page-cache writeback is charged to no process), the daemon's page
-faults per MiB (minor + major) and its peak RSS (VmHWM). Used for the
+faults per MiB (minor + major) and its peak RSS (VmHWM); then the latency
+of 128 KiB reads at random offsets through a cold cache. Used for the
 before/after numbers of data-path changes (docs/benchmarks.md). Needs root.
 
     .venv/bin/python scripts/datapath_cost.py --size-mib 1024 --shards 4 --rounds 3
@@ -104,6 +105,31 @@ def measure(
     return out
 
 
+def random_reads(srv: JuiceFSGateway, mnt: Path, cache: Path, names: list[str]) -> float:
+    """Milliseconds per 128 KiB read at random offsets, cold cache, no
+    prefetch on open (each read is a demand miss of one chunk)."""
+    import random
+
+    shutil.rmtree(cache, ignore_errors=True)
+    _mount(srv, mnt, cache, ["--prefetch-on-open", "none"])
+    drop_caches()
+    rng = random.Random(0)
+    fds = [os.open(mnt / n, os.O_RDONLY) for n in names]
+    sizes = [os.fstat(fd).st_size for fd in fds]
+    t = time.perf_counter()
+    for _ in range(RANDOM_READS):
+        i = rng.randrange(len(fds))
+        os.pread(fds[i], 128 * 1024, rng.randrange(0, sizes[i] - 128 * 1024))
+    ms = (time.perf_counter() - t) * 1000 / RANDOM_READS
+    for fd in fds:
+        os.close(fd)
+    _umount(mnt)
+    return ms
+
+
+RANDOM_READS = 100
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -128,17 +154,22 @@ def main() -> int:
             runs = [
                 measure(srv, mnt, work / "cache", names, args.extra) for _ in range(args.rounds)
             ]
+            for r in runs:
+                r["random"] = {"ms_per_128k_read": random_reads(srv, mnt, work / "cache", names)}
     finally:
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     medians = {
         phase: {k: statistics.median(r[phase][k] for r in runs) for k in runs[0][phase]}
-        for phase in ("cold", "warm")
+        for phase in ("cold", "warm", "random")
     }
     if args.json:
         print(json.dumps({"runs": runs, "median": medians}, indent=2))
     else:
+        print(f"random: {medians['random']['ms_per_128k_read']:.1f} ms per 128 KiB read, cold")
         for phase, m in medians.items():
+            if phase == "random":
+                continue
             print(
                 f"{phase}: {m['mib_s']:.0f} MiB/s, "
                 f"daemon {m['daemon_cpu_s_per_gib']:.2f} CPU s/GiB, "
