@@ -284,6 +284,9 @@ class ChunkCache:
         # readers take them from here, not from the origin a second time.
         self._storing: dict[ChunkKey, Bytes] = {}
         self._segments = 0  # coalesced GETs running (their stores included)
+        self._run_chunks = 0  # chunks those GETs have claimed and not yet stored
+        self._single_chunks = 0  # one-chunk GETs being received
+        self._fetch_concurrency = fetch_concurrency
         # Where demand misses are stored after their reader got the bytes;
         # set while `run_background` runs (else misses are stored inline).
         self._behind: trio.Nursery | None = None
@@ -529,7 +532,12 @@ class ChunkCache:
         segment: list[int] = []
         if self._settling:
             return segment  # shutting down: no new GETs
-        for n in chunks[: self.run_length(obj)]:
+        # A run takes what is left of --fetch-concurrency chunks after the
+        # other runs and the single-chunk GETs, and at least one chunk: the
+        # chunk buffers being received stay under twice --fetch-concurrency
+        # however many files are fetched ahead (once with one chunk per GET).
+        allowed = self._fetch_concurrency - self._run_chunks - self._single_chunks
+        for n in chunks[: min(self.run_length(obj), max(1, allowed))]:
             if segment and n != segment[-1] + 1:
                 break
             start, end = obj.chunk_span(n)
@@ -578,6 +586,7 @@ class ChunkCache:
 
         left = set(segment)
         self._segments += 1
+        self._run_chunks += len(segment)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(get)
@@ -598,10 +607,12 @@ class ChunkCache:
                         finally:
                             del self._storing[key]
                             left.discard(n)
+                            self._run_chunks -= 1
                             c0, c1 = obj.chunk_span(n)
                             obj.file.unlock(c0, c1 - c0)
         finally:
             self._segments -= 1
+            self._run_chunks -= len(left)
             error = failure[0] if failure else CacheError(f"{obj.key}: fetch ended early")
             for n in left:
                 flight = self._flights.pop((obj.obj_id, n))
@@ -721,7 +732,9 @@ class ChunkCache:
                 self.counters.prefetch_fetched_bytes += len(data)
             self._remember(key, data)
             behind = self._behind
-            if behind is not None:
+            # The write-behind backlog is bounded: past it, the reader waits
+            # for the write as before (a slow disk slows reads, not RAM).
+            if behind is not None and len(self._storing) < self._fetch_concurrency:
                 # Write-behind: the reader gets the bytes now; the payload
                 # write and the index commit follow, under the range lock
                 # (handed over), with the object kept open until then.
@@ -886,17 +899,21 @@ class ChunkCache:
 
     async def _from_origin(self, obj: CachedObject, start: int, end: int) -> tuple[Bytes, int]:
         """Bytes [start, end) of `obj` from the origin, and their checksum."""
-        return await trio.to_thread.run_sync(
-            self._fetch_sync,
-            obj,
-            start,
-            end,
-            limiter=self._fetch_limiter,
-            # A GET may stall for the whole retry timeout: shutdown (and a
-            # cancelled read) must not wait for it. The thread's late result
-            # is dropped; it writes nothing.
-            abandon_on_cancel=True,
-        )
+        self._single_chunks += 1
+        try:
+            return await trio.to_thread.run_sync(
+                self._fetch_sync,
+                obj,
+                start,
+                end,
+                limiter=self._fetch_limiter,
+                # A GET may stall for the whole retry timeout: shutdown (and
+                # a cancelled read) must not wait for it. The thread's late
+                # result is dropped; it writes nothing.
+                abandon_on_cancel=True,
+            )
+        finally:
+            self._single_chunks -= 1
 
     def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[Bytes, int]:
         data = self.store.get_range(obj.key, obj.version, start, end)

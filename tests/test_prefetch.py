@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import trio
@@ -185,3 +186,44 @@ def test_a_run_failing_midway_keeps_what_arrived_and_refetches_the_rest(tmp_path
     # The two chunks that arrived are not fetched again; the rest of that
     # run is, once (by the reader or the next read-ahead).
     assert len(gets) == len(set(gets)) == SIZE // CS
+
+
+class _Gauge(MemoryStore):
+    """Records the most bytes any moment's GETs were asked for at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.most = 0
+
+    def get_chunks(self, key, version, start, end, chunk_size, deliver):  # type: ignore[no-untyped-def]
+        self.now += end - start
+        self.most = max(self.most, self.now)
+        try:
+            time.sleep(0.01)  # long enough for the others to start theirs
+            return super().get_chunks(key, version, start, end, chunk_size, deliver)
+        finally:
+            self.now -= end - start
+
+
+def test_coalesced_gets_keep_chunks_in_flight_within_fetch_concurrency(tmp_path: Path) -> None:
+    """Many files fetched ahead at once: runs shrink so that the chunk
+    buffers being received stay under twice --fetch-concurrency chunks,
+    however many files there are (without the budget: 4 runs of 16)."""
+    store = _Gauge()
+    versions = [store.put(f"f{i}", pattern(40 + i, 0, SIZE)) for i in range(6)]
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, fetch_concurrency=4)
+
+    async def main() -> None:
+        objs = [cache.open_object(f"f{i}", v, CS) for i, v in enumerate(versions)]
+        async with trio.open_nursery() as nursery:
+            for obj in objs:
+                for first in range(0, SIZE // CS, 16):
+                    nursery.start_soon(cache.ensure_run, obj, list(range(first, first + 16)))
+        for obj in objs:
+            cache.close_object(obj)
+
+    trio.run(main)
+    cache.close()
+    assert len(store.get_log) == 6 * SIZE // CS  # everything, once
+    assert max(e - s for _, s, e in store.requests) > CS  # still coalesced
+    assert store.most <= 2 * 4 * CS, store.most / CS
