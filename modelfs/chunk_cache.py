@@ -1084,5 +1084,9 @@ class ChunkCache:
         out["capacity_bytes"] = self.capacity
         out["prefetch_pending_bytes"] = sum(self._prefetched.values())
         out["open_objects"] = len(self._objects)
+        # Chunks fetched (or being fetched by a coalesced GET) whose payload
+        # write and index commit have not finished: 0 once everything a
+        # reader got is on disk.
+        out["pending_writes"] = len(self._storing) + self._run_chunks
         out.update(self.counters.__dict__)
         return out

@@ -169,6 +169,15 @@ class Mount:
     def fetched_bytes(self) -> int:
         return int(self.stats()["store"]["get_bytes"])
 
+    def settle(self, timeout: float = 15) -> dict[str, Any]:
+        """The stats once every chunk a reader got is written to the cache
+        (chunks are served first and written just after)."""
+        deadline = time.monotonic() + timeout
+        while (stats := self.stats())["cache"]["pending_writes"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stats["cache"]["pending_writes"] == 0, "cache writes did not finish"
+        return stats
+
     def umount(self) -> None:
         proc = run_modelfs("umount", str(self.path))
         assert proc.returncode == 0, proc.stderr

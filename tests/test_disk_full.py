@@ -84,7 +84,7 @@ def test_free_space_guard_evicts_before_the_disk_fills(
         assert (m.path / key).read_bytes() == value, key
         # (the index's own pages grow after the check: a little slack)
         assert os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize >= 4 * MiB - 256 * 1024
-    cache = m.stats()["cache"]
+    cache = m.settle()["cache"]
     assert cache["evicted_chunks"] > 0
     # No write ever hit a full disk. (Under load the guard may once find
     # every old chunk in use and skip storing one: then it says so.)
@@ -97,7 +97,7 @@ def test_free_space_guard_evicts_before_the_disk_fills(
     free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
     filler.write_bytes(b"x" * (free - 512 * 1024))
     assert (m.path / "late.bin").read_bytes() == late
-    assert m.stats()["cache"]["uncached_chunks"] > 0
+    assert m.settle()["cache"]["uncached_chunks"] > 0
     assert len(_warnings(m.log_file)) == 1
     assert "min-free-space" in _warnings(m.log_file)[0]
 
@@ -113,8 +113,8 @@ def test_disk_full_serves_from_the_origin(bucket: Bucket, mounter: Mounter, smal
     m = _mount_small(mounter, bucket, small_fs)
     for key, value in data.items():
         assert (m.path / key).read_bytes() == value, key
+    cache = m.settle()["cache"]
     assert len(_warnings(m.log_file)) == 1  # warned once, then carried on
-    cache = m.stats()["cache"]
     assert cache["uncached_chunks"] > 0
     assert cache["used_bytes"] <= 6 * MiB
     # Still correct on re-reads (page cache dropped for the file: new opens

@@ -60,11 +60,7 @@ def test_metrics_match_the_bytes_on_the_wire(
     m = mounter(bucket, endpoint_url=proxy.endpoint_url, args=args)
     proxy.reset()
     _read_all(m)
-    # Chunks are served as they arrive and written to disk just after: give
-    # the last writes a moment before reading the cache's size.
-    deadline = time.monotonic() + 10
-    while _scrape(port)["modelfs_cache_size_bytes"] < TOTAL and time.monotonic() < deadline:
-        time.sleep(0.05)
+    m.settle()  # chunks are served as they arrive and written just after
     with open(m.path / "big.safetensors", "rb") as held:
         met = _scrape(port)
         assert met["modelfs_open_files"] == 1

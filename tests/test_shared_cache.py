@@ -178,7 +178,7 @@ def test_new_file_in_an_unwritable_cache_is_read_from_the_origin(
     # Its payload file cannot be created: the open works, the bytes come
     # from the origin, uncached, with one warning.
     assert (m.path / second).read_bytes() == files[second]
-    assert m.stats()["cache"]["uncached_chunks"] > 0
+    assert m.settle()["cache"]["uncached_chunks"] > 0
     assert int(os.getxattr(m.path / second, "user.modelfs.cached")) == 0
     warnings = [ln for ln in m.log_file.read_text().splitlines() if "cannot write" in ln]
     assert len(warnings) == 1, warnings

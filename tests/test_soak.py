@@ -101,7 +101,7 @@ def test_soak_random_readers(bucket: Bucket, mounter: Mounter, tmp_path: Path) -
         time.sleep(0.2)
     assert not failures, failures
     assert reads[0] > 50
-    stats = [m.stats() for m in mounts]
+    stats = [m.settle() for m in mounts]
     # Evictions happened in both (the cache is smaller than the data); the
     # cache stayed within its size, give or take what the other process was
     # storing at that moment (16 fetch slots of 1 MiB).
