@@ -841,7 +841,7 @@ class ChunkCache:
             await trio.to_thread.run_sync(
                 obj.file.pwrite, data, obj.chunk_span(n)[0], limiter=self._disk_limiter
             )
-            return bool(
+            stored = bool(
                 await trio.to_thread.run_sync(
                     self.index.put,
                     obj.obj_id,
@@ -853,6 +853,13 @@ class ChunkCache:
                     limiter=self._index_limiter,
                 )
             )
+            # Several chunks are stored at once (write-behind, coalesced
+            # GETs); when every older chunk was in use as room was made, the
+            # cache went over its size: evict again now that reads moved on.
+            over = self.index.used() - self.capacity
+            if over > 0:
+                await self._evict(over, over + 64 * len(data))
+            return stored
         except (OSError, lmdb.Error) as exc:
             # Disk full, quota, a read-only or vanished cache directory, a
             # full index: serve this read from memory and carry on uncached.
@@ -1057,11 +1064,13 @@ class ChunkCache:
         while self._segments or self._storing:
             await trio.sleep(0.01)
 
-    async def run_background(self) -> None:
+    async def run_background(self, *, write_behind: bool = True) -> None:
         """Periodic chores, write-behind stores and the shared tier's
-        uploads; runs until cancelled (call `settle` first)."""
+        uploads; runs until cancelled (call `settle` first). Without
+        `write_behind` a reader waits for its chunk's write (`pull`: a
+        Ctrl-C must not lose chunks already fetched)."""
         async with trio.open_nursery() as nursery:
-            self._behind = nursery
+            self._behind = nursery if write_behind else None
             try:
                 if self.tier is not None:
                     nursery.start_soon(self.tier.run_uploads)

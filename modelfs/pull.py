@@ -18,6 +18,7 @@ such as ``../x`` can never write outside DIR.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -200,7 +201,9 @@ def pull(
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(cache.run_background)  # shared-tier uploads, recency
+            # Shared-tier uploads and recency; no write-behind: a Ctrl-C
+            # must not lose chunks already fetched (the resumed pull reuses them).
+            nursery.start_soon(functools.partial(cache.run_background, write_behind=False))
             for rel, info in todo:
                 try:
                     await _pull_one(
