@@ -173,6 +173,7 @@ class Prefetcher:
                 if n * cs >= disk_limit:
                     waiting = n if waiting is None else waiting
                 else:
+                    self.budget.in_flight += 1
                     self._start([n])
             else:
                 run.append(n)
@@ -186,14 +187,12 @@ class Prefetcher:
         stream.ahead_until = max(stream.ahead_until, min(self.obj.size, done * cs))
 
     def _start(self, run: list[int]) -> None:
-        """Spawn the load of `run` (chunks counted in the budget already by
-        the caller for origin runs; a disk chunk is counted here) and empty it."""
+        """Spawn the load of `run` (its chunks already counted in the budget
+        by the caller) and empty it."""
         if not run:
             return
         chunks = list(run)
         run.clear()
-        if len(chunks) == 1 and self.cache.on_disk(self.obj, chunks[0]):
-            self.budget.in_flight += 1
         self.budget.issued_chunks += len(chunks)
         self.cache.retain(self.obj)  # the payload file stays open meanwhile
         self.spawn(self._fetch, chunks)
