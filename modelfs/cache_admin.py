@@ -30,9 +30,10 @@ import trio
 
 from .cache_index import CacheIndex, ObjectEntry, Victim
 from .chunk_cache import FORMAT_FILE, ChunkCache, checksum
+from .config import DEFAULT_CHUNK_SIZE
 from .errors import CacheError, StoreError
 from .payload import payload_path
-from .store import Listing, ObjectVersion, StoreCounters
+from .store import Listing, StoreCounters
 
 
 def _require_cache(root: Path) -> None:
@@ -138,10 +139,7 @@ class _NoOrigin:
     def list_dir(self, prefix: str) -> Listing:
         raise StoreError("offline")
 
-    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
-        raise StoreError("offline")
-
-    def get_chunks(self, *args: Any, **kwargs: Any) -> None:
+    def get_into(self, *args: Any, **kwargs: Any) -> None:
         raise StoreError("offline")
 
     def probe(self, prefix: str) -> None:
@@ -149,7 +147,7 @@ class _NoOrigin:
 
 
 def _with_cache(root: Path, work: Callable[[ChunkCache], Any]) -> Any:
-    cache = ChunkCache(root, _NoOrigin())
+    cache = ChunkCache(root, _NoOrigin(), memory_cache=DEFAULT_CHUNK_SIZE)  # reads nothing
     try:
         return trio.run(work, cache)
     finally:

@@ -8,15 +8,17 @@ and the in-memory state that makes reads cheap and safe:
   get its bytes from the flight);
 * ``_pins``     chunks a read is waiting on; eviction skips them;
 * ``_touched``  recency updates, written to the index in one batch;
-* ``_mem``      the most recently fetched or verified chunks, bounded in
-  bytes: a read they cover is answered with a zero-copy slice;
+* ``pool``      the buffer pool (cache/pool.py): the memory every chunk is
+  received into, read from disk into and replied from; its slabs are also
+  the memory cache of recent chunks, so a read they cover is answered with a
+  zero-copy view;
 * ``_prefetched`` chunks read-ahead fetched from the origin that no read has
   used yet: used ones and evicted ones are counted, for the metrics.
 
 A read is always served from bytes that were checksummed after they were
 read from the payload file (or that just came from the origin): a chunk read
-from disk is read whole, checked against the index's xxh3-64, and kept in
-``_mem``. So corruption that appears while a mount runs, and a chunk another
+from disk is read whole into a slab, checked against the index's xxh3-64,
+and kept in the pool. So corruption that appears while a mount runs, and a chunk another
 process evicts under us, are both caught on the next disk read.
 
 Several processes (mounts, ``modelfs pull``, ``modelfs cache``) may share one
@@ -40,27 +42,30 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cachetools
 import lmdb
 import trio
 import xxhash
 
 from . import cache_dir
+from .cache.pool import BufferPool, Slab
 from .cache_index import CacheIndex, Victim
 from .config import (
     DEFAULT_CACHE_CAP,
     DEFAULT_CACHE_SHARE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MEMORY_CACHE,
     DEFAULT_MIN_FREE_CAP,
     DEFAULT_MIN_FREE_SHARE,
     MountConfig,
@@ -68,7 +73,7 @@ from .config import (
 )
 from .errors import CacheError, CacheFormatError, IndexDamaged, ModelfsError
 from .payload import PayloadFile, PayloadStore, ofd_conflict, ofd_lock, ofd_lock_wait
-from .store import Bytes, ObjectStore, ObjectVersion
+from .store import ObjectStore, ObjectVersion
 from .tier import S3Tier, SharedTier
 
 log = logging.getLogger(__name__)
@@ -92,12 +97,27 @@ ChunkKey = tuple[bytes, int]
 Buffer = bytes | bytearray | memoryview
 
 
-def _read_and_hash(pf: PayloadFile, length: int, offset: int) -> tuple[bytes, int]:
-    data = pf.pread(length, offset)
-    return data, checksum(data)
+def _read_and_hash(pf: PayloadFile, buf: memoryview, length: int, offset: int) -> tuple[int, int]:
+    got = pf.read_into(buf, length, offset, aligned=True)
+    return got, checksum(buf[:got])
 
 
-def checksum(data: Bytes | memoryview) -> int:
+def _release_from_thread(
+    token: trio.lowlevel.TrioToken, pool: BufferPool, slabs: list[Slab]
+) -> None:
+    """Drop a worker thread's hold on slabs it filled, on the trio thread.
+    A GET abandoned on cancellation keeps receiving into its slabs until it
+    ends; only then may they hold other bytes."""
+
+    def release() -> None:
+        for slab in slabs:
+            pool.release(slab)
+
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(release)
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
@@ -127,8 +147,17 @@ class CachedObject:
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
-    data: Bytes | None = None  # None: failed, cancelled, or an eviction
+    slab: Slab | None = None  # None: failed, cancelled, or an eviction
     fetched: bool = False  # the bytes came from the origin, not the disk
+    waiters: int = 0  # readers waiting; each is handed a hold on the slab
+
+    def land(self, pool: BufferPool, slab: Slab | None) -> None:
+        """End the flight: every waiter gets its own hold on `slab`."""
+        self.slab = slab
+        if slab is not None:
+            for _ in range(self.waiters):
+                pool.hold(slab)
+        self.done.set()
 
 
 @dataclass
@@ -246,7 +275,8 @@ class ChunkCache:
         min_free: int | None = 0,
         fetch_concurrency: int = 16,
         disk_concurrency: int = 8,
-        memory_cache: int = 128 << 20,
+        memory_cache: int = DEFAULT_MEMORY_CACHE,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         tier: SharedTier | None = None,
     ) -> None:
         self.root = root
@@ -282,7 +312,7 @@ class ChunkCache:
         self._flights: dict[ChunkKey, _Flight] = {}
         # Chunks a coalesced GET handed out whose payload write is running:
         # readers take them from here, not from the origin a second time.
-        self._storing: dict[ChunkKey, Bytes] = {}
+        self._storing: dict[ChunkKey, Slab] = {}
         self._segments = 0  # coalesced GETs running (their stores included)
         self._run_chunks = 0  # chunks those GETs have claimed and not yet stored
         self._single_chunks = 0  # one-chunk GETs being received
@@ -296,9 +326,11 @@ class ChunkCache:
         self._prefetched: dict[ChunkKey, int] = {}
         self._reserved = 0
         self._storage_warned = False  # a failed cache write is warned once per mount
-        self._mem: cachetools.LRUCache[ChunkKey, Bytes] = cachetools.LRUCache(
-            maxsize=max(1, memory_cache), getsizeof=len
-        )
+        # Slabs are cut at the mount's chunk size; an object cached earlier
+        # with a larger one is read through overflow slabs.
+        self.pool = BufferPool(memory_cache, chunk_size)
+        # Slabs background work leaves idle, so readers find one at once.
+        self._reserve = min(4, len(self.pool.slabs) // 4)
         self.slots = FetchSlots(fetch_concurrency)
         # Threads for GETs; never a bottleneck, since a GET needs a slot first.
         self._fetch_limiter = trio.CapacityLimiter(fetch_concurrency)
@@ -323,6 +355,7 @@ class ChunkCache:
             min_free=cfg.min_free_space,
             fetch_concurrency=cfg.fetch_concurrency,
             memory_cache=cfg.memory_cache,
+            chunk_size=cfg.chunk_size,
             tier=tier,
         )
 
@@ -418,52 +451,96 @@ class ChunkCache:
     ) -> Buffer:
         """Bytes [offset, offset+size) of the object, short only at EOF.
 
-        `background` reads (prefetch looking at a file's header) fetch as
-        background work and are not counted as bytes served to readers."""
+        A read inside one chunk is a view of the chunk's pool slab, valid
+        until the caller's next checkpoint (pyfuse3 sends it before that);
+        use `view` to keep bytes across an await. A read over several
+        chunks is a copy. `background` reads (prefetch looking at a file's
+        header) fetch as background work and are not counted as bytes
+        served to readers."""
+        self.pool.settle_deferred()  # views handed out by earlier steps are sent
+        slabs = await self._hold(obj, offset, size, background)
+        if len(slabs) == 1:
+            view = self._cut(obj, offset, size, slabs)
+            self.pool.release_after_reply(slabs[0])
+            return view
+        try:
+            return bytes(self._cut(obj, offset, size, slabs)) if slabs else b""
+        finally:
+            for slab in slabs:
+                self.pool.release(slab)
+
+    @contextlib.asynccontextmanager
+    async def view(self, obj: CachedObject, offset: int, size: int) -> AsyncIterator[Buffer]:
+        """Like `read`, but the bytes stay valid (held) until the block ends."""
+        slabs = await self._hold(obj, offset, size, False)
+        try:
+            yield self._cut(obj, offset, size, slabs) if slabs else b""
+        finally:
+            for slab in slabs:
+                self.pool.release(slab)
+
+    @staticmethod
+    def _cut(obj: CachedObject, offset: int, size: int, slabs: list[Slab]) -> Buffer:
         end = min(offset + size, obj.size)
-        if offset >= end:
-            return b""
-        chunks = range(offset // obj.chunk_size, (end - 1) // obj.chunk_size + 1)
-        bufs: dict[int, Bytes] = {}
-        fetched: set[int] = set()
-
-        async def load(n: int) -> None:
-            data, from_origin = await self._get(obj, n, background)
-            bufs[n] = data
-            if from_origin:
-                fetched.add(n)
-
-        with self._pinned(obj.obj_id, chunks):
-            for n in chunks:
-                buf = self._mem.get((obj.obj_id, n))
-                if buf is not None:
-                    bufs[n] = buf
-            todo = [n for n in chunks if n not in bufs]
-            self.counters.hits += len(chunks) - len(todo)
-            if len(todo) == 1:
-                await load(todo[0])
-            elif todo:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        for n in todo:
-                            nursery.start_soon(load, n)
-                except BaseExceptionGroup as group:
-                    leaf = _single_domain_error(group)
-                    if leaf is None:
-                        raise
-                    raise leaf from None
+        first = offset // obj.chunk_size
         parts = []
-        for n in chunks:
-            base = n * obj.chunk_size
-            buf = bufs[n]
-            parts.append(
-                memoryview(buf)[max(offset, base) - base : min(end, base + len(buf)) - base]
-            )
+        for i, slab in enumerate(slabs):
+            base = (first + i) * obj.chunk_size
+            parts.append(slab.data[max(offset, base) - base : min(end, base + slab.length) - base])
         data: Buffer = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != end - offset:
             raise CacheError(f"{obj.key}: chunk shorter than the object's size says")
-        if background:
-            return data
+        return data
+
+    async def _hold(
+        self, obj: CachedObject, offset: int, size: int, background: bool
+    ) -> list[Slab]:
+        """The slabs of the chunks under [offset, offset+size), in order,
+        each held for the caller (who releases them)."""
+        end = min(offset + size, obj.size)
+        if offset >= end:
+            return []
+        chunks = range(offset // obj.chunk_size, (end - 1) // obj.chunk_size + 1)
+        held: dict[int, Slab] = {}
+        fetched: set[int] = set()
+
+        async def load(n: int) -> None:
+            slab, from_origin = await self._get(obj, n, background)
+            held[n] = slab
+            if from_origin:
+                fetched.add(n)
+
+        try:
+            with self._pinned(obj.obj_id, chunks):
+                for n in chunks:
+                    slab = self.pool.get((obj.obj_id, n))
+                    if slab is not None:
+                        held[n] = slab
+                todo = [n for n in chunks if n not in held]
+                self.counters.hits += len(chunks) - len(todo)
+                if len(todo) == 1:
+                    await load(todo[0])
+                elif todo:
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            for n in todo:
+                                nursery.start_soon(load, n)
+                    except BaseExceptionGroup as group:
+                        leaf = _single_domain_error(group)
+                        if leaf is None:
+                            raise
+                        raise leaf from None
+        except BaseException:
+            for slab in held.values():
+                self.pool.release(slab)
+            raise
+        if not background:
+            self._count_served(obj, offset, end, chunks, fetched)
+        return [held[n] for n in chunks]
+
+    def _count_served(
+        self, obj: CachedObject, offset: int, end: int, chunks: range, fetched: set[int]
+    ) -> None:
         for n in chunks:
             key = (obj.obj_id, n)
             self._touched[key] = None
@@ -474,24 +551,16 @@ class ChunkCache:
         )
         self.counters.miss_bytes += miss
         self.counters.hit_bytes += end - offset - miss
-        return data
-
-    def _remember(self, key: ChunkKey, data: Bytes) -> None:
-        # Always replace: an entry left from before an eviction could hold
-        # the chunk as cut with another chunk size.
-        self._mem.pop(key, None)
-        if len(data) <= self._mem.maxsize:
-            self._mem[key] = data
 
     @property
     def memory_bytes(self) -> int:
-        """Size of the memory cache of recent chunks."""
-        return int(self._mem.maxsize)
+        """Size of the memory cache of recent chunks (the buffer pool)."""
+        return self.pool.size
 
     def is_ready(self, obj: CachedObject, n: int) -> bool:
         """Being loaded or held in memory: nothing for read-ahead to do."""
         key = (obj.obj_id, n)
-        return key in self._flights or key in self._mem or key in self._storing
+        return key in self._flights or key in self.pool or key in self._storing
 
     def run_length(self, obj: CachedObject) -> int:
         """How many chunks of `obj` one coalesced GET fetches at most."""
@@ -505,33 +574,37 @@ class ChunkCache:
         whole run (one GET at a time). Returns how many came from the origin.
 
         Without a shared tier only: the tier is read chunk by chunk."""
-        if self.tier is not None or len(chunks) == 1:
+        if self.tier is not None or len(chunks) == 1 or obj.chunk_size > self.pool.slab_size:
             return sum([await self.ensure(obj, n, prefetch=True) for n in chunks])
+        await self.pool.wait_idle(self._reserve)
         await self.slots.acquire(background=True)
         try:
             fetched, i = 0, 0
             while i < len(chunks):
-                segment = self._claim_segment(obj, chunks[i:])
+                segment, slabs = self._claim_segment(obj, chunks[i:])
                 if segment:
-                    fetched += await self._fetch_segment(obj, segment)
+                    fetched += await self._fetch_segment(obj, segment, slabs)
                     i += len(segment)
                     continue
                 n = chunks[i]
-                if not self.is_ready(obj, n):  # on disk, or a peer has its lock
-                    fetched += (await self._chunk(obj, n, True))[1]
+                if not self.is_ready(obj, n):  # on disk, a peer has its lock, or no slab
+                    slab, from_origin = await self._chunk(obj, n, True)
+                    self.pool.release(slab)
+                    fetched += from_origin
                 i += 1
             return fetched
         finally:
             self.slots.release()
 
-    def _claim_segment(self, obj: CachedObject, chunks: list[int]) -> list[int]:
+    def _claim_segment(self, obj: CachedObject, chunks: list[int]) -> tuple[list[int], list[Slab]]:
         """The leading chunks of `chunks` that are consecutive, not ready,
-        not on disk, and whose range locks this process could take now; for
-        each, a flight is registered and the lock is held. No await: nothing
-        can change in between."""
+        not on disk, and whose range locks this process could take now,
+        with a slab taken for each; for each, a flight is registered and
+        the lock is held. No await: nothing can change in between."""
         segment: list[int] = []
+        slabs: list[Slab] = []
         if self._settling:
-            return segment  # shutting down: no new GETs
+            return segment, slabs  # shutting down: no new GETs
         # A run takes what is left of --fetch-concurrency chunks after the
         # other runs and the single-chunk GETs, and at least one chunk: the
         # chunk buffers being received stay under twice --fetch-concurrency
@@ -543,7 +616,11 @@ class ChunkCache:
             start, end = obj.chunk_span(n)
             if self.is_ready(obj, n) or self.on_disk(obj, n):
                 break
+            slab = self.pool.take(reserve=self._reserve)
+            if slab is None:
+                break
             if not obj.file.try_lock(start, end - start):
+                self.pool.release(slab)
                 break
             key = (obj.obj_id, n)
             self._flights[key] = _Flight()
@@ -551,73 +628,91 @@ class ChunkCache:
             # used it: that fetch was wasted.
             self.counters.prefetch_wasted_bytes += self._prefetched.pop(key, 0)
             segment.append(n)
-        return segment
+            slabs.append(slab)
+        return segment, slabs
 
-    async def _fetch_segment(self, obj: CachedObject, segment: list[int]) -> int:
-        """One GET for the claimed `segment`; each chunk is handed to its
-        flight as it arrives, then stored (still under its range lock, so
-        other processes find it on disk when they get the lock)."""
-        cs = obj.chunk_size
+    async def _fetch_segment(self, obj: CachedObject, segment: list[int], slabs: list[Slab]) -> int:
+        """One GET for the claimed `segment` into its slabs; each chunk is
+        handed to its flight as it arrives, then stored (still under its
+        range lock, so other processes find it on disk when they get the
+        lock). The GET's thread never waits for the trio thread: it posts
+        each arrival and goes on receiving."""
         first = segment[0]
-        start, end = first * cs, obj.chunk_span(segment[-1])[1]
+        start = first * obj.chunk_size
+        lengths = [obj.chunk_span(n)[1] - obj.chunk_span(n)[0] for n in segment]
+        bufs = [slab.view[:length] for slab, length in zip(slabs, lengths, strict=True)]
         self.counters.misses += len(segment)
-        send, receive = trio.open_memory_channel[tuple[int, Bytes, int]](float("inf"))
+        send, receive = trio.open_memory_channel[tuple[int, int]](float("inf"))
         failure: list[BaseException] = []
+        token = trio.lowlevel.current_trio_token()
+        for slab in slabs:
+            self.pool.hold(slab)  # the GET thread's hold
 
-        def deliver(i: int, buf: bytearray) -> None:  # in the GET's thread
-            trio.from_thread.run_sync(send.send_nowait, (first + i, buf, checksum(buf)))
+        def post(item: tuple[int, int]) -> None:
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                send.send_nowait(item)
+
+        def deliver(i: int) -> None:  # in the GET's thread
+            digest = checksum(bufs[i])
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(post, (i, digest))
+
+        def receive_body() -> None:
+            try:
+                self.store.get_into(obj.key, obj.version, start, bufs, deliver)
+            finally:
+                _release_from_thread(token, self.pool, slabs)
 
         async def get() -> None:
             try:
                 async with send:
                     await trio.to_thread.run_sync(
-                        self.store.get_chunks,
-                        obj.key,
-                        obj.version,
-                        start,
-                        end,
-                        cs,
-                        deliver,
-                        limiter=self._fetch_limiter,
-                        abandon_on_cancel=True,
+                        receive_body, limiter=self._fetch_limiter, abandon_on_cancel=True
                     )
             except Exception as exc:
                 failure.append(exc)
 
-        left = set(segment)
+        async def store(n: int, slab: Slab, digest: int) -> None:
+            # Stores run beside the receive loop: a chunk's readers never
+            # wait for an earlier chunk's disk write.
+            try:
+                if not await self._store(obj, n, slab, digest):
+                    self.counters.uncached_chunks += 1
+            finally:
+                del self._storing[(obj.obj_id, n)]
+                self.pool.release(slab)
+                self._run_chunks -= 1
+                c0, c1 = obj.chunk_span(n)
+                obj.file.unlock(c0, c1 - c0)
+
+        left = set(range(len(segment)))
         self._segments += 1
         self._run_chunks += len(segment)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(get)
                 async with receive:
-                    async for n, data, digest in receive:
+                    async for i, digest in receive:
+                        n, slab = first + i, slabs[i]
                         key = (obj.obj_id, n)
-                        flight = self._flights.pop(key)
-                        flight.data, flight.fetched = data, True
-                        self._remember(key, data)
-                        self._storing[key] = data
-                        flight.done.set()
-                        self._prefetched[key] = len(data)
-                        self.counters.prefetch_fetched_bytes += len(data)
+                        self.pool.publish(key, slab, lengths[i])
+                        self._storing[key] = slab  # our hold goes with it
+                        left.discard(i)
+                        self._flights.pop(key).land(self.pool, slab)
+                        self._prefetched[key] = lengths[i]
+                        self.counters.prefetch_fetched_bytes += lengths[i]
                         self.counters.fetched_chunks += 1
-                        try:
-                            if not await self._store(obj, n, data, digest):
-                                self.counters.uncached_chunks += 1
-                        finally:
-                            del self._storing[key]
-                            left.discard(n)
-                            self._run_chunks -= 1
-                            c0, c1 = obj.chunk_span(n)
-                            obj.file.unlock(c0, c1 - c0)
+                        nursery.start_soon(store, n, slab, digest)
         finally:
             self._segments -= 1
             self._run_chunks -= len(left)
             error = failure[0] if failure else CacheError(f"{obj.key}: fetch ended early")
-            for n in left:
+            for i in left:
+                n = first + i
                 flight = self._flights.pop((obj.obj_id, n))
                 flight.error = error
-                flight.done.set()
+                flight.land(self.pool, None)
+                self.pool.release(slabs[i])
                 c0, c1 = obj.chunk_span(n)
                 obj.file.unlock(c0, c1 - c0)
         if left:
@@ -654,83 +749,97 @@ class ChunkCache:
         """
         if prefetch and self.is_ready(obj, n):
             return False
-        return (await self._get(obj, n, prefetch))[1]
+        slab, from_origin = await self._get(obj, n, prefetch)
+        self.pool.release(slab)
+        return from_origin
 
-    async def _get(self, obj: CachedObject, n: int, background: bool) -> tuple[Bytes, bool]:
-        """Chunk `n`'s verified bytes, and whether they came from the origin.
-        Background work that has to load the chunk takes a background fetch
-        slot first; one that finds it in memory or in flight just takes it."""
+    async def _get(self, obj: CachedObject, n: int, background: bool) -> tuple[Slab, bool]:
+        """Chunk `n`'s slab, held for the caller, and whether its bytes came
+        from the origin. Background work that has to load the chunk waits
+        for an idle slab, then takes a background fetch slot; one that finds
+        it in memory or in flight just takes it."""
         if not background or self.is_ready(obj, n):
             return await self._chunk(obj, n, False)
+        await self.pool.wait_idle(self._reserve)
         await self.slots.acquire(background=True)
         try:
             return await self._chunk(obj, n, True)
         finally:
             self.slots.release()
 
-    async def _chunk(self, obj: CachedObject, n: int, background: bool) -> tuple[Bytes, bool]:
-        """Chunk `n`'s verified bytes, and whether they came from the origin."""
+    async def _chunk(self, obj: CachedObject, n: int, background: bool) -> tuple[Slab, bool]:
+        """Chunk `n`'s verified bytes in a slab held for the caller, and
+        whether they came from the origin."""
         key = (obj.obj_id, n)
         while True:
-            buf = self._mem.get(key)
-            if buf is None:
-                buf = self._storing.get(key)  # fetched, its disk write not done
-            if buf is not None:
-                return buf, False
+            slab = self.pool.get(key)
+            if slab is None:
+                slab = self._storing.get(key)  # fetched, its disk write not done
+                if slab is not None:
+                    self.pool.hold(slab)
+            if slab is not None:
+                return slab, False
             flight = self._flights.get(key)
             if flight is not None:
-                await flight.done.wait()
-                if flight.data is not None:
-                    return flight.data, flight.fetched
+                flight.waiters += 1
+                try:
+                    await flight.done.wait()
+                except BaseException:
+                    if not flight.done.is_set():
+                        flight.waiters -= 1
+                    elif flight.slab is not None:
+                        self.pool.release(flight.slab)  # handed to us all the same
+                    raise
+                if flight.slab is not None:
+                    return flight.slab, flight.fetched
                 if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
                     raise flight.error
                 continue  # an eviction, or an owner that was cancelled: look again
             flight = self._flights[key] = _Flight()
+            slab = None
             try:
-                flight.data, flight.fetched = await self._load(obj, n, background)
-                return flight.data, flight.fetched
+                slab, flight.fetched = await self._load(obj, n, background)
+                return slab, flight.fetched
             except BaseException as exc:
                 flight.error = exc
                 raise
             finally:
                 del self._flights[key]
-                flight.done.set()
+                flight.land(self.pool, slab)
 
-    async def _load(self, obj: CachedObject, n: int, background: bool) -> tuple[Bytes, bool]:
+    async def _load(self, obj: CachedObject, n: int, background: bool) -> tuple[Slab, bool]:
         """Chunk `n` from disk if it verifies, else from the origin (stored
-        on the way when the cache can take it). A `background` caller
-        already holds a fetch slot."""
+        on the way when the cache can take it), in a slab held for the
+        caller. A `background` caller already holds a fetch slot."""
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
-        on_disk = await self._from_disk(obj, n, corrupt_is_news=True)
-        if on_disk is not None:
-            self._remember(key, on_disk)
-            return on_disk, False
+        slab = await self._from_disk(obj, n, corrupt_is_news=True)
+        if slab is not None:
+            return slab, False
         self.counters.misses += 1
         locked = await self._range_lock(obj, start, end)
         handed_over = False
         try:
             # Another process may have stored it while we looked or waited.
-            on_disk = await self._from_disk(obj, n, corrupt_is_news=False)
-            if on_disk is not None:
+            slab = await self._from_disk(obj, n, corrupt_is_news=False)
+            if slab is not None:
                 self.counters.peer_chunks += 1
-                self._remember(key, on_disk)
-                return on_disk, False
+                return slab, False
             # Fetched ahead once, evicted (by any process) before any read
             # used it: that fetch was wasted.
             self.counters.prefetch_wasted_bytes += self._prefetched.pop(key, 0)
             if not background:
                 await self.slots.acquire(background=False)
             try:
-                data, digest, tier_upload = await self._fetch(obj, n)
+                slab, digest, tier_upload = await self._fetch(obj, n)
             finally:
                 if not background:
                     self.slots.release()
             self.counters.fetched_chunks += 1
             if background:
-                self._prefetched[key] = len(data)
-                self.counters.prefetch_fetched_bytes += len(data)
-            self._remember(key, data)
+                self._prefetched[key] = end - start
+                self.counters.prefetch_fetched_bytes += end - start
+            self.pool.publish(key, slab, end - start)
             behind = self._behind
             # The write-behind backlog is bounded: past it, the reader waits
             # for the write as before (a slow disk slows reads, not RAM).
@@ -738,16 +847,21 @@ class ChunkCache:
                 # Write-behind: the reader gets the bytes now; the payload
                 # write and the index commit follow, under the range lock
                 # (handed over), with the object kept open until then.
-                self._storing[key] = data
+                self._storing[key] = slab
+                self.pool.hold(slab)  # the store's hold
                 self.retain(obj)
-                behind.start_soon(self._store_behind, obj, n, data, digest, tier_upload, locked)
+                behind.start_soon(self._store_behind, obj, n, slab, digest, tier_upload, locked)
                 handed_over = True
             else:
-                if not await self._store(obj, n, data, digest):
-                    self.counters.uncached_chunks += 1
-                if tier_upload is not None:
-                    tier_upload()
-            return data, True
+                try:
+                    if not await self._store(obj, n, slab, digest):
+                        self.counters.uncached_chunks += 1
+                    if tier_upload is not None:
+                        tier_upload()
+                except BaseException:
+                    self.pool.release(slab)
+                    raise
+            return slab, True
         finally:
             if locked and not handed_over:
                 obj.file.unlock(start, end - start)
@@ -756,17 +870,17 @@ class ChunkCache:
         self,
         obj: CachedObject,
         n: int,
-        data: Bytes,
+        slab: Slab,
         digest: int,
         tier_upload: Callable[[], None] | None,
         locked: bool,
     ) -> None:
         """Store a chunk a reader already has (see `_load`), then give up
-        its range lock and the object reference taken for it."""
+        its slab, its range lock and the object reference taken for it."""
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
         try:
-            if not await self._store(obj, n, data, digest):
+            if not await self._store(obj, n, slab, digest):
                 self.counters.uncached_chunks += 1
             if tier_upload is not None:
                 tier_upload()
@@ -775,29 +889,38 @@ class ChunkCache:
             log.exception("storing chunk %d of %s failed", n, obj.key)
         finally:
             del self._storing[key]
+            self.pool.release(slab)
             if locked:
                 obj.file.unlock(start, end - start)
             self.close_object(obj)
 
-    async def _from_disk(self, obj: CachedObject, n: int, *, corrupt_is_news: bool) -> Bytes | None:
-        """The chunk's bytes from its payload file if the index records it
-        and they match its checksum; None otherwise."""
+    async def _from_disk(self, obj: CachedObject, n: int, *, corrupt_is_news: bool) -> Slab | None:
+        """The chunk read from its payload file into a slab (held for the
+        caller, and kept in memory) if the index records it and the bytes
+        match its checksum; None otherwise."""
         start, end = obj.chunk_span(n)
         rec = self.index.get(obj.obj_id, n)
         if rec is None or rec.length != end - start:
             return None
+        slab = self.pool.take_or_overflow(rec.length)
         try:
             # The checksum runs in the worker thread too: hashing 8 MiB on
             # the trio thread would stall every other FUSE reply meanwhile.
-            data, digest = await trio.to_thread.run_sync(
-                _read_and_hash, obj.file, rec.length, start, limiter=self._disk_limiter
+            got, digest = await trio.to_thread.run_sync(
+                _read_and_hash, obj.file, slab.view, rec.length, start, limiter=self._disk_limiter
             )
         except OSError as exc:
+            self.pool.release(slab)
             self._storage_failed(exc)
             return None
-        if len(data) == rec.length and digest == rec.checksum:
+        except BaseException:
+            self.pool.release(slab)
+            raise
+        if got == rec.length and digest == rec.checksum:
             self.counters.verified_chunks += 1
-            return data
+            self.pool.publish((obj.obj_id, n), slab, rec.length)
+            return slab
+        self.pool.release(slab)
         # Evicted by another process while we read it (and maybe stored
         # again since: a new record has a new tick): a miss, not corruption.
         if self.index.get(obj.obj_id, n) != rec:
@@ -829,8 +952,9 @@ class ChunkCache:
             log.debug("bytes %d-%d of %s: another process holds them too long", start, end, obj.key)
         return locked
 
-    async def _store(self, obj: CachedObject, n: int, data: Bytes, digest: int) -> bool:
+    async def _store(self, obj: CachedObject, n: int, slab: Slab, digest: int) -> bool:
         """Write a fetched chunk to the cache; False when it could not."""
+        data = slab.data
         self._reserved += len(data)
         try:
             if not await self._make_room(len(data)):
@@ -839,7 +963,8 @@ class ChunkCache:
                     f"less than --min-free-space ({format_size(self.min_free)}) free",
                 )
             await trio.to_thread.run_sync(
-                obj.file.pwrite, data, obj.chunk_span(n)[0], limiter=self._disk_limiter
+                functools.partial(obj.file.pwrite, data, obj.chunk_span(n)[0], aligned=True),
+                limiter=self._disk_limiter,
             )
             stored = bool(
                 await trio.to_thread.run_sync(
@@ -880,14 +1005,15 @@ class ChunkCache:
 
     async def _fetch(
         self, obj: CachedObject, n: int
-    ) -> tuple[Bytes, int, Callable[[], None] | None]:
-        """Chunk `n` from the shared tier or the origin: (bytes, checksum,
-        what to call to upload it to the tier once stored locally)."""
+    ) -> tuple[Slab, int, Callable[[], None] | None]:
+        """Chunk `n` from the shared tier or the origin: (slab held for the
+        caller, checksum, what to call to upload it to the tier once stored
+        locally)."""
         start, end = obj.chunk_span(n)
         tier = self.tier
         if tier is None:
-            data, digest = await self._from_origin(obj, start, end)
-            return data, digest, None
+            slab, digest = await self._from_origin(obj, start, end)
+            return slab, digest, None
         tier_key = tier.chunk_key(obj.key, obj.version, obj.chunk_size, n)
         got = await tier.read(tier_key, end - start)
         lease = None
@@ -895,36 +1021,49 @@ class ChunkCache:
             got, lease = await tier.claim(tier_key, end - start)
         if got is not None:
             self.counters.tier_chunks += 1
-            return got, checksum(got), None
+            slab = self.pool.take_or_overflow(len(got))
+            slab.view[: len(got)] = got
+            return slab, checksum(got), None
         try:
-            data, digest = await self._from_origin(obj, start, end)
+            slab, digest = await self._from_origin(obj, start, end)
         except BaseException:
             if lease is not None:
                 tier.abandon(lease)
             raise
-        return data, digest, lambda: tier.upload(tier_key, data, digest, lease)
+        # The tier's upload queue outlives the slab: it gets a copy.
+        return slab, digest, lambda: tier.upload(tier_key, bytes(slab.data), digest, lease)
 
-    async def _from_origin(self, obj: CachedObject, start: int, end: int) -> tuple[Bytes, int]:
-        """Bytes [start, end) of `obj` from the origin, and their checksum."""
+    async def _from_origin(self, obj: CachedObject, start: int, end: int) -> tuple[Slab, int]:
+        """Bytes [start, end) of `obj` from the origin, received into a
+        slab held for the caller, and their checksum."""
+        slab = self.pool.take_or_overflow(end - start)
+        buf = slab.view[: end - start]
+        self.pool.hold(slab)  # the GET thread's hold
+        token = trio.lowlevel.current_trio_token()
+
+        def receive() -> int:
+            try:
+                self.store.get_into(obj.key, obj.version, start, [buf])
+                return checksum(buf)
+            finally:
+                _release_from_thread(token, self.pool, [slab])
+
         self._single_chunks += 1
         try:
-            return await trio.to_thread.run_sync(
-                self._fetch_sync,
-                obj,
-                start,
-                end,
+            digest = await trio.to_thread.run_sync(
+                receive,
                 limiter=self._fetch_limiter,
                 # A GET may stall for the whole retry timeout: shutdown (and
-                # a cancelled read) must not wait for it. The thread's late
-                # result is dropped; it writes nothing.
+                # a cancelled read) must not wait for it. The thread keeps
+                # its hold on the slab until it ends; it writes nothing else.
                 abandon_on_cancel=True,
             )
+        except BaseException:
+            self.pool.release(slab)
+            raise
         finally:
             self._single_chunks -= 1
-
-    def _fetch_sync(self, obj: CachedObject, start: int, end: int) -> tuple[Bytes, int]:
-        data = self.store.get_range(obj.key, obj.version, start, end)
-        return data, checksum(data)
+        return slab, digest
 
     # -- eviction --------------------------------------------------------
     async def _make_room(self, incoming: int) -> bool:
@@ -984,7 +1123,7 @@ class ChunkCache:
         for v in victims:
             key = (v.obj_id, v.chunk)
             self._touched.pop(key, None)
-            self._mem.pop(key, None)
+            self.pool.forget(key)
             self.counters.prefetch_wasted_bytes += self._prefetched.pop(key, 0)
             flights[key] = self._flights[key] = _Flight()
         try:
@@ -1097,5 +1236,8 @@ class ChunkCache:
         # write and index commit have not finished: 0 once everything a
         # reader got is on disk.
         out["pending_writes"] = len(self._storing) + self._run_chunks
+        out["memory_bytes"] = self.pool.size
+        out["memory_cached_bytes"] = self.pool.cached_bytes
+        out["memory_overflow_chunks"] = self.pool.overflow_chunks
         out.update(self.counters.__dict__)
         return out

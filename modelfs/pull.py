@@ -117,8 +117,8 @@ async def _copy(
     async def one(n: int) -> None:
         async with limit:
             start, end = obj.chunk_span(n)
-            data = await cache.read(obj, start, end - start)
-            await trio.to_thread.run_sync(os.pwrite, fd, data, start)
+            async with cache.view(obj, start, end - start) as data:
+                await trio.to_thread.run_sync(os.pwrite, fd, data, start)
             on_bytes(end - start)
 
     async with trio.open_nursery() as nursery:

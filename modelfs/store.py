@@ -19,7 +19,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -198,27 +198,28 @@ def result_of(exc: BaseException | None) -> str:
     return "error"
 
 
+# Called by a GET's thread as soon as buffer i of its range is full.
+Deliver = Callable[[int], None]
+
+
 class ObjectStore(Protocol):
     counters: StoreCounters
 
     def list_dir(self, prefix: str) -> Listing: ...
 
-    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> Bytes:
-        """Bytes [start, end) of `key`, failing with ObjectChanged if the
-        object is no longer `version`. The caller must not write to them."""
-        ...
-
-    def get_chunks(
+    def get_into(
         self,
         key: str,
         version: ObjectVersion,
         start: int,
-        end: int,
-        chunk_size: int,
-        deliver: Callable[[int, bytearray], None],
+        bufs: Sequence[memoryview],
+        deliver: Deliver | None = None,
     ) -> None:
-        """[start, end) in one request, handed over `chunk_size` bytes at a
-        time as they arrive (see S3Store.get_chunks)."""
+        """Bytes from `start` on, in one request, into the buffers in order
+        (each takes as many bytes as it is long); `deliver(i)`, if given, is
+        called in this thread as soon as buffer i is full. Fails with
+        ObjectChanged if the object is no longer `version`; on a failure the
+        buffers already delivered stay delivered."""
         ...
 
     def probe(self, prefix: str) -> None:
@@ -534,32 +535,21 @@ class S3Store:
         except Exception as exc:
             raise self._translate(exc, f"listing s3://{self.bucket}/{prefix}") from None
 
-    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> Bytes:
-        """Bytes [start, end), retried with backoff and resumed from the last
-        byte received until `retry_timeout` runs out.
-
-        The body is received straight into one buffer of the range's size
-        (`recv_into`, see `_receive`): no per-piece objects, no joining copy.
-        The buffer is returned as it is; callers never write to it."""
-        sink = _Sink(start, end, end - start, None)
-        self._get(key, version, sink)
-        return sink.buffers[0]
-
-    def get_chunks(
+    def get_into(
         self,
         key: str,
         version: ObjectVersion,
         start: int,
-        end: int,
-        chunk_size: int,
-        deliver: Deliver,
+        bufs: Sequence[memoryview],
+        deliver: Deliver | None = None,
     ) -> None:
-        """Bytes [start, end) in one GET, cut into `chunk_size` pieces (the
-        last may be shorter): `deliver(i, piece)` is called, in this thread,
-        as soon as piece i has arrived, before the rest of the body. On a
-        failure, pieces already delivered stay delivered and the error is
-        raised."""
-        self._get(key, version, _Sink(start, end, chunk_size, deliver))
+        """One GET of the buffers' total length from `start`, retried with
+        backoff and resumed from the last byte received until
+        `retry_timeout` runs out (a retry resumes inside the same buffer).
+
+        The body is received straight into the caller's buffers (`recv_into`,
+        see `_receive`): no per-piece objects, no joining copy."""
+        self._get(key, version, _Sink(start, bufs, deliver))
 
     def _get(self, key: str, version: ObjectVersion, sink: _Sink) -> None:
         start, end = sink.start, sink.end
@@ -678,36 +668,33 @@ class S3Store:
             )
 
 
-Deliver = Callable[[int, bytearray], None]
-
-
 class _Sink:
-    """Where a GET's body goes: the range [start, end) as buffers of
-    `piece` bytes, filled in order across attempts; each full one is handed
-    to `deliver` (if any) at once."""
+    """Where a GET's body goes: the range from `start` across the buffers,
+    filled in order across attempts; each full one is handed to `deliver`
+    (if any) at once."""
 
-    def __init__(self, start: int, end: int, piece: int, deliver: Deliver | None) -> None:
-        self.start, self.end, self.piece = start, end, piece
-        self.deliver = deliver
-        self.buffers: list[bytearray] = []
+    def __init__(self, start: int, bufs: Sequence[memoryview], deliver: Deliver | None) -> None:
+        self.bufs, self.deliver = bufs, deliver
+        self.start, self.end = start, start + sum(len(b) for b in bufs)
         self.received = 0
+        self._i = 0  # the buffer being filled
+        self._off = 0  # bytes of it filled
 
     def space(self) -> memoryview:
         """The unfilled part of the current buffer (empty when all is in)."""
-        total = self.end - self.start
-        if self.received >= total:
+        while self._i < len(self.bufs) and self._off == len(self.bufs[self._i]):
+            self._i, self._off = self._i + 1, 0  # an empty buffer
+        if self._i == len(self.bufs):
             return memoryview(b"")
-        i, off = divmod(self.received, self.piece)
-        if i == len(self.buffers):
-            self.buffers.append(bytearray(min(self.piece, total - i * self.piece)))
-        return memoryview(self.buffers[i])[off:]
+        return self.bufs[self._i][self._off :]
 
     def filled(self, n: int) -> None:
-        i = self.received // self.piece
         self.received += n
-        full = self.received == self.end - self.start or self.received // self.piece > i
-        if full and self.deliver is not None:
-            self.deliver(i, self.buffers[i])
+        self._off += n
+        if self._off == len(self.bufs[self._i]):
+            if self.deliver is not None:
+                self.deliver(self._i)
+            self._i, self._off = self._i + 1, 0
 
 
 def _receive(body: Any, sink: _Sink) -> None:
@@ -802,21 +789,20 @@ class MemoryStore:
         self.counters.add_get(end - start)
         return data[start:end]
 
-    def get_range(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
-        data = self._data(key, version, start, end)
-        self.get_log.append((key, start, end))
-        return data
-
-    def get_chunks(
+    def get_into(
         self,
         key: str,
         version: ObjectVersion,
         start: int,
-        end: int,
-        chunk_size: int,
-        deliver: Deliver,
+        bufs: Sequence[memoryview],
+        deliver: Deliver | None = None,
     ) -> None:
+        end = start + sum(len(b) for b in bufs)
         data = self._data(key, version, start, end)
-        for i in range(0, len(data), chunk_size):
-            self.get_log.append((key, start + i, min(end, start + i + chunk_size)))
-            deliver(i // chunk_size, bytearray(data[i : i + chunk_size]))
+        off = 0
+        for i, buf in enumerate(bufs):
+            buf[:] = data[off : off + len(buf)]
+            self.get_log.append((key, start + off, start + off + len(buf)))
+            off += len(buf)
+            if deliver is not None:
+                deliver(i)

@@ -28,7 +28,7 @@ def ops(tmp_path: Path):  # type: ignore[no-untyped-def]
     store = MemoryStore()
     store.put("dir/w.bin", pattern(1, 0, 300_000))
     store.put("top.txt", b"hello")
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30)
+    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, chunk_size=64 * 1024)
     o = Operations(Namespace(store, "", 60), cache, chunk_size=64 * 1024, uid=7, gid=8, ttl=60)
     yield o, store
     cache.close()

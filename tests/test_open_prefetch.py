@@ -40,7 +40,7 @@ def test_safetensors_order_is_by_name() -> None:
 def test_a_reader_waiting_on_data_goes_before_background_fetches(tmp_path: Path) -> None:
     store = SlowStore(delay=0.1)
     version = store.put("m.bin", pattern(1, 0, 16 * 64 * 1024))
-    cache = ChunkCache(tmp_path / "c", store, fetch_concurrency=1, capacity=1 << 30)
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=64 * 1024, fetch_concurrency=1, capacity=1 << 30)
 
     async def main() -> None:
         obj = cache.open_object("m.bin", version, 64 * 1024)

@@ -65,7 +65,7 @@ def _run(
 ) -> dict[str, object]:
     store = store or MemoryStore()
     v = store.put("k", pattern(1, 0, size))
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, fetch_concurrency=8)
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, fetch_concurrency=8)
     out = _read_through(cache, v, 1, offsets, max_window, size)
     out["gets"] = list(store.get_log)
     out["requests"] = list(store.requests)
@@ -135,12 +135,14 @@ def test_warm_read_ahead_loads_each_chunk_from_disk_once(tmp_path: Path) -> None
     reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
 
     def one_pass(memory: int) -> None:
-        cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, memory_cache=memory)
+        cache = ChunkCache(
+            tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=memory
+        )
         _read_through(cache, v, 2, reads)
         counts.append(cache.counters.verified_chunks)
         cache.close()
 
-    one_pass(1 << 30)  # cold: everything fetched and stored
+    one_pass(2 * SIZE)  # cold: everything fetched and stored
     one_pass(4 * CS)  # warm, with a memory cache a quarter of the window
     assert len(store.get_log) == SIZE // CS
     assert counts == [0, SIZE // CS]
@@ -165,14 +167,16 @@ class _FailsMidRun(MemoryStore):
 
     failed = False
 
-    def get_chunks(self, key, version, start, end, chunk_size, deliver):  # type: ignore[no-untyped-def]
-        if self.failed or end - start <= 2 * chunk_size:
-            return super().get_chunks(key, version, start, end, chunk_size, deliver)
+    def get_into(self, key, version, start, bufs, deliver=None):  # type: ignore[no-untyped-def]
+        if self.failed or len(bufs) <= 2:
+            return super().get_into(key, version, start, bufs, deliver)
         self.failed = True
+        s = start
         for i in range(2):
-            s = start + i * chunk_size
-            self.get_log.append((key, s, s + chunk_size))
-            deliver(i, bytearray(self.objects[key][0][s : s + chunk_size]))
+            bufs[i][:] = self.objects[key][0][s : s + len(bufs[i])]
+            self.get_log.append((key, s, s + len(bufs[i])))
+            s += len(bufs[i])
+            deliver(i)
         raise StoreError("connection reset mid-body")
 
 
@@ -195,14 +199,15 @@ class _Gauge(MemoryStore):
         super().__init__()
         self.now = self.most = 0
 
-    def get_chunks(self, key, version, start, end, chunk_size, deliver):  # type: ignore[no-untyped-def]
-        self.now += end - start
+    def get_into(self, key, version, start, bufs, deliver=None):  # type: ignore[no-untyped-def]
+        size = sum(len(b) for b in bufs)
+        self.now += size
         self.most = max(self.most, self.now)
         try:
             time.sleep(0.01)  # long enough for the others to start theirs
-            return super().get_chunks(key, version, start, end, chunk_size, deliver)
+            return super().get_into(key, version, start, bufs, deliver)
         finally:
-            self.now -= end - start
+            self.now -= size
 
 
 def test_coalesced_gets_keep_chunks_in_flight_within_fetch_concurrency(tmp_path: Path) -> None:
@@ -211,7 +216,7 @@ def test_coalesced_gets_keep_chunks_in_flight_within_fetch_concurrency(tmp_path:
     however many files there are (without the budget: 4 runs of 16)."""
     store = _Gauge()
     versions = [store.put(f"f{i}", pattern(40 + i, 0, SIZE)) for i in range(6)]
-    cache = ChunkCache(tmp_path / "c", store, capacity=1 << 30, fetch_concurrency=4)
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, fetch_concurrency=4)
 
     async def main() -> None:
         objs = [cache.open_object(f"f{i}", v, CS) for i, v in enumerate(versions)]

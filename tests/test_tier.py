@@ -29,7 +29,7 @@ def _node(
     tmp_path: Path, name: str, store: MemoryStore, tier: MemoryTier, **kw: float
 ) -> ChunkCache:
     shared = SharedTier(tier, "tier/p", "origin", lease=kw.get("lease", 5.0))
-    return ChunkCache(tmp_path / name, store, capacity=1 << 30, tier=shared)
+    return ChunkCache(tmp_path / name, store, chunk_size=CS, capacity=1 << 30, tier=shared)
 
 
 async def _read(cache: ChunkCache, key: str, v: ObjectVersion, size: int = SIZE) -> bytes:

@@ -1,0 +1,1 @@
+"""The chunk cache's parts: the buffer pool (``pool``)."""
