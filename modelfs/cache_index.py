@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,18 @@ class ChunkRecord:
     length: int
     checksum: int
     tick: int
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    """A chunk written to its payload file, to be recorded."""
+
+    obj_id: bytes
+    chunk: int
+    length: int
+    checksum: int
+    meta: bytes  # the object's record, written with its first chunk
+    chunk_size: int
 
 
 @dataclass(frozen=True)
@@ -257,23 +269,36 @@ class CacheIndex:
         False (nothing recorded) when the object is recorded with another
         chunk size: a process that opened the object at the same moment as
         another, with another --chunk-size, cut its chunks differently."""
-        ckey = _CKEY.pack(obj_id, chunk)
+        return self.put_many([NewChunk(obj_id, chunk, length, checksum, meta, chunk_size)])[0][0]
+
+    def put_many(self, chunks: Sequence[NewChunk]) -> tuple[list[bool], int]:
+        """`put` for several chunks in one transaction (one commit, one
+        fdatasync); returns whether each was recorded, and the cache's
+        used bytes after the commit."""
+        results = []
         with self.env.begin(write=True) as txn:
-            known = txn.get(obj_id, db=self._objects)
-            if known is None:
-                txn.put(obj_id, meta, db=self._objects)
-            elif json.loads(known)["chunk_size"] != chunk_size:
-                return False
-            old = txn.get(ckey, db=self._chunks)
-            if old:
-                rec = ChunkRecord(*_CREC.unpack(old))
-                txn.delete(_LKEY.pack(rec.tick, obj_id, chunk), db=self._lru)
-                self._add_used(txn, -rec.length)
-            tick = self._next_tick(txn)
-            txn.put(ckey, _CREC.pack(length, checksum, tick), db=self._chunks)
-            txn.put(_LKEY.pack(tick, obj_id, chunk), b"", db=self._lru)
-            self._add_used(txn, length)
-            txn.put(obj_id, _U64.pack(int(time.time())), db=self._atime)
+            for c in chunks:
+                results.append(self._put(txn, c))
+            used = self._u64(txn, b"used")
+        return results, used
+
+    def _put(self, txn: lmdb.Transaction, c: NewChunk) -> bool:
+        ckey = _CKEY.pack(c.obj_id, c.chunk)
+        known = txn.get(c.obj_id, db=self._objects)
+        if known is None:
+            txn.put(c.obj_id, c.meta, db=self._objects)
+        elif json.loads(bytes(known))["chunk_size"] != c.chunk_size:
+            return False
+        old = txn.get(ckey, db=self._chunks)
+        if old:
+            rec = ChunkRecord(*_CREC.unpack(old))
+            txn.delete(_LKEY.pack(rec.tick, c.obj_id, c.chunk), db=self._lru)
+            self._add_used(txn, -rec.length)
+        tick = self._next_tick(txn)
+        txn.put(ckey, _CREC.pack(c.length, c.checksum, tick), db=self._chunks)
+        txn.put(_LKEY.pack(tick, c.obj_id, c.chunk), b"", db=self._lru)
+        self._add_used(txn, c.length)
+        txn.put(c.obj_id, _U64.pack(int(time.time())), db=self._atime)
         return True
 
     def touch(self, keys: Iterable[tuple[bytes, int]]) -> None:

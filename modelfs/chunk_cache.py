@@ -45,6 +45,7 @@ import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -60,7 +61,7 @@ import xxhash
 
 from . import cache_dir
 from .cache.pool import BufferPool, Slab
-from .cache_index import CacheIndex, Victim
+from .cache_index import CacheIndex, NewChunk, Victim
 from .config import (
     DEFAULT_CACHE_CAP,
     DEFAULT_CACHE_SHARE,
@@ -89,6 +90,11 @@ PEER_WAIT = 30.0
 # one GET of up to this many bytes: a server spends less CPU per byte on
 # large GETs (the JuiceFS gateway: 1.66 s/GiB at 8 MiB, ~1.2 at 32-64 MiB).
 RUN_BYTES = 32 << 20
+# The free space seen by statvfs is trusted this long (less what we wrote).
+FREE_REFRESH = 0.5
+# Test hook: a path; the daemon touches it and stalls between a chunk's
+# payload write and its index commit (kill -9 tests).
+STALL_BEFORE_COMMIT_ENV = "MODELFS_TEST_STALL_BEFORE_COMMIT"
 # Bytes of the lock file: 0 is held shared by every process using the cache,
 # 1 exclusively while one creates or checks the format and index.
 _MEMBER_BYTE, _INIT_BYTE = 0, 1
@@ -161,6 +167,14 @@ class _Flight:
 
 
 @dataclass
+class _Commit:
+    chunk: NewChunk
+    done: trio.Event = field(default_factory=trio.Event)
+    stored: bool = False
+    error: Exception | None = None
+
+
+@dataclass
 class CacheCounters:
     hits: int = 0
     misses: int = 0
@@ -178,6 +192,7 @@ class CacheCounters:
     corrupt_chunks: int = 0
     evicted_chunks: int = 0
     evicted_bytes: int = 0
+    index_commits: int = 0  # transactions that recorded stored chunks
 
 
 def _check_format(root: Path) -> None:
@@ -302,9 +317,12 @@ class ChunkCache:
         finally:
             with contextlib.suppress(OSError):
                 ofd_lock(self._lock_fd, _INIT_BYTE, 1, fcntl.F_UNLCK)
-        self.capacity = (
-            capacity if capacity is not None else default_capacity(root, self.index.used())
-        )
+        self._used = self.index.used()  # kept in memory: refreshed by each commit
+        self.capacity = capacity if capacity is not None else default_capacity(root, self._used)
+        self._free_seen, self._free_at, self._written = 0, -math.inf, 0
+        self._commits: list[_Commit] = []
+        self._committing = False
+        self._stall_before_commit = os.environ.get(STALL_BEFORE_COMMIT_ENV)
         self.min_free = min_free if min_free is not None else default_min_free(root)
         self.tier = tier
         self.counters = CacheCounters()
@@ -966,22 +984,19 @@ class ChunkCache:
                 functools.partial(obj.file.pwrite, data, obj.chunk_span(n)[0], aligned=True),
                 limiter=self._disk_limiter,
             )
-            stored = bool(
-                await trio.to_thread.run_sync(
-                    self.index.put,
-                    obj.obj_id,
-                    n,
-                    len(data),
-                    digest,
-                    obj.meta,
-                    obj.chunk_size,
-                    limiter=self._index_limiter,
-                )
+            self._written += len(data)
+            if self._stall_before_commit:
+                # Test hook (tests/test_crash.py): the payload is written, the
+                # index does not know it; the test kills the daemon here.
+                Path(self._stall_before_commit).touch()
+                await trio.sleep_forever()
+            stored = await self._record(
+                NewChunk(obj.obj_id, n, len(data), digest, obj.meta, obj.chunk_size)
             )
             # Several chunks are stored at once (write-behind, coalesced
             # GETs); when every older chunk was in use as room was made, the
             # cache went over its size: evict again now that reads moved on.
-            over = self.index.used() - self.capacity
+            over = self._used - self.capacity
             if over > 0:
                 await self._evict(over, over + 64 * len(data))
             return stored
@@ -992,6 +1007,43 @@ class ChunkCache:
             return False
         finally:
             self._reserved -= len(data)
+
+    async def _record(self, chunk: NewChunk) -> bool:
+        """Record a chunk whose payload is written (group commit): chunks
+        stored meanwhile wait and go into the next transaction together,
+        so the index's commit and fdatasync are paid once per batch. The
+        first to find no commit running commits, shielded from
+        cancellation so no waiter is left without one."""
+        entry = _Commit(chunk)
+        self._commits.append(entry)
+        if not self._committing:
+            self._committing = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._commits:
+                        await self._commit_batch()
+            finally:
+                self._committing = False
+        await entry.done.wait()
+        if entry.error is not None:
+            raise entry.error
+        return entry.stored
+
+    async def _commit_batch(self) -> None:
+        batch, self._commits = self._commits, []
+        try:
+            results, self._used = await trio.to_thread.run_sync(
+                self.index.put_many, [e.chunk for e in batch], limiter=self._index_limiter
+            )
+            for e, stored in zip(batch, results, strict=True):
+                e.stored = stored
+            self.counters.index_commits += 1
+        except Exception as exc:
+            for e in batch:
+                e.error = exc
+        finally:
+            for e in batch:
+                e.done.set()
 
     def _storage_failed(self, exc: BaseException) -> None:
         if not self._storage_warned:  # once per mount: a full disk flaps as LRU frees space
@@ -1071,18 +1123,38 @@ class ChunkCache:
         and leave `min_free` on the filesystem; False when the free-space
         guard cannot be met (the disk is full of other things)."""
         # `_reserved` counts every chunk being stored, this one included.
-        over = self.index.used() + self._reserved - self.capacity
-        short = self.min_free + self._reserved - free_bytes(self.root) if self.min_free else 0
+        over = self._used + self._reserved - self.capacity
+        short = 0
+        if self.min_free:
+            short = self.min_free + self._reserved - self._free()
+            if short > 0:  # near the guard: the estimate is not good enough
+                short = self.min_free + self._reserved - self._free(exact=True)
         need = max(over, short)
         if need > 0:
             # Ask for some slack: pinned or busy chunks are skipped.
             await self._evict(need, need + 64 * incoming)
-        return short <= 0 or free_bytes(self.root) >= self.min_free + self._reserved
+        return short <= 0 or self._free(exact=True) >= self.min_free + self._reserved
+
+    def _free(self, *, exact: bool = False) -> int:
+        """Free bytes on the cache's filesystem: a statvfs at most every
+        FREE_REFRESH seconds (or when `exact`), less what this process
+        wrote since. Other processes filling the disk are seen at the next
+        refresh."""
+        now = time.monotonic()
+        if exact or now - self._free_at > FREE_REFRESH:
+            self._free_seen, self._free_at, self._written = free_bytes(self.root), now, 0
+        return self._free_seen - self._written
+
+    @property
+    def used(self) -> int:
+        """Bytes the index records (as of this process's last commit or eviction)."""
+        return self._used
 
     async def shrink_to(self, target: int) -> tuple[int, int]:
         """Evict least-recently-used chunks until at most `target` bytes are
         cached (chunks being read are kept). Returns (chunks, bytes) evicted."""
-        over = self.index.used() - target
+        self._used = self.index.used()
+        over = self._used - target
         if over <= 0:
             return 0, 0
         return await self._evict(over, over)
@@ -1136,6 +1208,7 @@ class ChunkCache:
                 flight.done.set()
         self.counters.evicted_chunks += len(done)
         self.counters.evicted_bytes += sum(v.length for v in done)
+        self._used = max(0, self._used - sum(v.length for v in done))
         return done
 
     def _evict_sync(self, victims: list[Victim]) -> list[Victim]:

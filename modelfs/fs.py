@@ -249,7 +249,7 @@ class Operations(pyfuse3.Operations):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = self.cache.capacity // 4096
-        s.f_bfree = s.f_bavail = max(0, self.cache.capacity - self.cache.index.used()) // 4096
+        s.f_bfree = s.f_bavail = max(0, self.cache.capacity - self.cache.used) // 4096
         s.f_files = len(self.ns)
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255

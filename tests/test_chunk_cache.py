@@ -421,3 +421,26 @@ def test_a_demand_miss_is_served_before_its_write_lands(
     assert out["recorded_while_held"] is None
     assert out["gets_while_held"] == 2
     assert out["recorded_after"] is not None
+
+
+def test_chunks_stored_together_share_one_index_commit(tmp_path: Path) -> None:
+    """Group commit: chunks whose payload writes finish while a commit runs
+    go into the next transaction together; every one is recorded."""
+    store = MemoryStore()
+    data = pattern(14, 0, 32 * CS)
+    v = store.put("k", data)
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.run_background)
+            obj = cache.open_object("k", v, CS)
+            assert bytes(await cache.read(obj, 0, len(data))) == data
+            await cache.stored()
+            cache.close_object(obj)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert cache.index.cached_bytes(v.identity()) == len(data)
+    assert 1 <= cache.counters.index_commits <= 16
+    cache.close()

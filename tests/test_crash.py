@@ -4,7 +4,9 @@ the dead one) must never serve a wrong byte, and keeps what was committed."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import random
 import signal
 import threading
@@ -100,3 +102,42 @@ def test_corrupt_or_truncated_payload_is_detected_and_fetched_again(
     warnings = [ln for ln in m2.log_file.read_text().splitlines() if "failed its checksum" in ln]
     assert len(warnings) == 2 and all("w.safetensors" in w for w in warnings)
     assert m2.stats()["cache"]["corrupt_chunks"] == 2
+
+
+def test_sigkill_between_payload_write_and_commit_claims_nothing(
+    bucket: Bucket, proxy, mounter: Mounter, tmp_path
+) -> None:
+    """The crash state write-behind adds: a reader already has the chunk,
+    its bytes are in the payload file, the index commit has not happened.
+    After SIGKILL the index claims nothing it did not commit, and the next
+    mount fetches that chunk again and serves every byte right."""
+    data = pattern(62, 0, 3 * MiB)
+    bucket.put("w.safetensors", data)
+    marker = tmp_path / "stalled-before-commit"
+    stalling = dataclasses.replace(
+        bucket, env={**bucket.env, "MODELFS_TEST_STALL_BEFORE_COMMIT": str(marker)}
+    )
+    args = ("--chunk-size", "1M", "--prefetch-on-open", "none", "--prefetch-window", "0")
+    m = mounter(stalling, endpoint_url=proxy.endpoint_url, args=args)
+    with open(m.path / "w.safetensors", "rb") as f:
+        assert f.read(MiB) == data[:MiB]  # served before its store finished
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the store never reached its index commit"
+    m.kill()
+    (payload,) = list((m.cache_dir / "data").glob("*/*"))
+    with open(payload, "rb") as f:
+        assert f.read(MiB) == data[:MiB]  # the payload write happened...
+    du = run_modelfs("cache", "du", "--cache-dir", str(m.cache_dir))
+    assert du.returncode == 0, du.stderr
+    assert re.search(r"^chunks\s+0 B in 0 chunks", du.stdout, re.M), du.stdout  # ...unclaimed
+    m2 = mounter(bucket, endpoint_url=proxy.endpoint_url, cache_dir=m.cache_dir, args=args)
+    proxy.reset()
+    assert (m2.path / "w.safetensors").read_bytes() == data
+    assert sorted(r.range for r in proxy.object_gets()) == [
+        f"bytes={n * MiB}-{(n + 1) * MiB - 1}" for n in range(3)
+    ]
+    m2.umount()
+    verify = run_modelfs("cache", "verify", "--cache-dir", str(m.cache_dir))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
