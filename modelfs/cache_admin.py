@@ -19,7 +19,6 @@ before it is reported, so only chunks still recorded are reported.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +27,12 @@ from typing import Any
 
 import trio
 
-from .cache_index import CacheIndex, ObjectEntry, Victim
-from .chunk_cache import FORMAT_FILE, ChunkCache, checksum
+from .cache import ChunkCache, disk
+from .cache.directory import FORMAT_FILE
+from .cache.index import CacheIndex, ObjectEntry, Victim
+from .cache.payload import PayloadFile, PayloadStore
 from .config import DEFAULT_CHUNK_SIZE
 from .errors import CacheError, StoreError
-from .payload import payload_path
 from .store import Listing, StoreCounters
 
 
@@ -88,15 +88,17 @@ def verify(root: Path, progress: Callable[[int], None] | None = None) -> tuple[i
     Returns (chunks checked, bad chunks). `progress` is called with the
     bytes of each chunk checked."""
     index = _index(root)
-    # object id -> (payload fd, chunk size), or None when the file is missing
-    files: dict[bytes, tuple[int, int] | None] = {}
+    payload = PayloadStore(root)
+    # object id -> (payload file, chunk size), or None when the file is missing
+    files: dict[bytes, tuple[PayloadFile, int] | None] = {}
     try:
         chunks = index.all_chunks()
         bad: list[Victim] = []
         for victim, digest in chunks:
             if victim.obj_id not in files:
-                files[victim.obj_id] = _open_payload(root, index, victim.obj_id)
-            if not _chunk_ok(files[victim.obj_id], victim, digest):
+                files[victim.obj_id] = _open_payload(payload, index, victim.obj_id)
+            handle = files[victim.obj_id]
+            if handle is None or not disk.chunk_ok(handle[0], victim, digest, handle[1]):
                 rec = index.get(victim.obj_id, victim.chunk)
                 # Still recorded with the same checksum: really corrupt, not
                 # evicted by a running daemon while we read it.
@@ -106,29 +108,21 @@ def verify(root: Path, progress: Callable[[int], None] | None = None) -> tuple[i
                 progress(victim.length)
         return len(chunks), bad
     finally:
-        for handle in files.values():
-            if handle is not None:
-                os.close(handle[0])
+        payload.close_all()
         index.close()
 
 
-def _open_payload(root: Path, index: CacheIndex, obj_id: bytes) -> tuple[int, int] | None:
+def _open_payload(
+    payload: PayloadStore, index: CacheIndex, obj_id: bytes
+) -> tuple[PayloadFile, int] | None:
     meta = index.object_meta(obj_id)
     if meta is None:
         return None
     try:
-        fd = os.open(payload_path(root, obj_id), os.O_RDONLY | os.O_CLOEXEC)
+        pf = payload.acquire(obj_id, create=False)
     except FileNotFoundError:
         return None
-    return fd, int(meta["chunk_size"])  # type: ignore[call-overload]
-
-
-def _chunk_ok(handle: tuple[int, int] | None, v: Victim, digest: int) -> bool:
-    if handle is None:
-        return False
-    fd, chunk_size = handle
-    data = os.pread(fd, v.length, v.chunk * chunk_size)
-    return len(data) == v.length and checksum(data) == digest
+    return pf, int(meta["chunk_size"])  # type: ignore[call-overload]
 
 
 class _NoOrigin:

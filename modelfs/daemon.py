@@ -21,7 +21,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from .chunk_cache import ChunkCache
+from .cache import ChunkCache
 from .config import MountConfig
 from .errors import MountError
 from .fs import Operations

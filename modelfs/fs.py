@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from .chunk_cache import Buffer, ChunkCache
+from .cache import Buffer, ChunkCache
 from .errors import (
     AccessDenied,
     CacheError,

@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from .chunk_cache import CachedObject, ChunkCache
+from .cache import CachedObject, ChunkCache, Priority
 from .errors import ModelfsError
 
 log = logging.getLogger(__name__)
@@ -331,9 +331,11 @@ class OpenPrefetch:
         nchunks = -(-obj.size // cs)
         spans: list[tuple[int, int]] = []
         if name.endswith(".safetensors") and obj.size >= 8:
-            (hlen,) = struct.unpack("<Q", await self.cache.read(obj, 0, 8, background=True))
+            (hlen,) = struct.unpack(
+                "<Q", await self.cache.read(obj, 0, 8, priority=Priority.BACKGROUND)
+            )
             if hlen <= min(SAFETENSORS_MAX_HEADER, obj.size - 8):
-                header = await self.cache.read(obj, 8, hlen, background=True)
+                header = await self.cache.read(obj, 8, hlen, priority=Priority.BACKGROUND)
                 spans = [(0, 8 + hlen), *safetensors_order(bytes(header), 8 + hlen)]
         order: dict[int, None] = {}
         for start, end in spans:

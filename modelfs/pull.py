@@ -28,7 +28,7 @@ from pathlib import Path
 
 import trio
 
-from .chunk_cache import CachedObject, ChunkCache
+from .cache import CachedObject, ChunkCache
 from .config import MountConfig
 from .errors import ModelfsError
 from .namespace import valid_name

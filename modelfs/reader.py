@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .chunk_cache import Buffer, CachedObject, ChunkCache
+from .cache import Buffer, CachedObject, ChunkCache
 from .errors import ObjectChanged
 from .prefetch import ReadAhead
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from modelfs.cache_index import CacheIndex, Victim
+from modelfs.cache.index import CacheIndex, Victim
 from modelfs.errors import CacheFormatError
 
 A = b"a" * 16

@@ -12,9 +12,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelfs.chunk_cache import CachedObject, ChunkCache
+from modelfs.cache import CachedObject, ChunkCache
+from modelfs.cache.payload import PayloadFile
 from modelfs.errors import CacheFormatError, ObjectChanged, StoreError
-from modelfs.payload import PayloadFile
 from modelfs.store import MemoryStore, ObjectVersion
 
 from .data import pattern
@@ -353,7 +353,7 @@ def test_parallel_writes_to_one_payload_file_open_one_direct_descriptor(tmp_path
     import os
     import threading
 
-    from modelfs.payload import PayloadStore
+    from modelfs.cache.payload import PayloadStore
 
     store = PayloadStore(tmp_path)
     pf = store.acquire(b"\x01" * 16)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import random
+import re
 import signal
 import threading
 import time

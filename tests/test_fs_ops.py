@@ -12,7 +12,7 @@ import pyfuse3
 import pytest
 import trio
 
-from modelfs.chunk_cache import ChunkCache
+from modelfs.cache import ChunkCache
 from modelfs.errors import AccessDenied, CacheError, EndpointUnreachable, ObjectChanged, StoreError
 from modelfs.fs import Operations, errno_for
 from modelfs.namespace import ROOT_INODE, Namespace

@@ -14,7 +14,7 @@ import pytest
 import trio
 from safetensors.numpy import save_file
 
-from modelfs.chunk_cache import ChunkCache
+from modelfs.cache import ChunkCache
 from modelfs.prefetch import safetensors_order
 
 from .conftest import Bucket, Mounter
@@ -40,13 +40,15 @@ def test_safetensors_order_is_by_name() -> None:
 def test_a_reader_waiting_on_data_goes_before_background_fetches(tmp_path: Path) -> None:
     store = SlowStore(delay=0.1)
     version = store.put("m.bin", pattern(1, 0, 16 * 64 * 1024))
-    cache = ChunkCache(tmp_path / "c", store, chunk_size=64 * 1024, fetch_concurrency=1, capacity=1 << 30)
+    cache = ChunkCache(
+        tmp_path / "c", store, chunk_size=64 * 1024, fetch_concurrency=1, capacity=1 << 30
+    )
 
     async def main() -> None:
         obj = cache.open_object("m.bin", version, 64 * 1024)
         async with trio.open_nursery() as nursery:
             for n in range(1, 6):
-                nursery.start_soon(lambda n=n: cache.ensure(obj, n, prefetch=True))
+                nursery.start_soon(lambda n=n: cache.ensure(obj, n))
             await trio.sleep(0.03)  # one chunk is being fetched, four queue
             data = await cache.read(obj, 9 * 64 * 1024, 100)
             assert data == pattern(1, 9 * 64 * 1024, 9 * 64 * 1024 + 100)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from modelfs.chunk_cache import ChunkCache
+from modelfs.cache import ChunkCache
 from modelfs.errors import StoreError
 from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead
 from modelfs.reader import OpenFile

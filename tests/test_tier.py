@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from modelfs import tier as tier_mod
-from modelfs.chunk_cache import ChunkCache
+from modelfs.cache import ChunkCache
 from modelfs.errors import StoreError
 from modelfs.store import MemoryStore, ObjectVersion
 from modelfs.tier import HEADER_SIZE, MemoryTier, SharedTier, frame, unframe

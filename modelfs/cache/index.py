@@ -20,19 +20,23 @@ which the chunk cache batches.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from .cache_dir import index_damage
-from .errors import CacheError, CacheFormatError, IndexDamaged
+from ..errors import CacheError, CacheFormatError, IndexDamaged
+from .directory import index_damage
+
+log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
 _CKEY = struct.Struct(">16sQ")
@@ -382,3 +386,22 @@ class CacheIndex:
                 length, digest, _ = _CREC.unpack(v)
                 out.append((Victim(obj_id, n, length), digest))
         return out
+
+
+def open_index(root: Path, alone: Callable[[], bool]) -> CacheIndex:
+    """The index, or a fresh one when it is damaged: the damaged one is
+    set aside (renamed, one warning) with the payload files it described,
+    which nothing indexes any more."""
+    try:
+        return CacheIndex(root / "index")
+    except IndexDamaged as exc:
+        aside = root / f"index.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        os.replace(root / "index", aside)
+        if alone():
+            shutil.rmtree(root / "data", ignore_errors=True)
+        log.warning(
+            "%s; set it aside as %s and started an empty cache (chunks are fetched again)",
+            exc,
+            aside.name,
+        )
+        return CacheIndex(root / "index")

@@ -1,5 +1,6 @@
-"""The cache directory as a place on disk: vetting it, claiming it, and the
-health of its LMDB index file.
+"""The cache directory as a place on disk: vetting it, claiming it, its
+format file, its lock file (which processes use it), the defaults sized from
+its filesystem, and the health of its LMDB index file.
 
 Owns the rules for which directories modelfs may write into, checked before
 anything is written (a refused ``--cache-dir /`` must leave ``/`` exactly as
@@ -20,14 +21,28 @@ whose meta pages are garbage, would crash any process that maps it (SIGBUS):
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import stat
 import struct
 from pathlib import Path
 
-from .errors import CacheError
+from ..config import (
+    DEFAULT_CACHE_CAP,
+    DEFAULT_CACHE_SHARE,
+    DEFAULT_MIN_FREE_CAP,
+    DEFAULT_MIN_FREE_SHARE,
+)
+from ..errors import CacheError, CacheFormatError
+from .payload import ofd_conflict, ofd_lock, ofd_lock_wait
 
+CACHE_FORMAT = 1
 FORMAT_FILE = "modelfs-cache.json"
+# Bytes of the lock file: 0 is held shared by every process using the cache,
+# 1 exclusively while one creates or checks the format and index.
+_MEMBER_BYTE, _INIT_BYTE = 0, 1
 # Left by a first start that stopped before writing the format file.
 FIRST_START_LEFTOVERS = frozenset({"lock", "modelfs.log", FORMAT_FILE + ".tmp"})
 
@@ -140,3 +155,78 @@ def index_damage(index_dir: Path) -> str | None:
     if (last_pg + 1) * psize > size:
         return f"it is truncated ({size} bytes, its pages need {(last_pg + 1) * psize})"
     return None
+
+
+def check_format(root: Path) -> None:
+    """Read the format file, or write it into a directory `vet`
+    accepted as empty (checked again, under the init lock)."""
+    fmt_path = root / FORMAT_FILE
+    if fmt_path.exists():
+        try:
+            fmt = json.loads(fmt_path.read_text()).get("format")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CacheFormatError(f"cannot read {fmt_path}: {exc}") from None
+        if fmt != CACHE_FORMAT:
+            raise CacheFormatError(
+                f"cache directory {root} has format {fmt!r}, this modelfs reads "
+                f"format {CACHE_FORMAT}; use another --cache-dir or delete it"
+            )
+        return
+    if any(p.name not in FIRST_START_LEFTOVERS for p in root.iterdir()):
+        raise CacheFormatError(
+            f"{root} is not empty and is not a modelfs cache; use another --cache-dir"
+        )
+    tmp = root / (FORMAT_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"format": CACHE_FORMAT}) + "\n")
+    os.replace(tmp, fmt_path)
+
+
+class Membership:
+    """This process as one user of a cache directory, through its lock file:
+    a shared lock on the member byte while the cache is open (so `alone`
+    can tell whether other processes use the directory) and, during
+    set-up, an exclusive lock on the init byte (one process at a time
+    creates or checks the format file and the index)."""
+
+    def __init__(self, root: Path) -> None:
+        try:
+            fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CacheError(f"cannot open {root / 'lock'}: {exc.strerror}") from None
+        try:
+            ofd_lock_wait(fd, _INIT_BYTE, 1)
+            ofd_lock(fd, _MEMBER_BYTE, 1, fcntl.F_RDLCK)
+        except OSError as exc:
+            os.close(fd)
+            raise CacheError(f"cannot lock {root}: {exc.strerror}") from None
+        self.fd = fd
+
+    def set_up(self) -> None:
+        """Set-up is over: other processes may open the cache."""
+        try:
+            ofd_lock(self.fd, _INIT_BYTE, 1, fcntl.F_UNLCK)
+        except OSError:
+            pass
+
+    def alone(self) -> bool:
+        """Whether no other process (or other open cache) uses the directory."""
+        return not ofd_conflict(self.fd, _MEMBER_BYTE, 1)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def default_capacity(root: Path, used: int) -> int:
+    free = shutil.disk_usage(root).free
+    return max(64 << 20, min(DEFAULT_CACHE_CAP, int((free + used) * DEFAULT_CACHE_SHARE)))
+
+
+def default_min_free(root: Path) -> int:
+    return min(DEFAULT_MIN_FREE_CAP, int(shutil.disk_usage(root).total * DEFAULT_MIN_FREE_SHARE))
+
+
+def free_bytes(root: Path) -> int:
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize

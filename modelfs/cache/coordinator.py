@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import json
 import logging
@@ -57,30 +56,25 @@ from typing import Any
 
 import lmdb
 import trio
-import xxhash
 
-from . import cache_dir
-from .cache.pool import BufferPool, Slab
-from .cache_index import CacheIndex, NewChunk, Victim
-from .config import (
-    DEFAULT_CACHE_CAP,
-    DEFAULT_CACHE_SHARE,
+from ..config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MEMORY_CACHE,
-    DEFAULT_MIN_FREE_CAP,
-    DEFAULT_MIN_FREE_SHARE,
     MountConfig,
     format_size,
 )
-from .errors import CacheError, CacheFormatError, IndexDamaged, ModelfsError
-from .payload import PayloadFile, PayloadStore, ofd_conflict, ofd_lock, ofd_lock_wait
-from .store import ObjectStore, ObjectVersion
-from .tier import S3Tier, SharedTier
+from ..errors import CacheError, ModelfsError
+from ..store import ObjectStore, ObjectVersion
+from ..tier import S3Tier, SharedTier
+from . import directory, disk
+from .disk import checksum
+from .index import NewChunk, Victim, open_index
+from .payload import PayloadFile, PayloadStore
+from .pool import BufferPool, Slab
+from .slots import FetchSlots, Priority, Ticket
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-FORMAT_FILE = cache_dir.FORMAT_FILE
 TOUCH_FLUSH_INTERVAL = 2.0
 # Another process fetching a chunk we want: poll its lock this often, and
 # after PEER_WAIT fetch it ourselves (a stalled peer must not stall us).
@@ -95,17 +89,9 @@ FREE_REFRESH = 0.5
 # Test hook: a path; the daemon touches it and stalls between a chunk's
 # payload write and its index commit (kill -9 tests).
 STALL_BEFORE_COMMIT_ENV = "MODELFS_TEST_STALL_BEFORE_COMMIT"
-# Bytes of the lock file: 0 is held shared by every process using the cache,
-# 1 exclusively while one creates or checks the format and index.
-_MEMBER_BYTE, _INIT_BYTE = 0, 1
 
 ChunkKey = tuple[bytes, int]
 Buffer = bytes | bytearray | memoryview
-
-
-def _read_and_hash(pf: PayloadFile, buf: memoryview, length: int, offset: int) -> tuple[int, int]:
-    got = pf.read_into(buf, length, offset, aligned=True)
-    return got, checksum(buf[:got])
 
 
 def _release_from_thread(
@@ -121,10 +107,6 @@ def _release_from_thread(
 
     with contextlib.suppress(trio.RunFinishedError):
         token.run_sync_soon(release)
-
-
-def checksum(data: bytes | bytearray | memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(data)
 
 
 @dataclass
@@ -156,6 +138,7 @@ class _Flight:
     slab: Slab | None = None  # None: failed, cancelled, or an eviction
     fetched: bool = False  # the bytes came from the origin, not the disk
     waiters: int = 0  # readers waiting; each is handed a hold on the slab
+    ticket: Ticket | None = None  # its place in the queue for a fetch slot
 
     def land(self, pool: BufferPool, slab: Slab | None) -> None:
         """End the flight: every waiter gets its own hold on `slab`."""
@@ -195,64 +178,6 @@ class CacheCounters:
     index_commits: int = 0  # transactions that recorded stored chunks
 
 
-def _check_format(root: Path) -> None:
-    """Read the format file, or write it into a directory `cache_dir.vet`
-    accepted as empty (checked again, under the init lock)."""
-    fmt_path = root / FORMAT_FILE
-    if fmt_path.exists():
-        try:
-            fmt = json.loads(fmt_path.read_text()).get("format")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CacheFormatError(f"cannot read {fmt_path}: {exc}") from None
-        if fmt != CACHE_FORMAT:
-            raise CacheFormatError(
-                f"cache directory {root} has format {fmt!r}, this modelfs reads "
-                f"format {CACHE_FORMAT}; use another --cache-dir or delete it"
-            )
-        return
-    if any(p.name not in cache_dir.FIRST_START_LEFTOVERS for p in root.iterdir()):
-        raise CacheFormatError(
-            f"{root} is not empty and is not a modelfs cache; use another --cache-dir"
-        )
-    tmp = root / (FORMAT_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"format": CACHE_FORMAT}) + "\n")
-    os.replace(tmp, fmt_path)
-
-
-class FetchSlots:
-    """Slots for GETs to the origin; readers waiting on data go first.
-
-    A demand read (a reader is blocked on it) takes a free slot, or waits in
-    the front queue; background work (read-ahead, prefetch on open) waits
-    behind every queued demand read. A released slot is handed straight to
-    the next waiter, so it cannot be taken in between.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.free = n
-        self._demand = trio.lowlevel.ParkingLot()
-        self._background = trio.lowlevel.ParkingLot()
-
-    async def acquire(self, background: bool) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self.free > 0:
-            self.free -= 1
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
-        # Woken only by `release`, which hands its slot over to us.
-        await (self._background if background else self._demand).park()
-
-    def release(self) -> None:
-        if self._demand:
-            self._demand.unpark()
-        elif self._background:
-            self._background.unpark()
-        else:
-            self.free += 1
-
-
 def _single_domain_error(group: BaseExceptionGroup) -> ModelfsError | None:
     """The first error of a group holding only domain errors, so a read over
     several chunks fails as a one-chunk read does (ObjectChanged stays
@@ -264,20 +189,6 @@ def _single_domain_error(group: BaseExceptionGroup) -> ModelfsError | None:
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
     return leaf if isinstance(leaf, ModelfsError) else None
-
-
-def default_capacity(root: Path, used: int) -> int:
-    free = shutil.disk_usage(root).free
-    return max(64 << 20, min(DEFAULT_CACHE_CAP, int((free + used) * DEFAULT_CACHE_SHARE)))
-
-
-def default_min_free(root: Path) -> int:
-    return min(DEFAULT_MIN_FREE_CAP, int(shutil.disk_usage(root).total * DEFAULT_MIN_FREE_SHARE))
-
-
-def free_bytes(root: Path) -> int:
-    st = os.statvfs(root)
-    return st.f_bavail * st.f_frsize
 
 
 class ChunkCache:
@@ -296,34 +207,35 @@ class ChunkCache:
     ) -> None:
         self.root = root
         self.store = store
-        cache_dir.claim(root)
-        disk = shutil.disk_usage(root).total
-        if min_free and min_free >= disk:
+        directory.claim(root)
+        fs_size = shutil.disk_usage(root).total
+        if min_free and min_free >= fs_size:
             raise CacheError(
                 f"--min-free-space {format_size(min_free)} is more than the filesystem of "
-                f"{root} holds ({format_size(disk)})"
+                f"{root} holds ({format_size(fs_size)})"
             )
-        self._lock_fd = self._join(root)
+        self._member = directory.Membership(root)
         try:
-            _check_format(root)
-            self.index = self._open_index(root)
+            directory.check_format(root)
+            self.index = open_index(root, self._member.alone)
             self.payload = PayloadStore(root)
         except OSError as exc:
-            os.close(self._lock_fd)
+            self._member.close()
             raise CacheError(f"cannot use cache directory {root}: {exc.strerror or exc}") from None
         except BaseException:
-            os.close(self._lock_fd)
+            self._member.close()
             raise
         finally:
-            with contextlib.suppress(OSError):
-                ofd_lock(self._lock_fd, _INIT_BYTE, 1, fcntl.F_UNLCK)
+            self._member.set_up()
         self._used = self.index.used()  # kept in memory: refreshed by each commit
-        self.capacity = capacity if capacity is not None else default_capacity(root, self._used)
+        self.capacity = (
+            capacity if capacity is not None else directory.default_capacity(root, self._used)
+        )
         self._free_seen, self._free_at, self._written = 0, -math.inf, 0
         self._commits: list[_Commit] = []
         self._committing = False
         self._stall_before_commit = os.environ.get(STALL_BEFORE_COMMIT_ENV)
-        self.min_free = min_free if min_free is not None else default_min_free(root)
+        self.min_free = min_free if min_free is not None else directory.default_min_free(root)
         self.tier = tier
         self.counters = CacheCounters()
         self._objects: dict[bytes, CachedObject] = {}
@@ -377,45 +289,6 @@ class ChunkCache:
             tier=tier,
         )
 
-    def _open_index(self, root: Path) -> CacheIndex:
-        """The index, or a fresh one when it is damaged: the damaged one is
-        set aside (renamed, one warning) with the payload files it described,
-        which nothing indexes any more."""
-        try:
-            return CacheIndex(root / "index")
-        except IndexDamaged as exc:
-            aside = root / f"index.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-            os.replace(root / "index", aside)
-            if self.alone():
-                shutil.rmtree(root / "data", ignore_errors=True)
-            log.warning(
-                "%s; set it aside as %s and started an empty cache (chunks are fetched again)",
-                exc,
-                aside.name,
-            )
-            return CacheIndex(root / "index")
-
-    @staticmethod
-    def _join(root: Path) -> int:
-        """Open the lock file as one more user of the cache. Held until close:
-        a shared lock on the member byte (so `alone` can tell whether other
-        processes use the directory) and, during set-up, the init byte."""
-        try:
-            fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise CacheError(f"cannot open {root / 'lock'}: {exc.strerror}") from None
-        try:
-            ofd_lock_wait(fd, _INIT_BYTE, 1)
-            ofd_lock(fd, _MEMBER_BYTE, 1, fcntl.F_RDLCK)
-        except OSError as exc:
-            os.close(fd)
-            raise CacheError(f"cannot lock {root}: {exc.strerror}") from None
-        return fd
-
-    def alone(self) -> bool:
-        """Whether no other process (or other ChunkCache) uses the directory."""
-        return not ofd_conflict(self._lock_fd, _MEMBER_BYTE, 1)
-
     def close(self) -> None:
         try:
             self._flush_touches_sync()
@@ -426,7 +299,11 @@ class ChunkCache:
             self.index.close()
         except lmdb.Error as exc:
             self._storage_failed(exc)
-        os.close(self._lock_fd)
+        self._member.close()
+
+    def alone(self) -> bool:
+        """Whether no other process (or other ChunkCache) uses the directory."""
+        return self._member.alone()
 
     # -- objects ---------------------------------------------------------
     def open_object(self, key: str, version: ObjectVersion, chunk_size: int) -> CachedObject:
@@ -465,18 +342,18 @@ class ChunkCache:
 
     # -- reads -----------------------------------------------------------
     async def read(
-        self, obj: CachedObject, offset: int, size: int, *, background: bool = False
+        self, obj: CachedObject, offset: int, size: int, *, priority: Priority = Priority.DEMAND
     ) -> Buffer:
         """Bytes [offset, offset+size) of the object, short only at EOF.
 
         A read inside one chunk is a view of the chunk's pool slab, valid
         until the caller's next checkpoint (pyfuse3 sends it before that);
         use `view` to keep bytes across an await. A read over several
-        chunks is a copy. `background` reads (prefetch looking at a file's
+        chunks is a copy. BACKGROUND reads (prefetch looking at a file's
         header) fetch as background work and are not counted as bytes
         served to readers."""
         self.pool.settle_deferred()  # views handed out by earlier steps are sent
-        slabs = await self._hold(obj, offset, size, background)
+        slabs = await self._hold(obj, offset, size, priority)
         if len(slabs) == 1:
             view = self._cut(obj, offset, size, slabs)
             self.pool.release_after_reply(slabs[0])
@@ -490,7 +367,7 @@ class ChunkCache:
     @contextlib.asynccontextmanager
     async def view(self, obj: CachedObject, offset: int, size: int) -> AsyncIterator[Buffer]:
         """Like `read`, but the bytes stay valid (held) until the block ends."""
-        slabs = await self._hold(obj, offset, size, False)
+        slabs = await self._hold(obj, offset, size, Priority.DEMAND)
         try:
             yield self._cut(obj, offset, size, slabs) if slabs else b""
         finally:
@@ -511,7 +388,7 @@ class ChunkCache:
         return data
 
     async def _hold(
-        self, obj: CachedObject, offset: int, size: int, background: bool
+        self, obj: CachedObject, offset: int, size: int, priority: Priority
     ) -> list[Slab]:
         """The slabs of the chunks under [offset, offset+size), in order,
         each held for the caller (who releases them)."""
@@ -523,7 +400,7 @@ class ChunkCache:
         fetched: set[int] = set()
 
         async def load(n: int) -> None:
-            slab, from_origin = await self._get(obj, n, background)
+            slab, from_origin = await self._get(obj, n, priority)
             held[n] = slab
             if from_origin:
                 fetched.add(n)
@@ -552,7 +429,7 @@ class ChunkCache:
             for slab in held.values():
                 self.pool.release(slab)
             raise
-        if not background:
+        if priority == Priority.DEMAND:
             self._count_served(obj, offset, end, chunks, fetched)
         return [held[n] for n in chunks]
 
@@ -588,31 +465,28 @@ class ChunkCache:
         """Background work: load consecutive `chunks`, fetching the ones
         missing everywhere (memory, disk, other processes) in GETs of up to
         `run_length` chunks, each chunk released to waiting readers the
-        moment its bytes are in. One background fetch slot is held for the
-        whole run (one GET at a time). Returns how many came from the origin.
+        moment its bytes are in. One background fetch slot is held per GET
+        (one GET at a time). Returns how many came from the origin.
 
         Without a shared tier only: the tier is read chunk by chunk."""
         if self.tier is not None or len(chunks) == 1 or obj.chunk_size > self.pool.slab_size:
-            return sum([await self.ensure(obj, n, prefetch=True) for n in chunks])
-        await self.pool.wait_idle(self._reserve)
-        await self.slots.acquire(background=True)
-        try:
-            fetched, i = 0, 0
-            while i < len(chunks):
+            return sum([await self.ensure(obj, n) for n in chunks])
+        fetched, i = 0, 0
+        while i < len(chunks):
+            await self.pool.wait_idle(self._reserve)
+            # The slot comes first, then the claim: a reader never waits on
+            # a claimed chunk whose GET is still queued.
+            async with self.slots.held(Ticket(Priority.BACKGROUND)):
                 segment, slabs = self._claim_segment(obj, chunks[i:])
                 if segment:
                     fetched += await self._fetch_segment(obj, segment, slabs)
-                    i += len(segment)
-                    continue
-                n = chunks[i]
-                if not self.is_ready(obj, n):  # on disk, a peer has its lock, or no slab
-                    slab, from_origin = await self._chunk(obj, n, True)
-                    self.pool.release(slab)
-                    fetched += from_origin
-                i += 1
-            return fetched
-        finally:
-            self.slots.release()
+            if segment:
+                i += len(segment)
+                continue
+            if not self.is_ready(obj, chunks[i]):  # on disk, a peer has its lock, or no slab
+                fetched += await self.ensure(obj, chunks[i])
+            i += 1
+        return fetched
 
     def _claim_segment(self, obj: CachedObject, chunks: list[int]) -> tuple[list[int], list[Slab]]:
         """The leading chunks of `chunks` that are consecutive, not ready,
@@ -756,36 +630,29 @@ class ChunkCache:
                 if self._pins[k] <= 0:
                     del self._pins[k]
 
-    async def ensure(self, obj: CachedObject, n: int, *, prefetch: bool = False) -> bool:
+    async def ensure(
+        self, obj: CachedObject, n: int, *, priority: Priority = Priority.BACKGROUND
+    ) -> bool:
         """Load chunk `n` into memory (and the disk cache), fetching it at
-        most once; True when the bytes had to come from the origin.
-
-        `prefetch` marks background work (read-ahead, prefetch on open): it
-        queues behind demand reads for a fetch slot, and takes the slot
-        *before* announcing its flight, so a reader never waits on a
-        background flight that is itself queued.
-        """
-        if prefetch and self.is_ready(obj, n):
+        most once; True when the bytes had to come from the origin. By
+        default background work (read-ahead, prefetch on open): it queues
+        behind demand reads for a fetch slot, unless a reader starts
+        waiting for it."""
+        if self.is_ready(obj, n):
             return False
-        slab, from_origin = await self._get(obj, n, prefetch)
+        slab, from_origin = await self._get(obj, n, priority)
         self.pool.release(slab)
         return from_origin
 
-    async def _get(self, obj: CachedObject, n: int, background: bool) -> tuple[Slab, bool]:
+    async def _get(self, obj: CachedObject, n: int, priority: Priority) -> tuple[Slab, bool]:
         """Chunk `n`'s slab, held for the caller, and whether its bytes came
-        from the origin. Background work that has to load the chunk waits
-        for an idle slab, then takes a background fetch slot; one that finds
-        it in memory or in flight just takes it."""
-        if not background or self.is_ready(obj, n):
-            return await self._chunk(obj, n, False)
-        await self.pool.wait_idle(self._reserve)
-        await self.slots.acquire(background=True)
-        try:
-            return await self._chunk(obj, n, True)
-        finally:
-            self.slots.release()
+        from the origin. Background work that has to load the chunk first
+        waits for an idle slab, so readers always find one."""
+        if priority == Priority.BACKGROUND and not self.is_ready(obj, n):
+            await self.pool.wait_idle(self._reserve)
+        return await self._chunk(obj, n, priority)
 
-    async def _chunk(self, obj: CachedObject, n: int, background: bool) -> tuple[Slab, bool]:
+    async def _chunk(self, obj: CachedObject, n: int, priority: Priority) -> tuple[Slab, bool]:
         """Chunk `n`'s verified bytes in a slab held for the caller, and
         whether they came from the origin."""
         key = (obj.obj_id, n)
@@ -800,6 +667,8 @@ class ChunkCache:
             flight = self._flights.get(key)
             if flight is not None:
                 flight.waiters += 1
+                if priority == Priority.DEMAND and flight.ticket is not None:
+                    self.slots.promote(flight.ticket)
                 try:
                     await flight.done.wait()
                 except BaseException:
@@ -813,10 +682,11 @@ class ChunkCache:
                 if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
                     raise flight.error
                 continue  # an eviction, or an owner that was cancelled: look again
-            flight = self._flights[key] = _Flight()
+            ticket = Ticket(priority)
+            flight = self._flights[key] = _Flight(ticket=ticket)
             slab = None
             try:
-                slab, flight.fetched = await self._load(obj, n, background)
+                slab, flight.fetched = await self._load(obj, n, ticket)
                 return slab, flight.fetched
             except BaseException as exc:
                 flight.error = exc
@@ -825,10 +695,11 @@ class ChunkCache:
                 del self._flights[key]
                 flight.land(self.pool, slab)
 
-    async def _load(self, obj: CachedObject, n: int, background: bool) -> tuple[Slab, bool]:
+    async def _load(self, obj: CachedObject, n: int, ticket: Ticket) -> tuple[Slab, bool]:
         """Chunk `n` from disk if it verifies, else from the origin (stored
         on the way when the cache can take it), in a slab held for the
-        caller. A `background` caller already holds a fetch slot."""
+        caller. The fetch waits for a slot with `ticket`'s priority, which
+        readers joining the flight raise."""
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
         slab = await self._from_disk(obj, n, corrupt_is_news=True)
@@ -846,15 +717,10 @@ class ChunkCache:
             # Fetched ahead once, evicted (by any process) before any read
             # used it: that fetch was wasted.
             self.counters.prefetch_wasted_bytes += self._prefetched.pop(key, 0)
-            if not background:
-                await self.slots.acquire(background=False)
-            try:
+            async with self.slots.held(ticket):
                 slab, digest, tier_upload = await self._fetch(obj, n)
-            finally:
-                if not background:
-                    self.slots.release()
             self.counters.fetched_chunks += 1
-            if background:
+            if ticket.priority == Priority.BACKGROUND:  # no reader waited for it
                 self._prefetched[key] = end - start
                 self.counters.prefetch_fetched_bytes += end - start
             self.pool.publish(key, slab, end - start)
@@ -925,7 +791,7 @@ class ChunkCache:
             # The checksum runs in the worker thread too: hashing 8 MiB on
             # the trio thread would stall every other FUSE reply meanwhile.
             got, digest = await trio.to_thread.run_sync(
-                _read_and_hash, obj.file, slab.view, rec.length, start, limiter=self._disk_limiter
+                disk.read_chunk, obj.file, slab.view, rec.length, start, limiter=self._disk_limiter
             )
         except OSError as exc:
             self.pool.release(slab)
@@ -1142,7 +1008,7 @@ class ChunkCache:
         refresh."""
         now = time.monotonic()
         if exact or now - self._free_at > FREE_REFRESH:
-            self._free_seen, self._free_at, self._written = free_bytes(self.root), now, 0
+            self._free_seen, self._free_at, self._written = directory.free_bytes(self.root), now, 0
         return self._free_seen - self._written
 
     @property
@@ -1200,7 +1066,12 @@ class ChunkCache:
             flights[key] = self._flights[key] = _Flight()
         try:
             done = await trio.to_thread.run_sync(
-                self._evict_sync, victims, limiter=self._index_limiter
+                disk.evict,
+                self.index,
+                self.payload,
+                victims,
+                self.alone,
+                limiter=self._index_limiter,
             )
         finally:
             for key, flight in flights.items():
@@ -1210,44 +1081,6 @@ class ChunkCache:
         self.counters.evicted_bytes += sum(v.length for v in done)
         self._used = max(0, self._used - sum(v.length for v in done))
         return done
-
-    def _evict_sync(self, victims: list[Victim]) -> list[Victim]:
-        """Lock each victim's range (skipping those another process holds),
-        remove the records, punch the holes, unlock."""
-        locked: list[tuple[Victim, PayloadFile | None, int]] = []
-        files: dict[bytes, PayloadFile | None] = {}
-        chunk_sizes: dict[bytes, int] = {}
-        try:
-            for v in victims:
-                if v.obj_id not in files:
-                    meta = self.index.object_meta(v.obj_id)
-                    chunk_sizes[v.obj_id] = int(meta["chunk_size"]) if meta else 0  # type: ignore[call-overload]
-                    try:
-                        files[v.obj_id] = self.payload.acquire(v.obj_id, create=False)
-                    except FileNotFoundError:
-                        files[v.obj_id] = None
-                pf, cs = files[v.obj_id], chunk_sizes[v.obj_id]
-                if pf is not None and cs and not pf.try_lock(v.chunk * cs, v.length):
-                    continue
-                locked.append((v, pf, cs))
-            empty = self.index.remove([v for v, _, _ in locked])
-            for v, pf, cs in locked:
-                if pf is not None and cs:
-                    self.payload.punch(pf, v.chunk * cs, v.length)
-        finally:
-            for v, pf, cs in locked:
-                if pf is not None and cs:
-                    pf.unlock(v.chunk * cs, v.length)
-            for obj_id, pf in files.items():
-                if pf is not None:
-                    self.payload.release(obj_id)
-        # Another process may have the file open and be about to store into
-        # it; unlinking it would strand those bytes. Empty files are left to
-        # a later eviction or `modelfs cache gc` that runs alone.
-        if empty and self.alone():
-            for obj_id in empty:
-                self.payload.remove(obj_id)
-        return [v for v, _, _ in locked]
 
     # -- recency ---------------------------------------------------------
     async def flush_touches(self) -> None:

@@ -1,0 +1,88 @@
+"""Chunks on disk: reading one back and checking it, recording one written,
+evicting some. The rules every process sharing a cache directory follows
+(the mount's coordinator and ``modelfs cache verify``/``gc`` alike):
+
+* a chunk is read whole and checked against the xxh3-64 its index record
+  holds before any byte of it is used;
+* a chunk's payload is written before its index record (so the index never
+  claims bytes that are not in the file), and its record is removed before
+  its hole is punched;
+* whoever writes or evicts a chunk holds its byte range's OFD lock, so
+  another process that wants the chunk waits and then finds it on disk.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+
+import xxhash
+
+from .index import CacheIndex, Victim
+from .payload import DIRECT_ALIGN, PayloadFile, PayloadStore
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def read_chunk(pf: PayloadFile, buf: memoryview, length: int, offset: int) -> tuple[int, int]:
+    """Read a chunk into `buf` (page-aligned, with room for `length`
+    rounded up to a block): (bytes read, their checksum). Runs in a worker
+    thread, checksum included."""
+    got = pf.read_into(buf, length, offset, aligned=True)
+    return got, checksum(buf[:got])
+
+
+def chunk_ok(pf: PayloadFile, v: Victim, digest: int, chunk_size: int) -> bool:
+    """Whether chunk `v` in `pf` has the bytes its record says (`modelfs
+    cache verify`: a scratch buffer of its own per chunk)."""
+    rounded = -(-v.length // DIRECT_ALIGN) * DIRECT_ALIGN
+    with mmap.mmap(-1, max(rounded, DIRECT_ALIGN)) as scratch:
+        view = memoryview(scratch)
+        try:
+            got, sum_ = read_chunk(pf, view, v.length, v.chunk * chunk_size)
+        finally:
+            view.release()
+    return got == v.length and sum_ == digest
+
+
+def evict(
+    index: CacheIndex, payload: PayloadStore, victims: list[Victim], alone: Callable[[], bool]
+) -> list[Victim]:
+    """Lock each victim's range (skipping those another process holds),
+    remove the records, punch the holes, unlock."""
+    locked: list[tuple[Victim, PayloadFile | None, int]] = []
+    files: dict[bytes, PayloadFile | None] = {}
+    chunk_sizes: dict[bytes, int] = {}
+    try:
+        for v in victims:
+            if v.obj_id not in files:
+                meta = index.object_meta(v.obj_id)
+                chunk_sizes[v.obj_id] = int(meta["chunk_size"]) if meta else 0  # type: ignore[call-overload]
+                try:
+                    files[v.obj_id] = payload.acquire(v.obj_id, create=False)
+                except FileNotFoundError:
+                    files[v.obj_id] = None
+            pf, cs = files[v.obj_id], chunk_sizes[v.obj_id]
+            if pf is not None and cs and not pf.try_lock(v.chunk * cs, v.length):
+                continue
+            locked.append((v, pf, cs))
+        empty = index.remove([v for v, _, _ in locked])
+        for v, pf, cs in locked:
+            if pf is not None and cs:
+                payload.punch(pf, v.chunk * cs, v.length)
+    finally:
+        for v, pf, cs in locked:
+            if pf is not None and cs:
+                pf.unlock(v.chunk * cs, v.length)
+        for obj_id, pf in files.items():
+            if pf is not None:
+                payload.release(obj_id)
+    # Another process may have the file open and be about to store into
+    # it; unlinking it would strand those bytes. Empty files are left to
+    # a later eviction or `modelfs cache gc` that runs alone.
+    if empty and alone():
+        for obj_id in empty:
+            payload.remove(obj_id)
+    return [v for v, _, _ in locked]
