@@ -9,7 +9,7 @@ mmap page faults arrive slightly out of order, so a skip of up to
 already read ahead, up to `max_window`. A stream that does not continue is
 never read ahead for, so random access costs no extra fetches.
 
-Read-ahead only calls `ChunkCache.ensure`, so prefetched bytes land in the
+Read-ahead only asks the cache through `ChunkSource`, so prefetched bytes land in the
 chunk cache (single-flight, never fetched twice) and are bounded by a
 global budget of chunks in flight, which keeps memory bounded and leaves
 room in the fetch pool for demand reads.
@@ -26,11 +26,11 @@ import logging
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from .cache import CachedObject, ChunkCache, Priority
+from .cache import Buffer, CachedObject, ChunkState, Priority
 from .errors import ModelfsError
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,36 @@ SEEK_TOLERANCE = 4 << 20
 MAX_STREAMS = 16
 
 Spawn = Callable[..., Any]
+
+
+class ChunkSource(Protocol):
+    """All that read-ahead and prefetch on open use of the chunk cache
+    (`ChunkCache` provides it): they never reach into its members."""
+
+    capacity: int
+
+    @property
+    def memory_bytes(self) -> int: ...
+
+    def chunk_state(self, obj: CachedObject, n: int) -> ChunkState: ...
+
+    def run_length(self, obj: CachedObject) -> int: ...
+
+    async def ensure_run(self, obj: CachedObject, chunks: list[int]) -> int:
+        """Load consecutive chunks as background work."""
+        ...
+
+    async def read(
+        self, obj: CachedObject, offset: int, size: int, *, priority: Priority = ...
+    ) -> Buffer: ...
+
+    def cached_bytes(self, obj: CachedObject) -> int:
+        """Bytes of `obj` on disk (blocking: an index read)."""
+        ...
+
+    def retain(self, obj: CachedObject) -> None: ...
+
+    def close_object(self, obj: CachedObject) -> None: ...
 
 
 @dataclass
@@ -67,7 +97,7 @@ class ReadAhead:
 
     def __init__(
         self,
-        cache: ChunkCache,
+        cache: ChunkSource,
         spawn: Spawn,
         *,
         max_chunks_in_flight: int,
@@ -99,7 +129,7 @@ class Prefetcher:
     def __init__(
         self,
         obj: CachedObject,
-        cache: ChunkCache,
+        cache: ChunkSource,
         spawn: Spawn,
         budget: PrefetchBudget,
         *,
@@ -162,13 +192,14 @@ class Prefetcher:
         longest = self.cache.run_length(self.obj)
         n = first
         while n <= last and self.budget.in_flight < self.budget.max_chunks:
-            if self.cache.is_ready(self.obj, n):
+            state = self.cache.chunk_state(self.obj, n)
+            if state is ChunkState.READY:
                 self._start(run)
             elif n * cs >= disk_limit and n * cs < stream.scanned_until:
                 # Looked up before: on disk (or it would be in flight by now).
                 self._start(run)
                 waiting = n if waiting is None else waiting
-            elif self.cache.on_disk(self.obj, n):
+            elif state is ChunkState.ON_DISK:
                 self._start(run)
                 if n * cs >= disk_limit:
                     waiting = n if waiting is None else waiting
@@ -257,7 +288,7 @@ class OpenPrefetch:
     Matching files (fnmatch on the file name) are fetched chunk by chunk in
     the order a loader needs them: for safetensors the 8-byte length and the
     JSON header first, then the tensors in name order; other files from the
-    start. Fetches are background work for `ChunkCache.ensure`: a reader
+    start. Fetches are background work (`ChunkSource.ensure_run`): a reader
     waiting on data always gets the next fetch slot first. One file is
     fetched at most once at a time, and a file larger than half the cache
     is left to read-ahead rather than evicting itself.
@@ -265,7 +296,7 @@ class OpenPrefetch:
 
     def __init__(
         self,
-        cache: ChunkCache,
+        cache: ChunkSource,
         spawn: Spawn,
         patterns: tuple[str, ...],
         *,
@@ -297,14 +328,15 @@ class OpenPrefetch:
 
     async def _run(self, obj: CachedObject, name: str) -> None:
         try:
-            if await trio.to_thread.run_sync(self.cache.index.cached_bytes, obj.obj_id) >= obj.size:
+            if await trio.to_thread.run_sync(self.cache.cached_bytes, obj) >= obj.size:
                 return
             order = await self._order(obj, name)
             longest = self.cache.run_length(obj)
             # The concurrency is in chunks; a coalesced GET carries several.
             limit = trio.Semaphore(max(1, self.concurrency // longest))
             async with trio.open_nursery() as nursery:
-                for run in _runs(order, longest, lambda n: self.cache.is_stored(obj, n)):
+                stored = lambda n: self.cache.chunk_state(obj, n) is not ChunkState.MISSING  # noqa: E731
+                for run in _runs(order, longest, stored):
                     await limit.acquire()
                     nursery.start_soon(self._one, obj, run, limit)
             log.debug("prefetched %s on open (%d chunks)", obj.key, len(order))

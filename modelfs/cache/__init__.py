@@ -12,7 +12,7 @@ verified on every disk read. One module per part (docs/chunk_cache.md):
 * ``coordinator`` `ChunkCache`, which walks the miss path.
 """
 
-from .coordinator import Buffer, CachedObject, ChunkCache
+from .coordinator import Buffer, CachedObject, ChunkCache, ChunkState
 from .slots import Priority
 
-__all__ = ["Buffer", "CachedObject", "ChunkCache", "Priority"]
+__all__ = ["Buffer", "CachedObject", "ChunkCache", "ChunkState", "Priority"]

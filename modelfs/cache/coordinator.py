@@ -40,6 +40,7 @@ is described in docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import functools
 import json
@@ -107,6 +108,12 @@ def _release_from_thread(
 
     with contextlib.suppress(trio.RunFinishedError):
         token.run_sync_soon(release)
+
+
+class ChunkState(enum.Enum):
+    READY = "ready"  # in memory, or being loaded: nothing to do
+    ON_DISK = "on disk"  # recorded in the index: a disk read away
+    MISSING = "missing"  # to be fetched
 
 
 @dataclass
@@ -614,9 +621,14 @@ class ChunkCache:
     def on_disk(self, obj: CachedObject, n: int) -> bool:
         return self.index.get(obj.obj_id, n) is not None
 
-    def is_stored(self, obj: CachedObject, n: int) -> bool:
-        """Ready, or recorded on disk: nothing for prefetch on open to fetch."""
-        return self.is_ready(obj, n) or self.on_disk(obj, n)
+    def chunk_state(self, obj: CachedObject, n: int) -> ChunkState:
+        if self.is_ready(obj, n):
+            return ChunkState.READY
+        return ChunkState.ON_DISK if self.on_disk(obj, n) else ChunkState.MISSING
+
+    def cached_bytes(self, obj: CachedObject) -> int:
+        """Bytes of `obj` recorded on disk (an index read: call it in a thread)."""
+        return self.index.cached_bytes(obj.obj_id)
 
     @contextlib.contextmanager
     def _pinned(self, obj_id: bytes, chunks: range) -> Iterator[None]:
