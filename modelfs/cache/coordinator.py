@@ -1,40 +1,40 @@
-"""The chunk cache: fetch-once, verify-on-every-disk-read access to object bytes.
+"""The chunk cache's coordinator: fetch-once, verify-on-every-disk-read
+access to object bytes, walking the miss path in one direction (memory →
+disk → range lock → disk → tier → origin → store; docs/chunk_cache.md).
 
-Owns the cache directory (format file, lock file, LMDB index, payload files)
-and the in-memory state that makes reads cheap and safe:
+Owns the in-memory state that makes reads cheap and safe; the parts it
+drives (directory, index, payload files, disk chunks, buffer pool, fetch
+slots) live in their own modules and never call back into it:
 
 * ``_flights``  one in-progress load (disk or origin) or eviction per chunk
   (single-flight: concurrent readers of a missing chunk wait on one GET and
-  get its bytes from the flight);
+  are each handed a hold on its slab);
+* ``_storing``  chunks a reader has whose payload write and commit are
+  pending (write-behind), with their slabs;
 * ``_pins``     chunks a read is waiting on; eviction skips them;
 * ``_touched``  recency updates, written to the index in one batch;
-* ``pool``      the buffer pool (cache/pool.py): the memory every chunk is
-  received into, read from disk into and replied from; its slabs are also
-  the memory cache of recent chunks, so a read they cover is answered with a
-  zero-copy view;
+* ``pool``      the buffer pool: the memory every chunk is received into,
+  read from disk into and replied from, and the memory cache;
+* ``_commits``  chunk records waiting for the next group commit;
 * ``_prefetched`` chunks read-ahead fetched from the origin that no read has
   used yet: used ones and evicted ones are counted, for the metrics.
 
 A read is always served from bytes that were checksummed after they were
 read from the payload file (or that just came from the origin): a chunk read
-from disk is read whole into a slab, checked against the index's xxh3-64,
-and kept in the pool. So corruption that appears while a mount runs, and a chunk another
+from disk is read whole into a slab and checked against the index's
+xxh3-64. So corruption that appears while a mount runs, and a chunk another
 process evicts under us, are both caught on the next disk read.
 
 Several processes (mounts, ``modelfs pull``, ``modelfs cache``) may share one
-cache directory. LMDB serialises their index writes; a chunk's byte range in
-its payload file is locked (OFD lock, see payload.py) by whoever fetches and
-stores it or evicts it. A fetcher takes the lock and then looks at the index
-again, so a chunk another process is fetching is waited for and read from
-disk rather than fetched twice. Lock order: fetch slot, then chunk range
-lock, then LMDB's writer lock (inside `put`/`remove`).
+cache directory. A chunk's byte range in its payload file is locked (OFD
+lock, see payload.py) by whoever fetches and stores it or evicts it; a
+fetcher takes the lock and then looks at the index again, so a chunk another
+process is fetching is waited for and read from disk rather than fetched
+twice. Lock order: range lock, then fetch slot, then the index writer; a
+coalesced run holding a slot only tries range locks.
 
 All of that state is touched only from the trio thread; blocking work (S3,
 disk, LMDB writes) runs in worker threads behind capacity limiters.
-
-Write order for a new chunk: payload bytes, then the index record. Eviction
-order: index record removed, then the hole punched. What a crash can leave
-is described in docs/architecture.md.
 """
 
 from __future__ import annotations
