@@ -13,8 +13,10 @@ evicting some. The rules every process sharing a cache directory follows
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from collections.abc import Callable
+from typing import cast
 
 import xxhash
 
@@ -22,7 +24,40 @@ from .index import CacheIndex, Victim
 from .payload import DIRECT_ALIGN, PayloadFile, PayloadStore
 
 
+def _native_xxh3() -> Callable[[int, int], int] | None:
+    """XXH3-64 from the system's libxxhash (apt itself depends on it), called
+    through ctypes, which releases the GIL for the call: hashing an 8 MiB
+    chunk (~1.3 ms) then stalls no FUSE reply. Used only if it agrees with
+    the xxhash module, whose digests the index holds."""
+    try:
+        lib = ctypes.CDLL("libxxhash.so.0")
+        fn = lib.XXH3_64bits
+    except (OSError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_uint64, [ctypes.c_void_p, ctypes.c_size_t]
+    probe = bytearray(range(256)) * 300
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(probe))
+    if fn(addr, len(probe)) != xxhash.xxh3_64_intdigest(probe):
+        return None
+    return cast(Callable[[int, int], int], fn)
+
+
+_xxh3 = _native_xxh3()
+_NATIVE_MIN = 64 << 10  # below this the ctypes call costs more than the GIL
+
+
 def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The xxh3-64 the index records for a chunk."""
+    if _xxh3 is not None and len(data) >= _NATIVE_MIN:
+        try:
+            anchor = ctypes.c_char.from_buffer(data)  # writable buffers only
+        except (TypeError, ValueError):
+            pass
+        else:
+            try:
+                return _xxh3(ctypes.addressof(anchor), len(data))
+            finally:
+                del anchor
     return xxhash.xxh3_64_intdigest(data)
 
 
