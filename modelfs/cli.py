@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import os
 import select
 import signal
@@ -25,6 +26,8 @@ from .cache import directory as cache_dir
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
     DEFAULT_MEMORY_CACHE,
     DEFAULT_METADATA_TTL,
     DEFAULT_PREFETCH_ON_OPEN,
@@ -33,9 +36,11 @@ from .config import (
     DEFAULT_RETRY_TIMEOUT,
     MountConfig,
     format_size,
+    parse_mode,
     parse_patterns,
     parse_s3_url,
     parse_size,
+    parse_ttl,
 )
 from .errors import ConfigError, ModelfsError, MountError
 from .humane import HumaneFormatter, for_humans
@@ -67,6 +72,29 @@ def _size(what: str):  # type: ignore[no-untyped-def]
     return parse
 
 
+def _ttl(text: str) -> float:
+    try:
+        return parse_ttl(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _mode(text: str) -> int:
+    try:
+        return parse_mode(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelfs")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
     """Options of every command that reads the bucket through a chunk cache."""
     p.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
@@ -86,6 +114,7 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-size",
         type=_size("--cache-size"),
+        metavar="SIZE",
         help="disk budget of the cache (default: 80%% of free space, at most 64 GiB)",
     )
     p.add_argument(
@@ -115,16 +144,20 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-free-space",
         type=_size("--min-free-space"),
+        metavar="SIZE",
         help="free space the cache leaves on its filesystem, evicting to keep it "
         "(default: 5%% of the filesystem, at most 4 GiB; 0 turns the guard off)",
     )
     p.add_argument(
         "--chunk-size",
         type=_size("--chunk-size"),
+        metavar="SIZE",
         default=DEFAULT_CHUNK_SIZE,
         help=f"cache and fetch unit (default {format_size(DEFAULT_CHUNK_SIZE)})",
     )
-    p.add_argument("--fetch-concurrency", type=int, default=16, help="parallel GETs (default 16)")
+    p.add_argument(
+        "--fetch-concurrency", type=int, default=16, metavar="N", help="parallel GETs (default 16)"
+    )
     for name, default, text in (
         ("connect-timeout", DEFAULT_CONNECT_TIMEOUT, "TCP connect timeout of a GET"),
         ("read-timeout", DEFAULT_READ_TIMEOUT, "longest wait for the next bytes of a GET"),
@@ -140,9 +173,11 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory-cache",
         type=_size("--memory-cache"),
+        metavar="SIZE",
         default=DEFAULT_MEMORY_CACHE,
-        help="RAM for recently used chunks, on top of the fetches in flight "
-        f"(default {format_size(DEFAULT_MEMORY_CACHE)})",
+        help="RAM for chunks: every chunk being received, read from disk or replied "
+        "from lives in it, and it keeps recent ones; the daemon's RSS is about this "
+        f"plus 80 MiB (default {format_size(DEFAULT_MEMORY_CACHE)})",
     )
 
 
@@ -159,21 +194,42 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modelfs",
         description="Mount an S3-compatible bucket read-only, with a persistent chunk cache.",
     )
+    p.add_argument("--version", action="version", version=f"modelfs {package_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] on a directory")
+    m = sub.add_parser(
+        "mount",
+        help="mount s3://BUCKET[/PREFIX] on a directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="In /etc/fstab (or with mount -t fuse.modelfs), every option is written\n"
+        "-o key=value with dashes as underscores, flags as bare words:\n"
+        "  s3://models/llama /mnt/llama fuse.modelfs "
+        "_netdev,endpoint_url=http://10.0.0.5:9000,cache_size=200G,allow_other 0 0",
+    )
     m.add_argument("source", help="s3://BUCKET[/PREFIX]")
     m.add_argument("mountpoint", type=Path)
     _add_origin_and_cache_options(m)
     m.add_argument(
         "--metadata-ttl",
-        type=float,
+        type=_ttl,
         default=DEFAULT_METADATA_TTL,
-        help=f"seconds listings and attributes are trusted (default {DEFAULT_METADATA_TTL:g})",
+        metavar="SECONDS",
+        help="seconds listings and attributes are trusted, or 'indefinite' for a bucket "
+        f"whose objects never change (default {DEFAULT_METADATA_TTL:g})",
     )
+    for kind, default in (("file", DEFAULT_FILE_MODE), ("dir", DEFAULT_DIR_MODE)):
+        m.add_argument(
+            f"--{kind}-mode",
+            type=_mode,
+            default=default,
+            metavar="MODE",
+            help=f"permission bits of every {'file' if kind == 'file' else 'directory'}, "
+            f"in octal (default {default:o}); write bits are refused: the mount is read-only",
+        )
     m.add_argument(
         "--prefetch-window",
         type=_size("--prefetch-window"),
+        metavar="SIZE",
         default=DEFAULT_PREFETCH_WINDOW,
         help="largest read-ahead of a sequential reader; 0 turns it off "
         f"(default {format_size(DEFAULT_PREFETCH_WINDOW)})",
@@ -264,6 +320,8 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         k: getattr(args, k)
         for k in (
             "metadata_ttl",
+            "file_mode",
+            "dir_mode",
             "allow_other",
             "nonempty",
             "uid",
@@ -316,6 +374,38 @@ def journal_stderr() -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+# With --debug (a line per GET) the log file is rolled over to FILE.1 at
+# this size, so it cannot fill the disk when nobody rotates it.
+DEBUG_LOG_CAP = 256 << 20
+
+
+class LogFile(logging.handlers.WatchedFileHandler):
+    """The daemon's log file: reopened when logrotate (or anyone) moves or
+    deletes it, created owner-only (it names keys and byte ranges), and,
+    given a `cap`, rolled over to ``FILE.1`` when it grows past it."""
+
+    def __init__(self, path: Path, cap: int | None = None) -> None:
+        self.cap = cap
+        super().__init__(path, delay=False)
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(
+            self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+        return open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if self.cap is not None and self.stream is not None and self.stream.tell() > self.cap:
+            try:
+                self.stream.close()
+                os.replace(self.baseFilename, self.baseFilename + ".1")
+            except OSError:
+                pass
+            self.stream = self._open()
+            self._statstream()
+
+
 def _setup_logging(debug: bool, stream: object = None, path: Path | None = None) -> None:
     handler: logging.Handler
     fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
@@ -333,7 +423,7 @@ def _setup_logging(debug: bool, stream: object = None, path: Path | None = None)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise ConfigError(f"cannot write the log file {path}: {exc.strerror or exc}") from None
-        handler = logging.FileHandler(path)
+        handler = LogFile(path, cap=DEBUG_LOG_CAP if debug else None)
     else:
         handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
         if journal_stderr():

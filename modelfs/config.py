@@ -37,6 +37,12 @@ DEFAULT_RETRY_TIMEOUT = 120.0
 DEFAULT_PREFETCH_ON_OPEN = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 # Recently fetched or verified chunks kept in RAM to answer reads without a pread.
 DEFAULT_MEMORY_CACHE = 128 * MiB
+DEFAULT_FILE_MODE = 0o444
+DEFAULT_DIR_MODE = 0o555
+# --metadata-ttl indefinite: listings are loaded once and trusted for the
+# mount's life; the kernel is told to keep entries this long.
+INDEFINITE = math.inf
+KERNEL_TTL_CAP = 365 * 86400.0
 # The cache may take at most this share of the free space of its filesystem
 # when --cache-size is not given, and never more than DEFAULT_CACHE_CAP.
 DEFAULT_CACHE_SHARE = 0.8
@@ -124,6 +130,36 @@ def parse_patterns(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in re.split(r"[,:]", text) if p.strip())
 
 
+def parse_ttl(text: str) -> float:
+    """Seconds, or ``indefinite`` (also ``inf``, ``forever``)."""
+    if text.strip().lower() in ("indefinite", "inf", "infinite", "forever"):
+        return INDEFINITE
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ConfigError(
+            f"invalid --metadata-ttl {text!r}: expected seconds or 'indefinite'"
+        ) from None
+    if not math.isfinite(seconds):
+        raise ConfigError(f"invalid --metadata-ttl {text!r}: expected seconds or 'indefinite'")
+    return seconds
+
+
+def parse_mode(text: str) -> int:
+    """Permission bits in octal (``444``, ``0o440``); no write, setuid,
+    setgid or sticky bits: the mount is read-only."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not re.fullmatch(r"[0-7]{1,4}", digits):
+        raise ConfigError(f"invalid mode {text!r}: expected octal permission bits, e.g. 444")
+    mode = int(digits, 8)
+    if mode & ~0o555:
+        raise ConfigError(
+            f"invalid mode {text!r}: only read and execute bits (at most 555); "
+            "the mount is read-only"
+        )
+    return mode
+
+
 def physical_memory() -> int:
     """Bytes of RAM on this machine (0 if unknown)."""
     try:
@@ -158,7 +194,9 @@ class MountConfig:
     shared_cache_profile: str | None = None  # default: the origin's credentials
     shared_cache_lease: float = 30.0  # how long a node waits for another's fetch
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    metadata_ttl: float = DEFAULT_METADATA_TTL
+    metadata_ttl: float = DEFAULT_METADATA_TTL  # INDEFINITE: never reloaded
+    file_mode: int = DEFAULT_FILE_MODE
+    dir_mode: int = DEFAULT_DIR_MODE
     allow_other: bool = False
     nonempty: bool = False  # mount over a directory with files in it
     uid: int | None = None
@@ -196,8 +234,13 @@ class MountConfig:
             raise ConfigError("--memory-cache must hold at least one chunk (--chunk-size)")
         if self.cache_size is not None and self.cache_size < self.chunk_size * 4:
             raise ConfigError("--cache-size must hold at least four chunks")
+        if self.metadata_ttl != INDEFINITE and not (
+            math.isfinite(self.metadata_ttl) and self.metadata_ttl <= MAX_SECONDS
+        ):
+            raise ConfigError(
+                f"--metadata-ttl must be a number of seconds up to {MAX_SECONDS:g}, or 'indefinite'"
+            )
         for name, seconds in (
-            ("--metadata-ttl", self.metadata_ttl),
             ("--shared-cache-lease", self.shared_cache_lease),
             ("--connect-timeout", self.connect_timeout),
             ("--read-timeout", self.read_timeout),

@@ -80,6 +80,8 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
             uid=os.getuid() if cfg.uid is None else cfg.uid,
             gid=os.getgid() if cfg.gid is None else cfg.gid,
             ttl=cfg.metadata_ttl,
+            file_mode=cfg.file_mode,
+            dir_mode=cfg.dir_mode,
         )
         ops.info = {
             "source": str(cfg.source),

@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from .cache import Buffer, ChunkCache
+from .config import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, KERNEL_TTL_CAP
 from .errors import (
     AccessDenied,
     CacheError,
@@ -114,6 +115,8 @@ class Operations(pyfuse3.Operations):
         uid: int,
         gid: int,
         ttl: float,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int = DEFAULT_DIR_MODE,
     ) -> None:
         super().__init__()
         self.ns = namespace
@@ -121,7 +124,10 @@ class Operations(pyfuse3.Operations):
         self.chunk_size = chunk_size
         self.uid = uid
         self.gid = gid
-        self.ttl = ttl
+        # The kernel keeps entries this long; an indefinite TTL becomes a year.
+        self.ttl = min(ttl, KERNEL_TTL_CAP)
+        self.file_mode = stat.S_IFREG | file_mode
+        self.dir_mode = stat.S_IFDIR | dir_mode
         self._mount_ns = time.time_ns()
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
@@ -144,13 +150,13 @@ class Operations(pyfuse3.Operations):
         a.st_gid = self.gid
         a.st_blksize = 128 * 1024
         if node.is_dir:
-            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_mode = self.dir_mode
             a.st_nlink = 2
             a.st_size = 0
             mtime = self._mount_ns
         else:
             assert node.version is not None
-            a.st_mode = stat.S_IFREG | 0o444
+            a.st_mode = self.file_mode
             a.st_nlink = 1
             a.st_size = node.version.size
             mtime = node.version.mtime_ns

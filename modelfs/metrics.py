@@ -24,6 +24,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .store import LATENCY_BUCKETS
@@ -77,7 +78,8 @@ class ModelfsCollector(Collector):
         )
         for result, n in sorted(store["get_results"].items()):
             requests.add_metric(["get", result], n)
-        requests.add_metric(["list", "ok"], store["list_requests"])
+        for result, n in sorted(store.get("list_results", {}).items()):
+            requests.add_metric(["list", result], n)
         yield requests
         yield counter(
             "origin_retries", "Requests the S3 client retried (5xx, throttling)", store["retries"]
@@ -177,9 +179,32 @@ def _shared_tier(t: dict[str, Any] | None) -> Iterator[Any]:
 
 
 def make_registry(stats: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """The mount's metrics, the process's own (RSS, CPU seconds, open file
+    descriptors: `process_*`, prometheus-client's collector) and
+    `modelfs_build_info`."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ModelfsCollector(stats))
+    ProcessCollector(registry=registry)
+    registry.register(_BuildInfo())
     return registry
+
+
+class _BuildInfo(Collector):
+    def collect(self) -> Iterator[Any]:
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("modelfs")
+        except PackageNotFoundError:
+            ours = "unknown"
+        info = GaugeMetricFamily(
+            "modelfs_build_info",
+            "Always 1; the labels say which modelfs and Python serve this mount",
+            labels=["version", "python"],
+        )
+        info.add_metric([ours, platform.python_version()], 1)
+        yield info
 
 
 def parse_addr(text: str) -> tuple[str, int]:

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import logging
 import math
+import os
 import random
 import re
 import threading
@@ -108,6 +109,7 @@ class StoreCounters:
     in_flight: int = 0
     # result ("ok", "stale", "not_found", "denied", "unreachable", "error") -> count
     get_results: dict[str, int] = field(default_factory=dict)
+    list_results: dict[str, int] = field(default_factory=dict)  # the same results, for listings
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -117,9 +119,10 @@ class StoreCounters:
             self.get_requests += 1
             self.get_bytes += nbytes
 
-    def add_list(self) -> None:
+    def add_list(self, result: str = "ok") -> None:
         with self.lock:
             self.list_requests += 1
+            self.list_results[result] = self.list_results.get(result, 0) + 1
 
     def start_get(self) -> None:
         with self.lock:
@@ -143,6 +146,7 @@ class StoreCounters:
                 "retries": self.retries,
                 "in_flight": self.in_flight,
                 "get_results": dict(self.get_results),
+                "list_results": dict(self.list_results),
                 "latency_counts": list(self.latency_counts),
                 "latency_sum": self.latency_sum,
             }
@@ -420,8 +424,32 @@ def make_client(
             max_pool_connections=pool,
             s3={"addressing_style": cfg.addressing_style},
             tcp_keepalive=True,
+            **checksum_settings(session, endpoint_url),
         ),
     )
+
+
+def checksum_settings(session: Any, endpoint_url: str | None) -> dict[str, str]:
+    """boto3 >= 1.36 adds CRC checksum headers to every PUT and asks for
+    checksums on GETs; several S3-compatible stores reject or mishandle them
+    (the shared tier PUTs chunks). Against a custom endpoint modelfs sends
+    them only when an operation requires it, unless the user chose
+    otherwise (AWS_REQUEST_CHECKSUM_CALCULATION,
+    AWS_RESPONSE_CHECKSUM_VALIDATION, or the same keys in the AWS config)."""
+    if endpoint_url is None:
+        return {}
+    try:
+        profile = session._session.get_scoped_config()
+    except Exception:  # a profile that does not exist fails later, clearly
+        profile = {}
+    out = {}
+    for key, env in (
+        ("request_checksum_calculation", "AWS_REQUEST_CHECKSUM_CALCULATION"),
+        ("response_checksum_validation", "AWS_RESPONSE_CHECKSUM_VALIDATION"),
+    ):
+        if env not in os.environ and key not in profile:
+            out[key] = "when_required"
+    return out
 
 
 class S3Store:
@@ -517,7 +545,12 @@ class S3Store:
         kwargs: dict[str, Any] = dict(Bucket=self.bucket, Prefix=prefix, Delimiter="/")
         try:
             while True:
-                resp = self._client.list_objects_v2(**kwargs)
+                try:
+                    resp = self._client.list_objects_v2(**kwargs)
+                except Exception as exc:
+                    error = self._translate(exc, f"listing s3://{self.bucket}/{prefix}")
+                    self.counters.add_list(result_of(error))
+                    raise error from None
                 self.counters.add_list()
                 for obj in resp.get("Contents", ()):
                     version = ObjectVersion(
@@ -532,6 +565,8 @@ class S3Store:
                 if not resp.get("IsTruncated") or not token:
                     return out
                 kwargs["ContinuationToken"] = token
+        except StoreError:
+            raise
         except Exception as exc:
             raise self._translate(exc, f"listing s3://{self.bucket}/{prefix}") from None
 

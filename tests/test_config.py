@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from modelfs.config import MiB, MountConfig, S3Location, parse_s3_url, parse_size
+from modelfs.config import (
+    MiB,
+    MountConfig,
+    S3Location,
+    parse_mode,
+    parse_s3_url,
+    parse_size,
+    parse_ttl,
+)
 from modelfs.errors import ConfigError
 
 
@@ -110,3 +119,36 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "modelfs"
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"), [("444", 0o444), ("0o440", 0o440), ("550", 0o550), ("0", 0), ("0555", 0o555)]
+)
+def test_parse_mode(text: str, mode: int) -> None:
+    assert parse_mode(text) == mode
+
+
+@pytest.mark.parametrize("text", ["644", "777", "4555", "abc", "9", "", "44444"])
+def test_parse_mode_refuses_write_and_special_bits_and_garbage(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_mode(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "ttl"), [("indefinite", math.inf), ("forever", math.inf), ("0", 0.0), ("2.5", 2.5)]
+)
+def test_parse_ttl(text: str, ttl: float) -> None:
+    assert parse_ttl(text) == ttl
+
+
+@pytest.mark.parametrize("text", ["nan", "soon", "", "-inf"])
+def test_parse_ttl_rejects(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_ttl(text)
+
+
+def test_an_indefinite_ttl_validates_and_a_huge_one_does_not() -> None:
+    base = dict(source=S3Location("b", ""), mountpoint=Path("/mnt"))
+    MountConfig(**base, metadata_ttl=parse_ttl("indefinite")).validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="indefinite"):
+        MountConfig(**base, metadata_ttl=1e300).validate()  # type: ignore[arg-type]

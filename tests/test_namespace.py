@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from modelfs.config import parse_ttl
 from modelfs.errors import NoSuchObject, ObjectChanged
 from modelfs.namespace import ROOT_INODE, Namespace
 from modelfs.store import MemoryStore
@@ -122,3 +123,15 @@ def test_file_replaced_by_directory_gets_new_inode() -> None:
     clock.now = 2
     d = trio.run(ns.lookup, ROOT_INODE, b"a")
     assert d.is_dir and d.inode != f.inode and not f.is_dir
+
+
+def test_an_indefinite_ttl_lists_once_for_the_life_of_the_mount() -> None:
+    s = MemoryStore()
+    s.put("f", b"1")
+    clock = Clock()
+    ns = Namespace(s, "", ttl=parse_ttl("indefinite"), clock=clock)
+    assert _names(ns) == ["f"]
+    lists = s.counters.list_requests
+    s.put("g", b"2")
+    clock.now = 10 * 365 * 86400  # ten years on
+    assert _names(ns) == ["f"] and s.counters.list_requests == lists

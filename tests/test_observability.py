@@ -86,6 +86,12 @@ def test_metrics_match_the_bytes_on_the_wire(
     assert met["modelfs_cache_capacity_bytes"] >= TOTAL
     assert met["modelfs_origin_requests_in_flight"] == 0
     assert met["modelfs_errors_total{kind=corrupt_chunk}"] == 0
+    # The process's own figures and what is serving the mount.
+    assert met["process_resident_memory_bytes"] > 64 * MiB
+    assert met["process_open_fds"] > 0 and met["process_cpu_seconds_total"] > 0
+    (build,) = [k for k in met if k.startswith("modelfs_build_info{")]
+    assert met[build] == 1 and "version=" in build
+    assert met["modelfs_origin_requests_total{op=list,result=ok}"] >= 1
 
     # A new mount over the same cache: everything is a hit, nothing on the wire.
     m.umount()

@@ -1,0 +1,116 @@
+"""What operators expect of a storage tool's command line: --version,
+permission bits of their choice, and a log file that survives logrotate."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import botocore.exceptions
+import pytest
+
+from modelfs.config import MountConfig, S3Location
+from modelfs.errors import AccessDenied
+from modelfs.store import S3Store
+
+from .conftest import Bucket, Mounter, run_modelfs
+from .data import pattern
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    proc = run_modelfs("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"modelfs {version('modelfs')}"
+
+
+def test_file_and_dir_modes_are_what_was_asked(bucket: Bucket, mounter: Mounter) -> None:
+    bucket.put("d/w.bin", b"abc")
+    m = mounter(bucket, args=("--file-mode", "440", "--dir-mode", "0o550"))
+    assert stat.S_IMODE(os.stat(m.path / "d" / "w.bin").st_mode) == 0o440
+    assert stat.S_IMODE(os.stat(m.path / "d").st_mode) == 0o550
+    assert (m.path / "d" / "w.bin").read_bytes() == b"abc"
+
+
+def test_a_write_bit_is_refused_in_one_line_and_nothing_is_mounted(
+    bucket: Bucket, tmp_path
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = run_modelfs(
+        "mount",
+        f"s3://{bucket.name}",
+        str(mnt),
+        "--endpoint-url",
+        bucket.endpoint_url,
+        "--file-mode",
+        "644",
+        env=bucket.env,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "read-only" in proc.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_the_log_file_survives_logrotate(bucket: Bucket, mounter: Mounter) -> None:
+    """logrotate's default moves the file away and expects the daemon to
+    write a new one at the same path (no copytruncate, no signal)."""
+    bucket.put("a.bin", pattern(1, 0, MiB))
+    bucket.put("b.bin", pattern(2, 0, MiB))
+    m = mounter(bucket, args=("--debug", "--prefetch-on-open", "none"))
+    assert (m.path / "a.bin").read_bytes() == pattern(1, 0, MiB)
+    rotated = m.log_file.with_name(m.log_file.name + ".1")
+    os.rename(m.log_file, rotated)
+    assert (m.path / "b.bin").read_bytes() == pattern(2, 0, MiB)
+    deadline = time.monotonic() + 10
+    while not m.log_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "b.bin" in m.log_file.read_text()  # the GET of b.bin, in the new file
+    assert "b.bin" not in rotated.read_text() and "a.bin" in rotated.read_text()
+    assert stat.S_IMODE(m.log_file.stat().st_mode) == 0o600
+
+
+def _store(endpoint: str = "http://127.0.0.1:9") -> S3Store:
+    return S3Store(
+        MountConfig(source=S3Location("b", ""), mountpoint=Path("/mnt"), endpoint_url=endpoint)
+    )
+
+
+def test_a_failed_listing_is_counted_as_a_failure_not_ok() -> None:
+    store = _store()
+
+    def denied(**_: object) -> None:
+        raise botocore.exceptions.ClientError(
+            {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+            "ListObjectsV2",
+        )
+
+    store._client.list_objects_v2 = denied
+    with pytest.raises(AccessDenied):
+        store.list_dir("")
+    assert store.counters.snapshot()["list_results"] == {"denied": 1}
+
+
+def test_custom_endpoints_send_checksums_only_when_required(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """boto3 >= 1.36 adds CRC headers by default, which some S3-compatible
+    stores refuse; against a custom endpoint modelfs asks for them only when
+    an operation requires them, unless the user said otherwise."""
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION", raising=False)
+    cfg = _store()._client.meta.config
+    assert cfg.request_checksum_calculation == "when_required"
+    assert cfg.response_checksum_validation == "when_required"
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    assert _store()._client.meta.config.request_checksum_calculation == "when_supported"
+    # AWS itself keeps boto3's defaults.
+    aws = S3Store(
+        MountConfig(source=S3Location("b", ""), mountpoint=Path("/mnt"), region="us-east-1")
+    )
+    assert aws._client.meta.config.request_checksum_calculation == "when_supported"
