@@ -136,7 +136,7 @@ class _NoOrigin:
     def get_into(self, *args: Any, **kwargs: Any) -> None:
         raise StoreError("offline")
 
-    def probe(self, prefix: str) -> None:
+    def probe(self, prefix: str, *, allow_empty: bool = True) -> None:
         return None
 
 

@@ -51,9 +51,9 @@ from .mounts import (
     clear_stale_mount,
     find_mount,
     fusermount_unmount,
+    mount_root,
     process_alive,
     require_modelfs_mount,
-    resolve,
 )
 
 log = logging.getLogger("modelfs")
@@ -115,7 +115,8 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
         "--cache-size",
         type=_size("--cache-size"),
         metavar="SIZE",
-        help="disk budget of the cache (default: 80%% of free space, at most 64 GiB)",
+        help="disk budget of the cache (default: what its filesystem holds above "
+        "--min-free-space, counting what the cache already holds)",
     )
     p.add_argument(
         "--shared-cache",
@@ -250,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     m.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="mount a prefix with no objects under it (by default that is an error: "
+        "usually a typo in the prefix)",
+    )
+    m.add_argument(
         "--nonempty",
         action="store_true",
         help="mount over a directory that has files in it (they are hidden while mounted)",
@@ -324,6 +331,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
             "dir_mode",
             "allow_other",
             "nonempty",
+            "allow_empty",
             "uid",
             "gid",
             "foreground",
@@ -555,7 +563,7 @@ def _cleanup_mount(mnt: Path) -> None:
 
 
 def cmd_umount(mnt: Path, lazy: bool) -> int:
-    mnt = Path(resolve(mnt))
+    mnt = mount_root(mnt)  # the mountpoint, or any path inside the mount
     require_modelfs_mount(mnt)
     pid = None
     try:

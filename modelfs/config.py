@@ -43,10 +43,9 @@ DEFAULT_DIR_MODE = 0o555
 # mount's life; the kernel is told to keep entries this long.
 INDEFINITE = math.inf
 KERNEL_TTL_CAP = 365 * 86400.0
-# The cache may take at most this share of the free space of its filesystem
-# when --cache-size is not given, and never more than DEFAULT_CACHE_CAP.
-DEFAULT_CACHE_SHARE = 0.8
-DEFAULT_CACHE_CAP = 64 * GiB
+# Without --cache-size the cache may use what its filesystem holds above
+# --min-free-space (as mountpoint-s3 does): a 70B model in bf16 is ~140 GB.
+MIN_DEFAULT_CACHE = 64 * MiB
 # Free space the cache leaves on its filesystem (evicting to keep it) when
 # --min-free-space is not given: this share of the filesystem, at most the cap.
 DEFAULT_MIN_FREE_SHARE = 0.05
@@ -199,6 +198,7 @@ class MountConfig:
     dir_mode: int = DEFAULT_DIR_MODE
     allow_other: bool = False
     nonempty: bool = False  # mount over a directory with files in it
+    allow_empty: bool = False  # mount a prefix with nothing under it (else an error)
     uid: int | None = None
     gid: int | None = None
     foreground: bool = False

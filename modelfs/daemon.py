@@ -68,7 +68,7 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
     raise_fd_limit()
     mnt = check_mountpoint(cfg.mountpoint, nonempty=cfg.nonempty)
     store = store or build_store(cfg)
-    store.probe(cfg.source.prefix)
+    store.probe(cfg.source.prefix, allow_empty=cfg.allow_empty)
     cache = ChunkCache.for_config(cfg, store)
     metrics_server = None
     try:

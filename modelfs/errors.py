@@ -56,6 +56,10 @@ class OutOfFileDescriptors(StoreError):
     """This process hit its open-file limit (EMFILE); not the endpoint's fault."""
 
 
+class EmptySource(StoreError):
+    """Nothing under the prefix: most often a typo in it."""
+
+
 class SourceIsObject(StoreError):
     """The mount source names an object, not a prefix."""
 

@@ -62,6 +62,22 @@ def find_mount(path: str | Path) -> MountEntry | None:
     return found
 
 
+def mount_root(path: str | Path) -> Path:
+    """The modelfs mount that `path` is, or is inside of; MountError if none
+    (``modelfs stats``, ``umount`` and ``warm`` take any path in a mount)."""
+    p = Path(resolve(path))
+    for candidate in (p, *p.parents):
+        entry = find_mount(candidate)
+        if entry is None:
+            continue
+        if entry.fstype == FSTYPE:
+            return candidate
+        if candidate == p:
+            raise MountError(f"{p} is not a modelfs mount (it is {entry.fstype})")
+        break
+    raise MountError(f"{path} is not inside a modelfs mount")
+
+
 def require_modelfs_mount(path: str | Path) -> MountEntry:
     """The modelfs mount at exactly `path`; MountError if there is none."""
     mnt = resolve(path)

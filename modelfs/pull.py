@@ -179,7 +179,7 @@ def pull(
     tune_malloc()
     raise_fd_limit()
     store = store or S3Store(cfg)
-    store.probe(cfg.source.prefix)
+    store.probe(cfg.source.prefix, allow_empty=False)
     files = walk(store, cfg.source.prefix)
     result = PullResult()
     todo = []

@@ -22,7 +22,7 @@ from . import cache_admin
 from .config import default_cache_dir, format_size
 from .errors import CacheError, MountError
 from .humane import escape
-from .mounts import require_modelfs_mount
+from .mounts import mount_root
 
 
 def byte_bar(desc: str, total: int) -> Any:
@@ -54,8 +54,7 @@ def files_progress(verb: str) -> Iterator[Progress]:
 
 
 def read_stats(mnt: Path) -> dict[str, Any]:
-    mnt = Path(os.path.abspath(mnt))
-    require_modelfs_mount(mnt)
+    mnt = mount_root(mnt)  # the mountpoint, or any path inside the mount
     try:
         return dict(json.loads(os.getxattr(mnt, "user.modelfs.stats")))
     except OSError as exc:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .errors import (
     AccessDenied,
     BadResponse,
+    EmptySource,
     EndpointUnreachable,
     NoSuchBucket,
     NoSuchObject,
@@ -226,9 +227,14 @@ class ObjectStore(Protocol):
         buffers already delivered stay delivered."""
         ...
 
-    def probe(self, prefix: str) -> None:
-        """Fail fast with a precise error if the bucket cannot be listed."""
+    def probe(self, prefix: str, *, allow_empty: bool = True) -> None:
+        """Fail fast with a precise error if the bucket cannot be listed, or
+        (unless `allow_empty`) if nothing is under the prefix."""
         ...
+
+
+def empty_source_message(bucket: str, prefix: str) -> str:
+    return f"no objects under s3://{bucket}/{prefix}"
 
 
 def _strip_etag(etag: str | None) -> str | None:
@@ -503,7 +509,7 @@ class S3Store:
         return translate_error(exc, what, self.bucket, self._endpoint)
 
     # -- operations -------------------------------------------------------
-    def probe(self, prefix: str) -> None:
+    def probe(self, prefix: str, *, allow_empty: bool = True) -> None:
         deadline = time.monotonic() + PROBE_TIMEOUT
         while True:
             try:
@@ -523,8 +529,11 @@ class S3Store:
         if "IsTruncated" not in resp and "Name" not in resp:
             ctype = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("content-type")
             raise not_s3(self._endpoint, f"HTTP 200, {ctype or 'no content type'}")
-        if prefix and not resp.get("Contents") and not resp.get("CommonPrefixes"):
-            self._refuse_object_source(prefix.rstrip("/"))
+        if not resp.get("Contents") and not resp.get("CommonPrefixes"):
+            if prefix:
+                self._refuse_object_source(prefix.rstrip("/"))
+            if not allow_empty:
+                raise EmptySource(empty_source_message(self.bucket, prefix))
 
     def _refuse_object_source(self, key: str) -> None:
         """An empty prefix that is the key of an object: the user named a
@@ -794,8 +803,9 @@ class MemoryStore:
         with self._lock:
             self.objects.pop(key, None)
 
-    def probe(self, prefix: str) -> None:
-        return None
+    def probe(self, prefix: str, *, allow_empty: bool = True) -> None:
+        if not allow_empty and not any(k.startswith(prefix) for k in self.objects):
+            raise EmptySource(empty_source_message("mem", prefix))
 
     def list_dir(self, prefix: str) -> Listing:
         self.counters.add_list()

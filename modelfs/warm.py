@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import format_size
 from .errors import MountError
-from .mounts import FSTYPE, find_mount
+from .mounts import mount_root
 
 # How long `warm` waits for a file's cached bytes to stop growing.
 SETTLE_SECONDS = 2.0
@@ -37,18 +37,6 @@ class WarmResult:
     already_cached: int = 0
     bytes_read: int = 0
     failed: dict[str, str] = field(default_factory=dict)
-
-
-def mount_root(path: Path) -> Path:
-    """The modelfs mount `path` is in; MountError if it is in none."""
-    p = Path(os.path.abspath(path))
-    for candidate in (p, *p.parents):
-        entry = find_mount(candidate)
-        if entry is not None:
-            if entry.fstype != FSTYPE:
-                break
-            return candidate
-    raise MountError(f"{path} is not inside a modelfs mount")
 
 
 def cached_bytes(path: Path) -> int:

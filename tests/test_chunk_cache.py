@@ -444,3 +444,15 @@ def test_chunks_stored_together_share_one_index_commit(tmp_path: Path) -> None:
     assert cache.index.cached_bytes(v.identity()) == len(data)
     assert 1 <= cache.counters.index_commits <= 16
     cache.close()
+
+
+def test_the_default_size_is_what_the_disk_holds_above_the_free_space_guard(
+    tmp_path: Path,
+) -> None:
+    """No cap: a 140 GB model must fit on a disk that holds it."""
+    import shutil
+
+    cache = ChunkCache(tmp_path / "c", MemoryStore(), chunk_size=CS, min_free=1 << 30)
+    expected = shutil.disk_usage(tmp_path).free - (1 << 30)
+    assert abs(cache.capacity - expected) < 64 << 20
+    cache.close()

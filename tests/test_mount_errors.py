@@ -141,7 +141,7 @@ def test_bad_source_url(tmp_path: Path, bucket: Bucket) -> None:
 def test_umount_of_something_else(tmp_path: Path) -> None:
     proc = run_modelfs("umount", str(tmp_path))
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"modelfs: error: {tmp_path} is not mounted"
+    assert proc.stderr.strip() == f"modelfs: error: {tmp_path} is not inside a modelfs mount"
     proc = run_modelfs("umount", "/proc")
     assert proc.returncode == 1 and "not a modelfs mount" in proc.stderr
 

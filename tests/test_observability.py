@@ -197,7 +197,7 @@ def test_stats_command(bucket: Bucket, mounter: Mounter) -> None:
     assert raw["store"]["get_bytes"] == TOTAL
     assert raw["last_minute"]["served_bytes_per_s"] > 0
     proc = run_modelfs("stats", str(m.cache_dir))
-    assert proc.returncode == 1 and "is not mounted" in proc.stderr
+    assert proc.returncode == 1 and "is not inside a modelfs mount" in proc.stderr
 
 
 def _payload_file(cache: Path) -> Path:

@@ -3,6 +3,7 @@ permission bits of their choice, and a log file that survives logrotate."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -114,3 +115,49 @@ def test_custom_endpoints_send_checksums_only_when_required(monkeypatch) -> None
         MountConfig(source=S3Location("b", ""), mountpoint=Path("/mnt"), region="us-east-1")
     )
     assert aws._client.meta.config.request_checksum_calculation == "when_supported"
+
+
+def test_a_prefix_with_nothing_under_it_is_an_error_unless_allowed(
+    bucket: Bucket, mounter: Mounter, tmp_path: Path
+) -> None:
+    bucket.put("models/llama/w.bin", b"x")
+    mnt = tmp_path / "typo"
+    mnt.mkdir()
+    proc = run_modelfs(
+        "mount",
+        f"s3://{bucket.name}/models/lama",
+        str(mnt),
+        "--endpoint-url",
+        bucket.endpoint_url,
+        "--cache-dir",
+        str(tmp_path / "c"),
+        env=bucket.env,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr == f"modelfs: error: no objects under s3://{bucket.name}/models/lama/\n"
+    assert not os.path.ismount(mnt)
+    m = mounter(bucket, "models/lama", args=("--allow-empty",))
+    assert os.listdir(m.path) == []
+    proc = run_modelfs(
+        "pull",
+        f"s3://{bucket.name}/models/lama",
+        str(tmp_path / "copy"),
+        "--endpoint-url",
+        bucket.endpoint_url,
+        "--cache-dir",
+        str(tmp_path / "c"),
+        env=bucket.env,
+    )
+    assert proc.returncode != 0 and "no objects under" in proc.stderr
+    assert not (tmp_path / "copy").exists()
+
+
+def test_stats_and_umount_take_any_path_inside_the_mount(bucket: Bucket, mounter: Mounter) -> None:
+    bucket.put("d/w.bin", b"abc")
+    m = mounter(bucket)
+    proc = run_modelfs("stats", "--json", str(m.path / "d" / "w.bin"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["mountpoint"] == str(m.path)
+    proc = run_modelfs("umount", str(m.path / "d"))
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.ismount(m.path)

@@ -235,14 +235,16 @@ class ChunkCache:
         finally:
             self._member.set_up()
         self._used = self.index.used()  # kept in memory: refreshed by each commit
+        self.min_free = min_free if min_free is not None else directory.default_min_free(root)
         self.capacity = (
-            capacity if capacity is not None else directory.default_capacity(root, self._used)
+            capacity
+            if capacity is not None
+            else directory.default_capacity(root, self._used, self.min_free)
         )
         self._free_seen, self._free_at, self._written = 0, -math.inf, 0
         self._commits: list[_Commit] = []
         self._committing = False
         self._stall_before_commit = os.environ.get(STALL_BEFORE_COMMIT_ENV)
-        self.min_free = min_free if min_free is not None else directory.default_min_free(root)
         self.tier = tier
         self.counters = CacheCounters()
         self._objects: dict[bytes, CachedObject] = {}

@@ -30,10 +30,9 @@ import struct
 from pathlib import Path
 
 from ..config import (
-    DEFAULT_CACHE_CAP,
-    DEFAULT_CACHE_SHARE,
     DEFAULT_MIN_FREE_CAP,
     DEFAULT_MIN_FREE_SHARE,
+    MIN_DEFAULT_CACHE,
 )
 from ..errors import CacheError, CacheFormatError
 from .payload import ofd_conflict, ofd_lock, ofd_lock_wait
@@ -218,9 +217,11 @@ class Membership:
         os.close(self.fd)
 
 
-def default_capacity(root: Path, used: int) -> int:
+def default_capacity(root: Path, used: int, min_free: int) -> int:
+    """The cache's size when --cache-size is not given: what the filesystem
+    holds for it (free space plus what it already holds) above `min_free`."""
     free = shutil.disk_usage(root).free
-    return max(64 << 20, min(DEFAULT_CACHE_CAP, int((free + used) * DEFAULT_CACHE_SHARE)))
+    return max(MIN_DEFAULT_CACHE, free + used - min_free)
 
 
 def default_min_free(root: Path) -> int:
