@@ -25,6 +25,10 @@ class NoSuchObject(StoreError):
     """The key (or path) does not exist."""
 
 
+class NoSuchName(NoSuchObject):
+    """A directory's current listing has no entry of that name."""
+
+
 class ObjectChanged(StoreError):
     """The object no longer matches the version pinned at open (HTTP 412)."""
 

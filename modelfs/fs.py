@@ -29,6 +29,7 @@ from .errors import (
     AccessDenied,
     CacheError,
     EndpointUnreachable,
+    NoSuchName,
     NoSuchObject,
     ObjectChanged,
     OutOfFileDescriptors,
@@ -132,6 +133,8 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
+        self.name_lookups = 0  # lookups of a name that reached the daemon
+        self.negative_lookups = 0  # of those, names that do not exist
         # Set by the daemon once its nursery exists; None disables read-ahead.
         self.readahead: ReadAhead | None = None
         self.open_prefetch: OpenPrefetch | None = None
@@ -173,7 +176,18 @@ class Operations(pyfuse3.Operations):
         elif name == b"..":
             node = self.ns.get(self.ns.get(parent_inode).parent)
         else:
-            return self._attr(await self.ns.lookup(parent_inode, name))
+            self.name_lookups += 1
+            try:
+                return self._attr(await self.ns.lookup(parent_inode, name))
+            except NoSuchName:
+                # A negative entry: the kernel answers ENOENT itself for the
+                # TTL, so a loader probing for absent files (config
+                # variants, index files) costs no round trip each time.
+                self.negative_lookups += 1
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = self.ttl
+                return negative
         node.lookups += 1
         return self._attr(node)
 
@@ -296,6 +310,8 @@ class Operations(pyfuse3.Operations):
             "cache": self.cache.stats(),
             "shared": self.cache.tier.snapshot() if self.cache.tier is not None else None,
             "open_files": len(self._files),
+            "lookups": self.name_lookups,
+            "negative_lookups": self.negative_lookups,
             "readahead_chunks": self.readahead.budget.issued_chunks if self.readahead else 0,
             "prefetched_on_open": self.open_prefetch.started_files if self.open_prefetch else 0,
             "inodes": len(self.ns),

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import NoSuchObject, VersionReplaced
+from .errors import NoSuchName, NoSuchObject, VersionReplaced
 from .store import Listing, ObjectStore, ObjectVersion
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Namespace:
         children = await self.children(parent)
         inode = children.get(name)
         if inode is None:
-            raise NoSuchObject(f"{name!r} not found")
+            raise NoSuchName(f"{name!r} not found")
         node = self._nodes[inode]
         node.lookups += 1
         return node

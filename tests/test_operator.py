@@ -161,3 +161,18 @@ def test_stats_and_umount_take_any_path_inside_the_mount(bucket: Bucket, mounter
     proc = run_modelfs("umount", str(m.path / "d"))
     assert proc.returncode == 0, proc.stderr
     assert not os.path.ismount(m.path)
+
+
+def test_absent_names_cost_one_lookup_then_the_kernel_answers(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Loaders probe for files that are not there (generation_config.json,
+    *.index.json variants); each probe must not be a round trip."""
+    bucket.put("config.json", b"{}")
+    m = mounter(bucket)
+    before = m.stats()["lookups"]
+    for _ in range(20):
+        assert not (m.path / "generation_config.json").exists()
+    stats = m.stats()
+    assert stats["lookups"] - before == 1
+    assert stats["negative_lookups"] == 1
