@@ -107,6 +107,11 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--addressing-style", choices=("auto", "path", "virtual"), default="auto")
     p.add_argument(
+        "--no-sign-request",
+        action="store_true",
+        help="send anonymous requests to the origin (a public bucket); no credentials needed",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         help="default: $XDG_CACHE_HOME/modelfs, /var/cache/modelfs for root",
@@ -350,6 +355,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         profile=args.profile,
         credentials_file=args.credentials_file,
         addressing_style=args.addressing_style,
+        no_sign_request=args.no_sign_request,
         cache_dir=args.cache_dir,
         cache_size=args.cache_size,
         min_free_space=args.min_free_space,

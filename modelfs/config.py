@@ -199,6 +199,7 @@ class MountConfig:
     allow_other: bool = False
     nonempty: bool = False  # mount over a directory with files in it
     allow_empty: bool = False  # mount a prefix with nothing under it (else an error)
+    no_sign_request: bool = False  # anonymous requests to the origin (public buckets)
     uid: int | None = None
     gid: int | None = None
     foreground: bool = False

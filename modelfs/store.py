@@ -417,9 +417,15 @@ def make_client(
     connect_timeout: float,
     read_timeout: float,
     retries: dict[str, Any],
+    *,
+    unsigned: bool = False,
 ) -> Any:
+    import botocore
     import botocore.config
 
+    # --no-sign-request: anonymous requests, for public buckets; no
+    # credentials are looked for.
+    signing = {"signature_version": botocore.UNSIGNED} if unsigned else {}
     return session.client(
         "s3",
         endpoint_url=endpoint_url,
@@ -431,6 +437,7 @@ def make_client(
             s3={"addressing_style": cfg.addressing_style},
             tcp_keepalive=True,
             **checksum_settings(session, endpoint_url),
+            **signing,
         ),
     )
 
@@ -469,7 +476,16 @@ class S3Store:
         pool = pool_size or cfg.fetch_concurrency + 4
 
         def client(connect: float, read: float, retries: dict[str, Any]) -> Any:
-            return make_client(session, cfg.endpoint_url, cfg, pool, connect, read, retries)
+            return make_client(
+                session,
+                cfg.endpoint_url,
+                cfg,
+                pool,
+                connect,
+                read,
+                retries,
+                unsigned=cfg.no_sign_request,
+            )
 
         self._client = client(
             cfg.connect_timeout, cfg.read_timeout, {"mode": "standard", "max_attempts": 5}

@@ -3,6 +3,7 @@ permission bits of their choice, and a log file that survives logrotate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ import pytest
 from modelfs.config import MountConfig, S3Location
 from modelfs.errors import AccessDenied
 from modelfs.store import S3Store
+from modelfs.testing.proxy import CountingProxy
 
 from .conftest import Bucket, Mounter, run_modelfs
 from .data import pattern
@@ -176,3 +178,48 @@ def test_absent_names_cost_one_lookup_then_the_kernel_answers(
     stats = m.stats()
     assert stats["lookups"] - before == 1
     assert stats["negative_lookups"] == 1
+
+
+def test_no_sign_request_reads_a_public_bucket_without_credentials(
+    moto_bucket: Bucket, mounter: Mounter, tmp_path: Path
+) -> None:
+    b = moto_bucket
+    b.put("pub/w.bin", pattern(3, 0, 2 * MiB))
+    b.client.put_bucket_policy(
+        Bucket=b.name,
+        Policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": "*",
+                        "Action": ["s3:GetObject", "s3:ListBucket"],
+                        "Resource": [f"arn:aws:s3:::{b.name}", f"arn:aws:s3:::{b.name}/*"],
+                    }
+                ],
+            }
+        ),
+    )
+    anonymous = {k: v for k, v in b.env.items() if "KEY" not in k and "TOKEN" not in k}
+    anonymous.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none")
+    )
+    proxy = CountingProxy(b.endpoint_url).start()
+    try:
+        m = mounter(
+            dataclasses.replace(b, env=anonymous),
+            "pub",
+            endpoint_url=proxy.endpoint_url,
+            args=("--no-sign-request",),
+        )
+        assert (m.path / "w.bin").read_bytes() == pattern(3, 0, 2 * MiB)
+        seen = proxy.snapshot()
+        assert seen and not any(r.signed for r in seen)
+        m.umount()
+        proxy.reset()
+        m2 = mounter(b, "pub", endpoint_url=proxy.endpoint_url, cache_dir=tmp_path / "c2")
+        assert (m2.path / "w.bin").read_bytes() == pattern(3, 0, 2 * MiB)
+        assert all(r.signed for r in proxy.snapshot())  # the default signs
+    finally:
+        proxy.stop()

@@ -58,6 +58,7 @@ class Request:
     status: int
     body_bytes: int
     if_match: str | None = None
+    signed: bool = True  # an Authorization header or a presigned query
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -178,6 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status,
                 body_bytes,
                 self.headers.get("If-Match"),
+                "authorization" in {k.lower() for k in self.headers}
+                or "X-Amz-Signature=" in split.query,
             )
         )
 
