@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
             type=Path,
             help="default: $XDG_CACHE_HOME/modelfs, /var/cache/modelfs for root",
         )
+        if name in ("ls", "du", "verify"):
+            a.add_argument("--json", action="store_true", help="print JSON, for scripts")
         if name == "verify":
             a.add_argument("--repair", action="store_true", help="drop the corrupt chunks")
         if name == "gc":

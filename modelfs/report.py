@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -122,21 +123,49 @@ def _root(args: argparse.Namespace) -> Path:
     return root
 
 
+def object_url(meta: dict[str, object]) -> str:
+    """s3://bucket/key of a cached object (just its key for entries an older
+    modelfs recorded without the bucket)."""
+    origin = meta.get("origin")
+    return f"s3://{origin}" if origin else str(meta.get("key", "?"))
+
+
+def _entry_json(e: cache_admin.ObjectEntry) -> dict[str, object]:
+    return {
+        "url": object_url(e.meta),
+        "key": e.meta.get("key"),
+        "etag": e.meta.get("etag"),
+        "size": e.meta.get("size"),
+        "cached_bytes": e.cached_bytes,
+        "chunks": e.chunks,
+        "last_access": e.atime,
+        "object_id": e.obj_id.hex(),
+    }
+
+
 def cmd_cache(action: str, args: argparse.Namespace) -> int:
     root = _root(args)
+    as_json = getattr(args, "json", False)
     if action == "ls":
-        print(f"{'CACHED':>10} {'SIZE':>10} {'%':>4}  {'LAST ACCESS':<19}  {'ETAG':<34}  KEY")
-        for e in cache_admin.ls(root):
+        entries = cache_admin.ls(root)
+        if as_json:
+            print(json.dumps([_entry_json(e) for e in entries], indent=2))
+            return 0
+        print(f"{'CACHED':>10} {'SIZE':>10} {'%':>4}  {'LAST ACCESS':<19}  {'ETAG':<34}  OBJECT")
+        for e in entries:
             size = int(e.meta.get("size", 0))  # type: ignore[call-overload]
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.atime)) if e.atime else "-"
             print(
                 f"{format_size(e.cached_bytes):>10} {format_size(size):>10} "
                 f"{_pct(e.cached_bytes, size):>4}  {when:<19}  "
-                f"{str(e.meta.get('etag') or '-'):<34}  {escape(str(e.meta.get('key', '?')))}"
+                f"{str(e.meta.get('etag') or '-'):<34}  {escape(object_url(e.meta))}"
             )
         return 0
     if action == "du":
         u = cache_admin.du(root)
+        if as_json:
+            print(json.dumps({"cache_dir": str(root), **dataclasses.asdict(u)}, indent=2))
+            return 0
         print(f"cache      {root}")
         print(f"chunks     {format_size(u.used_bytes)} in {u.chunks} chunks of {u.objects} objects")
         print(
@@ -147,16 +176,43 @@ def cmd_cache(action: str, args: argparse.Namespace) -> int:
         print(f"free       {format_size(u.fs_free_bytes)} on its filesystem")
         return 0
     if action == "verify":
-        with byte_bar("verify", cache_admin.du(root).used_bytes) as bar:
-            checked, bad = cache_admin.verify(root, bar.update)
+        if as_json:
+            checked, bad = cache_admin.verify(root)
+        else:
+            with byte_bar("verify", cache_admin.du(root).used_bytes) as bar:
+                checked, bad = cache_admin.verify(root, bar.update)
+        metas = {e.obj_id: e.meta for e in cache_admin.ls(root)} if bad else {}
+        corrupt = []
+        for v in bad:
+            meta = metas.get(v.obj_id, {})
+            start = v.chunk * int(meta.get("chunk_size", 0))  # type: ignore[call-overload]
+            corrupt.append(
+                {
+                    "url": object_url(meta),
+                    "etag": meta.get("etag"),
+                    "chunk": v.chunk,
+                    "start": start,
+                    "end": start + v.length,
+                    "object_id": v.obj_id.hex(),
+                }
+            )
+        repaired = bool(bad) and args.repair
+        if repaired:
+            cache_admin.repair(root, bad)
+        if as_json:
+            print(
+                json.dumps({"checked": checked, "corrupt": corrupt, "repaired": repaired}, indent=2)
+            )
+            return 1 if bad and not repaired else 0
         print(f"checked {checked} chunks: {len(bad)} corrupt")
-        if bad:
-            for v in bad[:20]:
-                print(f"corrupt: object {v.obj_id.hex()} chunk {v.chunk} ({v.length} bytes)")
-            if args.repair:
-                cache_admin.repair(root, bad)
-                print(f"dropped {len(bad)} corrupt chunks; they are fetched again when read")
-                return 0
+        for c in corrupt[:20]:
+            print(
+                f"corrupt: {escape(str(c['url']))} bytes {c['start']}-{int(c['end']) - 1} "
+                f"(chunk {c['chunk']}, etag {c['etag'] or '-'})"
+            )
+        if repaired:
+            print(f"dropped {len(bad)} corrupt chunks; they are fetched again when read")
+        elif bad:
             print("run 'modelfs cache verify --repair' to drop them", file=sys.stderr)
             return 1
         return 0

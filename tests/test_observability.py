@@ -224,7 +224,8 @@ def test_cache_commands_while_mounted(bucket: Bucket, proxy, mounter: Mounter) -
 
     ls = _cache("ls", cache=m.cache_dir)
     assert ls.returncode == 0, ls.stderr
-    rows = {line.split()[-1]: line for line in ls.stdout.splitlines()[1:]}
+    url = f"s3://{bucket.name}/"
+    rows = {line.split()[-1].removeprefix(url): line for line in ls.stdout.splitlines()[1:]}
     assert set(rows) == set(FILES)
     assert "20.0 MiB   20.0 MiB 100%" in rows["big.safetensors"]
     assert (
@@ -235,6 +236,11 @@ def test_cache_commands_while_mounted(bucket: Bucket, proxy, mounter: Mounter) -
 
     du = _cache("du", cache=m.cache_dir)
     assert "25.0 MiB in 26 chunks of 2 objects" in du.stdout
+    listed = json.loads(_cache("ls", "--json", cache=m.cache_dir).stdout)
+    assert {e["url"] for e in listed} == {url + k for k in FILES}
+    assert all(e["cached_bytes"] == e["size"] == len(FILES[e["key"]]) for e in listed)
+    usage = json.loads(_cache("du", "--json", cache=m.cache_dir).stdout)
+    assert (usage["used_bytes"], usage["chunks"], usage["objects"]) == (25 * MiB, 26, 2)
 
     # Flip one byte of chunk 3 of the big file on disk.
     path = _payload_file(m.cache_dir)
@@ -245,7 +251,12 @@ def test_cache_commands_while_mounted(bucket: Bucket, proxy, mounter: Mounter) -
         f.write(bytes([b[0] ^ 0x40]))
     bad = _cache("verify", cache=m.cache_dir)
     assert bad.returncode == 1
-    assert "checked 26 chunks: 1 corrupt" in bad.stdout and " chunk 3 " in bad.stdout
+    assert "checked 26 chunks: 1 corrupt" in bad.stdout
+    assert f"corrupt: {url}big.safetensors bytes {3 * MiB}-{4 * MiB - 1} (chunk 3" in bad.stdout
+    report = _cache("verify", "--json", cache=m.cache_dir)
+    assert report.returncode == 1
+    (one,) = json.loads(report.stdout)["corrupt"]
+    assert (one["url"], one["start"], one["end"]) == (url + "big.safetensors", 3 * MiB, 4 * MiB)
     fixed = _cache("verify", "--repair", cache=m.cache_dir)
     assert fixed.returncode == 0 and "dropped 1 corrupt chunks" in fixed.stdout
     assert "checked 25 chunks: 0 corrupt" in _cache("verify", cache=m.cache_dir).stdout

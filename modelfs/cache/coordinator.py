@@ -330,6 +330,9 @@ class ChunkCache:
                     "mtime_ns": version.mtime_ns,
                     "chunk_size": chunk_size,
                     "key": key,
+                    # bucket/key, so `modelfs cache ls` and `verify` can name
+                    # the object as s3://bucket/key.
+                    "origin": version.origin,
                 }
             ).encode()
             pf = self.payload.acquire(obj_id)
