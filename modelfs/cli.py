@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("source", help="s3://BUCKET[/PREFIX]")
     pl.add_argument("dest", type=Path, metavar="DIR")
+    pl.add_argument("--json", action="store_true", help="print the result as JSON, for scripts")
     _add_origin_and_cache_options(pl)
     pl.add_argument("--force", action="store_true", help="copy every file, even if up to date")
     pl.add_argument("--debug", action="store_true", help="verbose logging")
@@ -297,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     w.add_argument("--jobs", "-j", type=int, default=8, help="reads in parallel (default 8)")
+    w.add_argument(
+        "--check",
+        action="store_true",
+        help="read nothing; exit 0 only if everything under PATH is fully cached "
+        "(a readiness probe)",
+    )
+    w.add_argument("--json", action="store_true", help="print the result as JSON, for scripts")
 
     st = sub.add_parser("stats", help="what a running mount is doing")
     st.add_argument("mountpoint", type=Path)
@@ -610,13 +618,18 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     return argv
 
 
-def cmd_pull(cfg: MountConfig, dest: Path, force: bool, debug: bool) -> int:
+def cmd_pull(cfg: MountConfig, dest: Path, force: bool, debug: bool, as_json: bool = False) -> int:
+    import dataclasses
+
     from .pull import pull
     from .report import files_progress
 
     _setup_logging(debug)
     with files_progress("pull") as progress:
         result = pull(cfg, dest, force=force, progress=progress)
+    if as_json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return 1 if result.failed else 0
     print(
         f"{len(result.written)} files written ({format_size(result.bytes_written)}), "
         f"{len(result.skipped)} up to date, {len(result.failed)} failed"
@@ -653,11 +666,11 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = config_from_args(args)
             except ConfigError as exc:
                 parser.error(str(exc))
-            return cmd_pull(cfg, args.dest, args.force, args.debug)
+            return cmd_pull(cfg, args.dest, args.force, args.debug, args.json)
         if args.command == "warm":
             from .warm import cmd_warm
 
-            return cmd_warm(args.paths, args.jobs)
+            return cmd_warm(args.paths, args.jobs, check=args.check, as_json=args.json)
         if args.command == "stats":
             return cmd_stats(args.mountpoint, args.json)
         if args.command == "cache":

@@ -14,6 +14,8 @@ Interrupting loses nothing: every chunk fetched is already in the cache.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from .config import format_size
 from .errors import MountError
+from .humane import escape
 from .mounts import mount_root
 
 # How long `warm` waits for a file's cached bytes to stop growing.
@@ -140,11 +143,46 @@ def warm(
     return result
 
 
-def cmd_warm(paths: list[Path], jobs: int) -> int:
+def _cmd_check(paths: list[Path], as_json: bool) -> int:
+    """`warm --check`: exit 0 only when everything is cached (Kubernetes
+    readiness and startup probes run it)."""
+    state = check(paths)
+    missing = state["missing"]
+    assert isinstance(missing, list)
+    if as_json:
+        print(json.dumps({**state, "ready": not missing}, indent=2))
+    else:
+        print(f"{state['files']} files: {state['cached']} fully cached, {len(missing)} not")
+        for m in missing[:20]:
+            print(
+                f"not cached: {escape(m['path'])} "
+                f"({format_size(m['cached_bytes'])} of {format_size(m['size'])})"
+            )
+    return 1 if missing else 0
+
+
+def check(paths: list[Path]) -> dict[str, object]:
+    """Whether everything under `paths` is fully cached, reading nothing."""
+    files, missing = 0, []
+    for f in files_under(paths):
+        files += 1
+        size = f.stat().st_size
+        have = cached_bytes(f)
+        if have < size:
+            missing.append({"path": str(f), "cached_bytes": have, "size": size})
+    return {"files": files, "cached": files - len(missing), "missing": missing}
+
+
+def cmd_warm(paths: list[Path], jobs: int, *, check: bool = False, as_json: bool = False) -> int:
     from .report import files_progress
 
+    if check:
+        return _cmd_check(paths, as_json)
     with files_progress("warm") as progress:
         result = warm(paths, jobs, progress)
+    if as_json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return 1 if result.failed else 0
     print(
         f"{result.files} files: {result.already_cached} were cached already, "
         f"{format_size(result.bytes_read)} read into the cache, {len(result.failed)} failed"

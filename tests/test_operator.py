@@ -223,3 +223,56 @@ def test_no_sign_request_reads_a_public_bucket_without_credentials(
         assert all(r.signed for r in proxy.snapshot())  # the default signs
     finally:
         proxy.stop()
+
+
+def test_warm_check_is_a_readiness_probe_and_warm_speaks_json(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    bucket.put("m/a.bin", pattern(4, 0, 3 * MiB))
+    bucket.put("m/b.bin", pattern(5, 0, MiB))
+    m = mounter(bucket, args=("--prefetch-on-open", "none", "--prefetch-window", "0"))
+    d = m.path / "m"
+    probe = run_modelfs("warm", "--check", "--json", str(d))
+    assert probe.returncode == 1
+    state = json.loads(probe.stdout)
+    assert not state["ready"] and {x["path"] for x in state["missing"]} == {
+        str(d / "a.bin"),
+        str(d / "b.bin"),
+    }
+    assert (d / "b.bin").read_bytes() == pattern(5, 0, MiB)
+    m.settle()
+    assert run_modelfs("warm", "--check", str(d / "b.bin")).returncode == 0
+    partial = run_modelfs("warm", "--check", str(d))
+    assert partial.returncode == 1 and f"not cached: {d / 'a.bin'}" in partial.stdout
+    warmed = run_modelfs("warm", "--json", str(d), env={"MODELFS_PROGRESS_INTERVAL": "0"})
+    assert warmed.returncode == 0, warmed.stderr
+    result = json.loads(warmed.stdout)
+    assert (result["files"], result["already_cached"], result["bytes_read"]) == (2, 1, 3 * MiB)
+    # stderr is not a terminal here: plain progress lines, not a bar.
+    assert "warm 1 files: 3.0 MiB of 3.0 MiB (100%)" in warmed.stderr
+    assert "\r" not in warmed.stderr
+    assert run_modelfs("warm", "--check", str(d)).returncode == 0
+
+
+def test_pull_speaks_json(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put("p/x.bin", pattern(6, 0, MiB))
+    args = (
+        "pull",
+        f"s3://{bucket.name}/p",
+        str(tmp_path / "out"),
+        "--endpoint-url",
+        bucket.endpoint_url,
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--json",
+    )
+    first = run_modelfs(*args, env=bucket.env)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {
+        "written": ["x.bin"],
+        "skipped": [],
+        "failed": {},
+        "bytes_written": MiB,
+    }
+    again = json.loads(run_modelfs(*args, env=bucket.env).stdout)
+    assert again["skipped"] == ["x.bin"] and again["written"] == []
