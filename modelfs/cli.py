@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify": "check every cached chunk against its checksum",
         "gc": "evict least-recently-used chunks down to SIZE",
         "clear": "evict everything not being read",
+        "pin": "never evict the files under PATH (inside a mount) from its cache",
+        "unpin": "let the files under PATH be evicted again",
     }
     for name, text in actions.items():
         a = csub.add_parser(name, help=text, description=text)
@@ -332,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--repair", action="store_true", help="drop the corrupt chunks")
         if name == "gc":
             a.add_argument("size", type=_size("SIZE"), metavar="SIZE", help="e.g. 10G")
+        if name in ("pin", "unpin"):
+            a.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     return p
 
 

@@ -51,6 +51,7 @@ XATTR_KEY = b"user.modelfs.key"
 XATTR_PID = b"user.modelfs.pid"
 XATTR_STATS = b"user.modelfs.stats"
 XATTR_CACHED = b"user.modelfs.cached"  # bytes of a file's current version in the cache
+XATTR_OBJECT = b"user.modelfs.object"  # the version's id in the cache index (hex)
 
 
 def errno_for(exc: BaseException) -> int:
@@ -290,6 +291,7 @@ class Operations(pyfuse3.Operations):
             XATTR_KEY: lambda: node.key.encode(),
             XATTR_ETAG: lambda: (version.etag or "").encode(),
             XATTR_CACHED: lambda: str(self.cache.index.cached_bytes(version.identity())).encode(),
+            XATTR_OBJECT: lambda: version.identity().hex().encode(),
         }
 
     @_fuse_errors

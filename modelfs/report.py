@@ -185,11 +185,36 @@ def _entry_json(e: cache_admin.ObjectEntry) -> dict[str, object]:
         "cached_bytes": e.cached_bytes,
         "chunks": e.chunks,
         "last_access": e.atime,
+        "pinned": e.pinned,
         "object_id": e.obj_id.hex(),
     }
 
 
+def _pin(paths: list[Path], pinned: bool) -> int:
+    """`cache pin|unpin PATH...`: PATHs inside a mount name the objects; the
+    mount's cache directory holds the pins."""
+    from .cache.index import CacheIndex
+    from .warm import files_under
+
+    by_root: dict[Path, set[bytes]] = {}
+    for f in files_under(paths):
+        root = Path(read_stats(f)["cache_dir"])
+        by_root.setdefault(root, set()).add(
+            bytes.fromhex(os.getxattr(f, "user.modelfs.object").decode())
+        )
+    for root, ids in by_root.items():
+        index = CacheIndex(root / "index")
+        try:
+            index.pin(ids, pinned)
+        finally:
+            index.close()
+        print(f"{'pinned' if pinned else 'unpinned'} {len(ids)} files in the cache {root}")
+    return 0
+
+
 def cmd_cache(action: str, args: argparse.Namespace) -> int:
+    if action in ("pin", "unpin"):
+        return _pin(args.paths, action == "pin")
     root = _root(args)
     as_json = getattr(args, "json", False)
     if action == "ls":
@@ -205,6 +230,7 @@ def cmd_cache(action: str, args: argparse.Namespace) -> int:
                 f"{format_size(e.cached_bytes):>10} {format_size(size):>10} "
                 f"{_pct(e.cached_bytes, size):>4}  {when:<19}  "
                 f"{str(e.meta.get('etag') or '-'):<34}  {escape(object_url(e.meta))}"
+                + ("  (pinned)" if e.pinned else "")
             )
         return 0
     if action == "du":

@@ -276,3 +276,32 @@ def test_pull_speaks_json(bucket: Bucket, tmp_path: Path) -> None:
     }
     again = json.loads(run_modelfs(*args, env=bucket.env).stdout)
     assert again["skipped"] == ["x.bin"] and again["written"] == []
+
+
+def test_a_pinned_file_survives_cache_gc_and_clear(bucket: Bucket, mounter: Mounter) -> None:
+    bucket.put("p/keep.bin", pattern(7, 0, 2 * MiB))
+    bucket.put("p/drop.bin", pattern(8, 0, 2 * MiB))
+    m = mounter(bucket, args=("--chunk-size", "1M"))
+    keep, drop = m.path / "p" / "keep.bin", m.path / "p" / "drop.bin"
+    assert keep.read_bytes() == pattern(7, 0, 2 * MiB) and drop.read_bytes() == pattern(
+        8, 0, 2 * MiB
+    )
+    m.settle()
+
+    def cached(f: Path) -> int:
+        return int(os.getxattr(f, "user.modelfs.cached"))
+
+    pinned = run_modelfs("cache", "pin", str(keep))
+    assert pinned.returncode == 0, pinned.stderr
+    listed = json.loads(
+        run_modelfs("cache", "ls", "--json", "--cache-dir", str(m.cache_dir)).stdout
+    )
+    assert {e["key"]: e["pinned"] for e in listed} == {"p/keep.bin": True, "p/drop.bin": False}
+    for command in (("gc", "1M"), ("clear",)):
+        proc = run_modelfs("cache", *command, "--cache-dir", str(m.cache_dir))
+        assert proc.returncode == 0, proc.stderr
+        assert (cached(keep), cached(drop)) == (2 * MiB, 0)
+    assert run_modelfs("cache", "unpin", str(m.path / "p")).returncode == 0
+    assert run_modelfs("cache", "clear", "--cache-dir", str(m.cache_dir)).returncode == 0
+    assert cached(keep) == 0
+    assert keep.read_bytes() == pattern(7, 0, 2 * MiB)  # fetched again, right

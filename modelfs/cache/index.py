@@ -78,6 +78,7 @@ class ObjectEntry:
     cached_bytes: int
     chunks: int
     atime: int | None
+    pinned: bool = False
 
 
 class _Envs:
@@ -170,7 +171,7 @@ class CacheIndex:
         """Read every record once: a garbled page fails here, at open, with
         an lmdb error, rather than in the middle of serving reads."""
         with self.env.begin() as txn:
-            for db in (self._meta, self._objects, self._chunks, self._lru, self._atime):
+            for db in (self._meta, self._objects, self._chunks, self._lru, self._atime, self._pins):
                 if db is None:
                     continue
                 for _ in txn.cursor(db=db).iternext(keys=True, values=True):
@@ -181,6 +182,11 @@ class CacheIndex:
             self._atime: Any = self.env.open_db(b"atime", create=not readonly)
         except lmdb.NotFoundError:
             self._atime = None  # an index written before `atime` existed, read-only
+        try:
+            # Object ids never evicted (`modelfs cache pin`).
+            self._pins: Any = self.env.open_db(b"pins", create=not readonly)
+        except lmdb.NotFoundError:
+            self._pins = None  # nothing was ever pinned, read-only
         if readonly:
             with self.env.begin() as txn:
                 fmt = txn.get(b"format", db=self._meta)
@@ -321,14 +327,33 @@ class CacheIndex:
                 txn.put(ckey, _CREC.pack(rec.length, rec.checksum, tick), db=self._chunks)
                 txn.put(_LKEY.pack(tick, obj_id, chunk), b"", db=self._lru)
 
+    def pin(self, obj_ids: Iterable[bytes], pinned: bool = True) -> None:
+        """Keep these objects' chunks out of eviction (or, not `pinned`, no
+        longer). Corrupt chunks are still dropped by `verify --repair`."""
+        with self.env.begin(write=True) as txn:
+            for obj_id in obj_ids:
+                if pinned:
+                    txn.put(obj_id, b"", db=self._pins)
+                else:
+                    txn.delete(obj_id, db=self._pins)
+
+    def pinned(self) -> set[bytes]:
+        if self._pins is None:
+            return set()
+        with self.env.begin() as txn:
+            return set(txn.cursor(db=self._pins).iternext(keys=True, values=False))
+
     def oldest(self, limit_bytes: int) -> list[Victim]:
-        """Least-recently-used chunks, oldest first, until `limit_bytes` are covered."""
+        """Least-recently-used chunks, oldest first, until `limit_bytes` are
+        covered; chunks of pinned objects are never among them."""
         out: list[Victim] = []
         total = 0
         with self.env.begin() as txn:
             cur = txn.cursor(db=self._lru)
             for key in cur.iternext(values=False):
                 _, obj_id, chunk = _LKEY.unpack(key)
+                if self._pins is not None and txn.get(obj_id, db=self._pins) is not None:
+                    continue
                 raw = txn.get(_CKEY.pack(obj_id, chunk), db=self._chunks)
                 if raw is None:  # pragma: no cover - index invariant
                     continue
@@ -370,9 +395,15 @@ class CacheIndex:
             for obj_id, raw in txn.cursor(db=self._objects):
                 total, n = self._sum_chunks(txn, bytes(obj_id))
                 at = txn.get(obj_id, db=self._atime) if self._atime is not None else None
+                pinned = self._pins is not None and txn.get(obj_id, db=self._pins) is not None
                 out.append(
                     ObjectEntry(
-                        bytes(obj_id), json.loads(raw), total, n, _U64.unpack(at)[0] if at else None
+                        bytes(obj_id),
+                        json.loads(raw),
+                        total,
+                        n,
+                        _U64.unpack(at)[0] if at else None,
+                        pinned,
                     )
                 )
         return out
