@@ -81,6 +81,24 @@ def test_vllm_deployment_reads_with_host_to_container() -> None:
     (vllm,) = spec["containers"]
     model = vllm["args"][vllm["args"].index("--model") + 1]
     assert model.startswith(_mounts(vllm)["models"]["mountPath"] + "/")
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in vllm["env"]
+    # vLLM starts once the model is in the node's cache: checked, else warmed.
+    (warm,) = spec["initContainers"]
+    script = " ".join(warm["command"])
+    assert f"modelfs warm --check {model}" in script and f"modelfs warm {model}" in script
+
+
+def test_memory_limits_fit_the_measured_rss() -> None:
+    """docs/benchmarks.md: 189-241 MiB peak with the default --memory-cache."""
+    for name in ("daemonset.yaml", "sidecar.yaml"):
+        spec = _pod_spec(_load(name))
+        c = next(
+            c
+            for c in spec["containers"] + spec.get("initContainers", [])
+            if "MODELFS_SOURCE" in str(c)
+        )
+        limit = c["resources"]["limits"]["memory"]
+        assert limit.endswith("Mi") and 256 <= int(limit[:-2]) <= 1024
 
 
 def test_sidecar_pod_shares_the_mount_through_an_emptydir() -> None:
@@ -90,8 +108,10 @@ def test_sidecar_pod_shares_the_mount_through_an_emptydir() -> None:
     assert sidecar["restartPolicy"] == "Always"  # a native sidecar: up before vLLM
     assert "startupProbe" in sidecar
     _check_modelfs_container(sidecar, spec)
+    assert "modelfs warm --check" in str(sidecar["readinessProbe"])
     (vllm,) = spec["containers"]
     assert _mounts(vllm)["models"]["mountPropagation"] == "HostToContainer"
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in vllm["env"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes["models"]
 
