@@ -149,6 +149,9 @@ class Bench:
         med = statistics.median(s.seconds for s in samples)
         self.results[name] = {
             "MiB/s": nbytes / MiB / med,
+            # The spread of the runs, for the plot's error bars.
+            "MiB/s_min": nbytes / MiB / max(s.seconds for s in samples),
+            "MiB/s_max": nbytes / MiB / min(s.seconds for s in samples),
             "seconds": med,
             "cpu_s_per_GiB": statistics.median(s.cpu for s in samples) / (nbytes / GiB),
             "peak_rss_MiB": max(s.rss for s in samples) / MiB,
@@ -454,26 +457,92 @@ def rss_check(work: Path, srv: JuiceFSGateway, files: int, size: int) -> dict[st
     return out
 
 
-def plot(results: dict[str, dict[str, float]], path: Path, title: str) -> None:
+# Issue #14's targets, drawn where they apply.
+CPU_TARGET = 1.2  # daemon CPU s/GiB, cold
+RSS_TARGET = 400  # MiB, three 4 GiB files at once
+
+
+def plot(
+    results: dict[str, dict[str, float]],
+    path: Path,
+    title: str,
+    many_files: dict[str, object] | None,
+) -> None:
+    """Four panels on linear axes: MiB/s on loopback and behind the network
+    profile (median bar, min-max of the runs as an error bar), then CPU
+    s/GiB and peak RSS on loopback, with the targets as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, r in results.items() if "random" not in n]
-    values = [results[n]["MiB/s"] for n in names]
-    fig, ax = plt.subplots(figsize=(9, 0.38 * len(names) + 1.2))
-    colors = ["#d9822b" if "modelfs" in n else "#5b7fa6" for n in names]
-    ax.barh(range(len(names)), values, color=colors)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("MiB/s (log scale), median of runs, page cache dropped")
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.0f}", va="center", fontsize=7)
-    ax.set_title(title)
+    def rows(profile: bool) -> list[str]:
+        return [
+            n
+            for n in results
+            if "random" not in n
+            and "re-read" not in n  # page-cache re-reads: 10x the rest, on their own scale
+            and n.startswith(LATENCY_LABEL) == profile
+        ]
+
+    loop, net = rows(False), rows(True)
+    fig, axes = plt.subplots(2, 2, figsize=(15, 0.42 * len(loop) * 2 + 3), squeeze=False)
+
+    def bars(ax, names, key, xlabel, target=None, spread=False):  # type: ignore[no-untyped-def]
+        vals = [results[n][key] for n in names]
+        colors = ["#d9822b" if "modelfs" in n else "#5b7fa6" for n in names]
+        err = None
+        if spread and all("MiB/s_min" in results[n] for n in names):
+            err = [
+                [v - results[n]["MiB/s_min"] for n, v in zip(names, vals, strict=True)],
+                [results[n]["MiB/s_max"] - v for n, v in zip(names, vals, strict=True)],
+            ]
+        ax.barh(range(len(names)), vals, color=colors, xerr=err, capsize=2, ecolor="#333")
+        ax.set_yticks(
+            range(len(names)), [n.removeprefix(LATENCY_LABEL).strip() for n in names], fontsize=8
+        )
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel, fontsize=9)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.0f}" if v >= 10 else f" {v:.2f}", va="center", fontsize=7)
+        if target is not None:
+            ax.axvline(target, color="#b22", linestyle="--", linewidth=1)
+            ax.text(target, -0.7, f" target {target:g}", color="#b22", fontsize=7)
+
+    bars(
+        axes[0][0],
+        loop,
+        "MiB/s",
+        "MiB/s on loopback (bar: median; line: min-max of the runs)",
+        spread=True,
+    )
+    axes[0][0].set_title("Throughput, loopback", fontsize=10)
+    bars(
+        axes[0][1],
+        net,
+        "MiB/s",
+        "MiB/s behind 25 ms to first byte, 80 MiB/s per connection",
+        spread=True,
+    )
+    axes[0][1].set_title("Throughput, network profile", fontsize=10)
+    bars(
+        axes[1][0],
+        loop,
+        "cpu_s_per_GiB",
+        "CPU s per GiB (client + FUSE daemon), loopback",
+        CPU_TARGET,
+    )
+    axes[1][0].set_title("CPU per GiB (target: modelfs daemon, cold)", fontsize=10)
+    rss = [n for n in loop if results[n]["peak_rss_MiB"] > 0]
+    if many_files:
+        many = f"modelfs, {many_files['files']} files of {many_files['file_GiB']:g} GiB at once"
+        results = {**results, many: {"peak_rss_MiB": many_files["daemon_peak_rss_MiB"]}}
+        rss.append(many)
+    bars(axes[1][1], rss, "peak_rss_MiB", "peak RSS, MiB (downloader or FUSE daemon)", RSS_TARGET)
+    axes[1][1].set_title("Peak RSS (target: three 4 GiB files at once)", fontsize=10)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> int:
@@ -488,7 +557,21 @@ def main() -> int:
     ap.add_argument("--rss-files", type=int, default=3, help="files read at once (0: skip)")
     ap.add_argument("--rss-size", default="4G", help="size of each (default 4G)")
     ap.add_argument("--plot", type=Path, default=Path("docs/benchmarks.png"))
+    ap.add_argument(
+        "--replot", type=Path, metavar="RESULTS_JSON", help="only draw the plot from a results.json"
+    )
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        meta = saved["meta"]
+        plot(
+            saved["results"],
+            args.plot,
+            f"Whole-model read, {meta['model_bytes'] / GiB:.2g} GiB in {meta['shards']} "
+            f"safetensors shards, {meta['cpus']} cores",
+            meta.get("rss_check"),
+        )
+        return 0
     from modelfs.config import parse_size
 
     total = parse_size(args.size)
@@ -584,6 +667,7 @@ def main() -> int:
             args.plot,
             f"Whole-model read, {size / GiB:.2g} GiB in {len(files)} safetensors shards, "
             f"{os.cpu_count()} cores",
+            rss,
         )
         print(f"plot: {args.plot}")
         return 0
