@@ -211,28 +211,40 @@ def _poll_delay(waited: float, poll_max: float) -> float:
     return t - waited
 
 
-def plot(results: list[Result], path: str) -> None:
+MODE_LABELS = {
+    "origin": "no shared tier",
+    "tier": "shared tier, no herd control",
+    "herd": "shared tier + herd control",
+}
+
+
+def plot(results: list[Result], path: str, p: Params) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
     for mode in MODES:
         rows = [r for r in results if r.mode == mode]
+        if not rows:
+            continue
         xs = [r.nodes for r in rows]
-        ax1.plot(xs, [r.origin_x_model for r in rows], marker="o", label=mode)
-        ax2.plot(xs, [r.t_last for r in rows], marker="o", label=mode)
-    for ax, title in (
-        (ax1, "origin egress (× model size)"),
-        (ax2, "time until the last node has it (s)"),
-    ):
+        ax1.plot(xs, [r.origin_x_model for r in rows], marker="o", label=MODE_LABELS[mode])
+        ax2.plot(xs, [r.t_last for r in rows], marker="o", label=MODE_LABELS[mode])
+    ax1.set_ylabel("bytes from the origin, × model size")
+    ax2.set_ylabel("seconds until the last node has the model")
+    for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("nodes starting together")
-        ax.set_title(title)
+        ax.set_xlabel(f"nodes, each starting at a random moment within {p.start_spread:g} s")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"Simulated: {p.model_bytes / 2**30:g} GiB model, nodes at {p.node_bw * 8 / 1e9:g} Gbit/s, "
+        f"origin {p.origin_bw * 8 / 1e9:g} Gbit/s, tier {p.tier_bw * 8 / 1e9:g} Gbit/s",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -286,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.t_median:>9.1f} {r.t_last:>8.1f}"
             )
     if a.plot:
-        plot(results, a.plot)
+        plot(results, a.plot, p)
     return 0
 
 

@@ -85,8 +85,11 @@ PEER_WAIT = 30.0
 # one GET of up to this many bytes: a server spends less CPU per byte on
 # large GETs (the JuiceFS gateway: 1.66 s/GiB at 8 MiB, ~1.2 at 32-64 MiB).
 RUN_BYTES = 32 << 20
-# The free space seen by statvfs is trusted this long (less what we wrote).
+# The free space seen by statvfs is trusted this long (less what we wrote),
+# except within FREE_MARGIN of the --min-free-space guard, where every store
+# asks again (other processes may be filling the disk).
 FREE_REFRESH = 0.5
+FREE_MARGIN = 1 << 30
 # Test hook: a path; the daemon touches it and stalls between a chunk's
 # payload write and its index commit (kill -9 tests).
 STALL_BEFORE_COMMIT_ENV = "MODELFS_TEST_STALL_BEFORE_COMMIT"
@@ -1010,7 +1013,9 @@ class ChunkCache:
         short = 0
         if self.min_free:
             short = self.min_free + self._reserved - self._free()
-            if short > 0:  # near the guard: the estimate is not good enough
+            if short > -FREE_MARGIN:
+                # Near the guard the estimate is not good enough: another
+                # process may have written since the last statvfs.
                 short = self.min_free + self._reserved - self._free(exact=True)
         need = max(over, short)
         if need > 0:
