@@ -136,11 +136,11 @@ def parse_ttl(text: str) -> float:
     try:
         seconds = float(text)
     except ValueError:
-        raise ConfigError(
-            f"invalid --metadata-ttl {text!r}: expected seconds or 'indefinite'"
-        ) from None
+        seconds = math.nan
     if not math.isfinite(seconds):
-        raise ConfigError(f"invalid --metadata-ttl {text!r}: expected seconds or 'indefinite'")
+        raise ConfigError(
+            f"--metadata-ttl must be a number of seconds or 'indefinite', not {text!r}"
+        )
     return seconds
 
 

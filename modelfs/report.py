@@ -70,7 +70,7 @@ class PlainProgress:
 
     def close(self) -> None:
         with self._lock:
-            if self.total:
+            if self.done:
                 self._line(time.monotonic())
 
     def __enter__(self) -> PlainProgress:

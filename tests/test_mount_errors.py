@@ -102,6 +102,7 @@ def test_unknown_cache_format_is_refused(tmp_path: Path, bucket: Bucket) -> None
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "modelfs-cache.json").write_text(json.dumps({"format": 99}))
+    bucket.put("f.bin", b"x")  # an empty bucket would fail first, for that
     msg = _mount_fails(tmp_path, bucket)
     assert "format 99" in msg
 
@@ -131,6 +132,7 @@ def test_foreign_directory_is_not_taken_as_cache(tmp_path: Path, bucket: Bucket)
     ],
 )
 def test_bad_options(tmp_path: Path, bucket: Bucket, args: tuple[str, ...], expected: str) -> None:
+    bucket.put("f.bin", b"x")  # an empty bucket would fail first, for that
     assert expected in _mount_fails(tmp_path, bucket, *args)
 
 

@@ -24,6 +24,7 @@ def _snapshot(d: Path) -> tuple[int, list[str]]:
 # -- 5: a refused --cache-dir is left untouched -------------------------------
 @pytest.mark.parametrize("command", ["mount", "pull"])
 def test_refused_cache_dir_is_left_untouched(bucket: Bucket, tmp_path: Path, command: str) -> None:
+    bucket.put("f.bin", b"abc")
     # Like / or /tmp: someone else's non-empty directory, readable by all.
     victim = tmp_path / "shared"
     victim.mkdir()
