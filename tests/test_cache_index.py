@@ -7,7 +7,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from modelfs.cache.index import CacheIndex, Victim
+from modelfs.cache.index import CacheIndex, NewChunk, Victim
 from modelfs.errors import CacheFormatError
 
 A = b"a" * 16
@@ -69,3 +69,31 @@ def test_unknown_format_is_refused(tmp_path: Path) -> None:
     env.close()
     with pytest.raises(CacheFormatError, match="format 42"):
         CacheIndex(tmp_path / "i")
+
+
+def test_two_users_of_one_index_in_one_process_write_at_once(tmp_path: Path) -> None:
+    """They share one LMDB environment, which refuses a second concurrent
+    write transaction (EBUSY) rather than waiting: they must take turns."""
+    import threading
+
+    a, b = CacheIndex(tmp_path / "i"), CacheIndex(tmp_path / "i")
+    errors: list[BaseException] = []
+
+    def writer(index: CacheIndex, obj_id: bytes) -> None:
+        try:
+            for n in range(300):
+                index.put_many([NewChunk(obj_id, n, 10, n, b'{"chunk_size": 10}', 10)])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=writer, args=(ix, bytes([i]) * 16)) for i, ix in enumerate((a, b))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert a.used() == 2 * 300 * 10
+    a.close()
+    b.close()

@@ -89,28 +89,31 @@ class _Envs:
     directory may live in one process (a test, or ``modelfs cache`` beside
     a cache it opened): they share the environment, counted."""
 
-    _open: dict[str, tuple[lmdb.Environment, int]] = {}
+    _open: dict[str, tuple[lmdb.Environment, int, threading.Lock]] = {}
     _lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, **kwargs: Any) -> lmdb.Environment:
+    def open(cls, path: Path, **kwargs: Any) -> tuple[lmdb.Environment, threading.Lock]:
+        """The environment and its writer lock: py-lmdb refuses a second
+        write transaction on one environment while another thread holds
+        one (EBUSY) instead of waiting, so users that share it take turns."""
         key = os.path.realpath(path)
         with cls._lock:
-            env, refs = cls._open.get(key, (None, 0))
+            env, refs, writer = cls._open.get(key, (None, 0, threading.Lock()))
             if env is None:
                 env = lmdb.open(str(path), **kwargs)
             elif env.flags()["readonly"] and not kwargs.get("readonly"):
                 raise lmdb.Error(f"{path} is open read-only in this process")
-            cls._open[key] = (env, refs + 1)
-            return env
+            cls._open[key] = (env, refs + 1, writer)
+            return env, writer
 
     @classmethod
     def close(cls, env: lmdb.Environment) -> None:
         with cls._lock:
-            key = next(k for k, (e, _) in cls._open.items() if e is env)
-            _, refs = cls._open[key]
+            key = next(k for k, (e, _, _) in cls._open.items() if e is env)
+            _, refs, writer = cls._open[key]
             if refs > 1:
-                cls._open[key] = (env, refs - 1)
+                cls._open[key] = (env, refs - 1, writer)
                 return
             del cls._open[key]
             if not env.flags()["readonly"]:
@@ -137,7 +140,7 @@ class CacheIndex:
             # metasync=False: one fsync per commit instead of two. A system
             # crash may lose the last commits but never corrupts the index;
             # a lost record only means a chunk is fetched again.
-            self.env = _Envs.open(
+            self.env, self._writer = _Envs.open(
                 path,
                 max_dbs=8,
                 map_size=map_size,
@@ -193,7 +196,7 @@ class CacheIndex:
             if fmt != str(INDEX_FORMAT).encode():
                 raise CacheFormatError(f"cache index {path} has an unknown format")
             return
-        with self.env.begin(write=True) as txn:
+        with self._writer, self.env.begin(write=True) as txn:
             fmt = txn.get(b"format", db=self._meta)
             if fmt is None:
                 txn.put(b"format", str(INDEX_FORMAT).encode(), db=self._meta)
@@ -286,7 +289,7 @@ class CacheIndex:
         fdatasync); returns whether each was recorded, and the cache's
         used bytes after the commit."""
         results = []
-        with self.env.begin(write=True) as txn:
+        with self._writer, self.env.begin(write=True) as txn:
             for c in chunks:
                 results.append(self._put(txn, c))
             used = self._u64(txn, b"used")
@@ -314,7 +317,7 @@ class CacheIndex:
     def touch(self, keys: Iterable[tuple[bytes, int]]) -> None:
         """Move chunks to the most-recently-used end (absent ones are skipped)."""
         now = _U64.pack(int(time.time()))
-        with self.env.begin(write=True) as txn:
+        with self._writer, self.env.begin(write=True) as txn:
             for obj_id, chunk in keys:
                 ckey = _CKEY.pack(obj_id, chunk)
                 raw = txn.get(ckey, db=self._chunks)
@@ -330,7 +333,7 @@ class CacheIndex:
     def pin(self, obj_ids: Iterable[bytes], pinned: bool = True) -> None:
         """Keep these objects' chunks out of eviction (or, not `pinned`, no
         longer). Corrupt chunks are still dropped by `verify --repair`."""
-        with self.env.begin(write=True) as txn:
+        with self._writer, self.env.begin(write=True) as txn:
             for obj_id in obj_ids:
                 if pinned:
                     txn.put(obj_id, b"", db=self._pins)
@@ -367,7 +370,7 @@ class CacheIndex:
     def remove(self, victims: Iterable[Victim]) -> list[bytes]:
         """Forget chunks; returns the object ids left with no chunk at all."""
         touched: set[bytes] = set()
-        with self.env.begin(write=True) as txn:
+        with self._writer, self.env.begin(write=True) as txn:
             for v in victims:
                 ckey = _CKEY.pack(v.obj_id, v.chunk)
                 raw = txn.get(ckey, db=self._chunks)
