@@ -183,7 +183,7 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MEMORY_CACHE,
         help="RAM for chunks: every chunk being received, read from disk or replied "
         "from lives in it, and it keeps recent ones; the daemon's RSS is about this "
-        f"plus 80 MiB (default {format_size(DEFAULT_MEMORY_CACHE)})",
+        f"plus 60-140 MiB (default {format_size(DEFAULT_MEMORY_CACHE)})",
     )
 
 

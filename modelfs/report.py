@@ -197,10 +197,11 @@ def _pin(paths: list[Path], pinned: bool) -> int:
     from .warm import files_under
 
     by_root: dict[Path, set[bytes]] = {}
-    for f in files_under(paths):
-        root = Path(read_stats(f)["cache_dir"])
-        by_root.setdefault(root, set()).add(
+    for path in paths:  # one mount (and its counters) per PATH, not per file
+        root = Path(read_stats(path)["cache_dir"])
+        by_root.setdefault(root, set()).update(
             bytes.fromhex(os.getxattr(f, "user.modelfs.object").decode())
+            for f in files_under([path])
         )
     for root, ids in by_root.items():
         index = CacheIndex(root / "index")

@@ -86,10 +86,6 @@ class Listing:
     prefixes: list[str] = field(default_factory=list)
 
 
-# A chunk's bytes as the store hands them over: a buffer received in place
-# (bytearray) or an immutable copy; read-only by convention either way.
-Bytes = bytes | bytearray
-
 # Upper bounds (seconds) of the GET latency histogram; +Inf is implied.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -509,30 +509,35 @@ def plot(
             ax.axvline(target, color="#b22", linestyle="--", linewidth=1)
             ax.text(target, -0.7, f" target {target:g}", color="#b22", fontsize=7)
 
-    bars(
-        axes[0][0],
-        loop,
-        "MiB/s",
-        "MiB/s on loopback (bar: median; line: min-max of the runs)",
-        spread=True,
+    panels = (
+        (
+            axes[0][0],
+            loop,
+            "MiB/s",
+            "MiB/s on loopback (bar: median; line: min-max of the runs)",
+            None,
+            "Throughput, loopback",
+        ),
+        (
+            axes[0][1],
+            net,
+            "MiB/s",
+            "MiB/s behind 25 ms to first byte, 80 MiB/s per connection",
+            None,
+            "Throughput, network profile",
+        ),
+        (
+            axes[1][0],
+            loop,
+            "cpu_s_per_GiB",
+            "CPU s per GiB (client + FUSE daemon), loopback",
+            CPU_TARGET,
+            "CPU per GiB (target: modelfs daemon, cold)",
+        ),
     )
-    axes[0][0].set_title("Throughput, loopback", fontsize=10)
-    bars(
-        axes[0][1],
-        net,
-        "MiB/s",
-        "MiB/s behind 25 ms to first byte, 80 MiB/s per connection",
-        spread=True,
-    )
-    axes[0][1].set_title("Throughput, network profile", fontsize=10)
-    bars(
-        axes[1][0],
-        loop,
-        "cpu_s_per_GiB",
-        "CPU s per GiB (client + FUSE daemon), loopback",
-        CPU_TARGET,
-    )
-    axes[1][0].set_title("CPU per GiB (target: modelfs daemon, cold)", fontsize=10)
+    for ax, names, key, xlabel, target, heading in panels:
+        bars(ax, names, key, xlabel, target, spread=key == "MiB/s")
+        ax.set_title(heading, fontsize=10)
     rss = [n for n in loop if results[n]["peak_rss_MiB"] > 0]
     if many_files:
         many = f"modelfs, {many_files['files']} files of {many_files['file_GiB']:g} GiB at once"

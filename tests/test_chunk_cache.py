@@ -358,12 +358,16 @@ def test_parallel_writes_to_one_payload_file_open_one_direct_descriptor(tmp_path
     store = PayloadStore(tmp_path)
     pf = store.acquire(b"\x01" * 16)
     data = bytes(range(256)) * 4096  # 1 MiB
+    import mmap
+
+    slab = mmap.mmap(-1, len(data))  # writes come from page-aligned pool slabs
+    slab[:] = data
     before = len(os.listdir("/proc/self/fd"))
     barrier = threading.Barrier(8)
 
     def write(i: int) -> None:
         barrier.wait()
-        pf.pwrite(data, i * len(data))
+        pf.pwrite(memoryview(slab), i * len(data))
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
     for t in threads:

@@ -20,6 +20,7 @@ from modelfs.testing.proxy import CountingProxy
 
 from .conftest import Bucket, Mounter, run_modelfs
 from .data import pattern
+from .test_mount_errors import _mount_fails
 
 pytestmark = pytest.mark.mount
 
@@ -43,23 +44,10 @@ def test_file_and_dir_modes_are_what_was_asked(bucket: Bucket, mounter: Mounter)
 
 
 def test_a_write_bit_is_refused_in_one_line_and_nothing_is_mounted(
-    bucket: Bucket, tmp_path
+    bucket: Bucket, tmp_path: Path
 ) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = run_modelfs(
-        "mount",
-        f"s3://{bucket.name}",
-        str(mnt),
-        "--endpoint-url",
-        bucket.endpoint_url,
-        "--file-mode",
-        "644",
-        env=bucket.env,
-    )
-    assert proc.returncode != 0
-    assert proc.stderr.count("\n") == 1 and "read-only" in proc.stderr
-    assert not os.path.ismount(mnt)
+    # _mount_fails: non-zero, one line, nothing mounted, no daemon left.
+    assert "read-only" in _mount_fails(tmp_path, bucket, "--file-mode", "644")
 
 
 def test_the_log_file_survives_logrotate(bucket: Bucket, mounter: Mounter) -> None:
@@ -123,21 +111,8 @@ def test_a_prefix_with_nothing_under_it_is_an_error_unless_allowed(
     bucket: Bucket, mounter: Mounter, tmp_path: Path
 ) -> None:
     bucket.put("models/llama/w.bin", b"x")
-    mnt = tmp_path / "typo"
-    mnt.mkdir()
-    proc = run_modelfs(
-        "mount",
-        f"s3://{bucket.name}/models/lama",
-        str(mnt),
-        "--endpoint-url",
-        bucket.endpoint_url,
-        "--cache-dir",
-        str(tmp_path / "c"),
-        env=bucket.env,
-    )
-    assert proc.returncode != 0
-    assert proc.stderr == f"modelfs: error: no objects under s3://{bucket.name}/models/lama/\n"
-    assert not os.path.ismount(mnt)
+    line = _mount_fails(tmp_path, bucket, source=f"s3://{bucket.name}/models/lama")
+    assert line == f"modelfs: error: no objects under s3://{bucket.name}/models/lama/"
     m = mounter(bucket, "models/lama", args=("--allow-empty",))
     assert os.listdir(m.path) == []
     proc = run_modelfs(

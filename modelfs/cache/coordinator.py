@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import functools
 import json
 import logging
 import math
@@ -583,8 +582,7 @@ class ChunkCache:
             # Stores run beside the receive loop: a chunk's readers never
             # wait for an earlier chunk's disk write.
             try:
-                if not await self._store(obj, n, slab, digest):
-                    self.counters.uncached_chunks += 1
+                await self._store_and_share(obj, n, slab, digest, None)
             finally:
                 del self._storing[(obj.obj_id, n)]
                 self.pool.release(slab)
@@ -758,10 +756,7 @@ class ChunkCache:
                 handed_over = True
             else:
                 try:
-                    if not await self._store(obj, n, slab, digest):
-                        self.counters.uncached_chunks += 1
-                    if tier_upload is not None:
-                        tier_upload()
+                    await self._store_and_share(obj, n, slab, digest, tier_upload)
                 except BaseException:
                     self.pool.release(slab)
                     raise
@@ -784,10 +779,7 @@ class ChunkCache:
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
         try:
-            if not await self._store(obj, n, slab, digest):
-                self.counters.uncached_chunks += 1
-            if tier_upload is not None:
-                tier_upload()
+            await self._store_and_share(obj, n, slab, digest, tier_upload)
         except Exception:
             # A bug here must not end the mount; the chunk is fetched again.
             log.exception("storing chunk %d of %s failed", n, obj.key)
@@ -856,6 +848,21 @@ class ChunkCache:
             log.debug("bytes %d-%d of %s: another process holds them too long", start, end, obj.key)
         return locked
 
+    async def _store_and_share(
+        self,
+        obj: CachedObject,
+        n: int,
+        slab: Slab,
+        digest: int,
+        tier_upload: Callable[[], None] | None,
+    ) -> None:
+        """Store a fetched chunk (counted as uncached when the cache cannot
+        take it), then hand it to the shared tier."""
+        if not await self._store(obj, n, slab, digest):
+            self.counters.uncached_chunks += 1
+        if tier_upload is not None:
+            tier_upload()
+
     async def _store(self, obj: CachedObject, n: int, slab: Slab, digest: int) -> bool:
         """Write a fetched chunk to the cache; False when it could not."""
         data = slab.data
@@ -867,7 +874,9 @@ class ChunkCache:
                     f"less than --min-free-space ({format_size(self.min_free)}) free",
                 )
             await trio.to_thread.run_sync(
-                functools.partial(obj.file.pwrite, data, obj.chunk_span(n)[0], aligned=True),
+                obj.file.pwrite,
+                data,
+                obj.chunk_span(n)[0],
                 limiter=self._disk_limiter,
             )
             self._written += len(data)

@@ -24,7 +24,6 @@ import ctypes
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import struct
 import threading
@@ -82,10 +81,8 @@ def payload_path(cache_root: Path, obj_id: bytes) -> Path:
 
 # O_DIRECT wants offsets, lengths and buffer addresses on this boundary.
 DIRECT_ALIGN = 4096
-# Bounce buffers: page-aligned (mmap), reused, one per concurrent writer.
-BOUNCE_SIZE = 2 << 20
-_bounces: list[mmap.mmap] = []
-_bounce_lock = threading.Lock()
+# Guards the lazy opening of O_DIRECT descriptors (see `_direct_fd`).
+_direct_lock = threading.Lock()
 _direct_ok = True  # False once the cache's filesystem refused O_DIRECT
 
 
@@ -107,27 +104,6 @@ def _read_full(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-def _direct_write(dfd: int, view: memoryview, offset: int) -> None:
-    """Write block-aligned `view` at `offset` through `dfd` (O_DIRECT),
-    copying it piece by piece into a page-aligned bounce buffer."""
-    with _bounce_lock:
-        bounce = _bounces.pop() if _bounces else mmap.mmap(-1, BOUNCE_SIZE)
-    try:
-        b = memoryview(bounce)
-        try:
-            while view:
-                n = min(len(view), BOUNCE_SIZE)
-                b[:n] = view[:n]
-                _write_full(dfd, b[:n], offset)
-                view = view[n:]
-                offset += n
-        finally:
-            b.release()
-    finally:
-        with _bounce_lock:
-            _bounces.append(bounce)
-
-
 class PayloadFile:
     """An open payload file; use through `PayloadStore.acquire/release`.
 
@@ -147,9 +123,6 @@ class PayloadFile:
             raise OSError(errno.ENOENT, "payload file could not be created", str(self.path))
         return self.fd
 
-    def pread(self, length: int, offset: int) -> bytes:
-        return os.pread(self._require_fd(), length, offset)
-
     def read_into(self, buf: memoryview, length: int, offset: int, *, aligned: bool) -> int:
         """Read `length` bytes at `offset` into `buf`; returns how many were
         read (fewer only at the end of the file). An `aligned` buffer
@@ -164,39 +137,30 @@ class PayloadFile:
                 return min(length, _read_full(dfd, buf[:rounded], offset))
         return _read_full(fd, buf[:length], offset)
 
-    def pwrite(
-        self, data: bytes | bytearray | memoryview, offset: int, *, aligned: bool = False
-    ) -> None:
-        """Write `data` at `offset`. The block-aligned part goes through an
-        O_DIRECT descriptor when the filesystem allows it (on this kind of
-        VM a buffered 8 MiB write costs 2-3.5 CPU s/GiB of page-cache work,
-        O_DIRECT under 0.1): straight from `data` when it is `aligned`
-        (a page-aligned pool slab), else through a page-aligned bounce
-        buffer (a copy: 0.08 s/GiB). The rest, and filesystems that refuse
-        O_DIRECT (tmpfs), are written buffered."""
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        """Write `data` (a page-aligned pool slab) at `offset`. The
+        block-aligned part goes straight from it through an O_DIRECT
+        descriptor where the filesystem allows it (on this kind of VM a
+        buffered 8 MiB write costs 2-3.5 CPU s/GiB of page-cache work,
+        O_DIRECT under 0.1); the rest, and filesystems that refuse O_DIRECT
+        (tmpfs), are written buffered."""
         fd = self._require_fd()
-        view = memoryview(data).cast("B")
+        view = data.cast("B")
         if offset % DIRECT_ALIGN == 0 and len(view) >= DIRECT_ALIGN:
             dfd = self._direct_fd()
             if dfd is not None:
                 n = len(view) - len(view) % DIRECT_ALIGN
-                if aligned:
-                    _write_full(dfd, view[:n], offset)
-                else:
-                    _direct_write(dfd, view[:n], offset)
+                _write_full(dfd, view[:n], offset)
                 view = view[n:]
                 offset += n
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
+        _write_full(fd, view, offset)
 
     def _direct_fd(self) -> int | None:
         """This file opened with O_DIRECT, or None where that is refused."""
         global _direct_ok
         # Writes of several chunks of one file run in parallel threads: one
         # lock, so only one of them opens the descriptor (two would leak one).
-        with _bounce_lock:
+        with _direct_lock:
             if self.dfd is None and _direct_ok:
                 try:
                     self.dfd = os.open(self.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)

@@ -84,7 +84,6 @@ class BufferPool:
         self._deferred: list[Slab] = []
         self._freed = trio.Event()
         self.overflow_chunks = 0
-        self.overflow_bytes = 0
 
     @property
     def size(self) -> int:
@@ -190,7 +189,6 @@ class BufferPool:
             rounded = -(-size // PAGE) * PAGE
             slab = Slab(memoryview(mmap.mmap(-1, rounded)), overflow=True)
             self.overflow_chunks += 1
-            self.overflow_bytes += rounded
             self.hold(slab)
         return slab
 

@@ -22,7 +22,7 @@ import trio
 
 class Priority(enum.IntEnum):
     DEMAND = 0  # a reader is blocked on it
-    BACKGROUND = 1  # read-ahead, prefetch on open, warm
+    BACKGROUND = 1  # read-ahead, prefetch on open
 
 
 @dataclass(eq=False)
