@@ -89,7 +89,7 @@ def test_vllm_deployment_reads_with_host_to_container() -> None:
 
 
 def test_memory_limits_fit_the_measured_rss() -> None:
-    """docs/benchmarks.md: 189-241 MiB peak with the default --memory-cache."""
+    """docs/benchmarks.md: 188-269 MiB peak with the default --memory-cache."""
     for name in ("daemonset.yaml", "sidecar.yaml"):
         spec = _pod_spec(_load(name))
         c = next(
