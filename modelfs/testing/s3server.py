@@ -146,6 +146,13 @@ class JuiceFSGateway(_Server):
             "--multi-buckets",
             "--no-usage-report",
             "--quiet",
+            # The data already lies on local disk; JuiceFS's own block cache
+            # would only copy it again into /var/jfsCache (100 GiB by default),
+            # where nothing ever removes it.
+            "--cache-dir",
+            f"{self.workdir}/jfscache",
+            "--cache-size",
+            "0",
         ]
         if self.keep_etag:
             cmd.append("--keep-etag")
