@@ -33,7 +33,7 @@ from .cache.index import CacheIndex, ObjectEntry, Victim
 from .cache.payload import PayloadFile, PayloadStore
 from .config import DEFAULT_CHUNK_SIZE
 from .errors import CacheError, StoreError
-from .store import Listing, StoreCounters
+from .store import Listing, ObjectVersion, StoreCounters, Tree
 
 
 def _require_cache(root: Path) -> None:
@@ -131,6 +131,12 @@ class _NoOrigin:
     counters = StoreCounters()
 
     def list_dir(self, prefix: str) -> Listing:
+        raise StoreError("offline")
+
+    def list_tree(self, prefix: str) -> Tree:
+        raise StoreError("offline")
+
+    def current(self, key: str) -> ObjectVersion | None:
         raise StoreError("offline")
 
     def get_into(self, *args: Any, **kwargs: Any) -> None:

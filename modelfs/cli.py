@@ -19,8 +19,9 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .cache import directory as cache_dir
 from .config import (
@@ -55,6 +56,9 @@ from .mounts import (
     process_alive,
     require_modelfs_mount,
 )
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
 
 log = logging.getLogger("modelfs")
 
@@ -95,8 +99,8 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
-def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
-    """Options of every command that reads the bucket through a chunk cache."""
+def _add_origin_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that talks to the bucket."""
     p.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
     p.add_argument("--region")
     p.add_argument("--profile", help="profile from the shared AWS config")
@@ -111,6 +115,23 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send anonymous requests to the origin (a public bucket); no credentials needed",
     )
+    for name, default, text in (
+        ("connect-timeout", DEFAULT_CONNECT_TIMEOUT, "TCP connect timeout of a GET"),
+        ("read-timeout", DEFAULT_READ_TIMEOUT, "longest wait for the next bytes of a GET"),
+        ("retry-timeout", DEFAULT_RETRY_TIMEOUT, "time all retries of one GET may take; then EIO"),
+    ):
+        p.add_argument(
+            f"--{name}",
+            type=float,
+            default=default,
+            metavar="SECONDS",
+            help=f"{text} (default {default:g})",
+        )
+
+
+def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that reads the bucket through a chunk cache."""
+    _add_origin_options(p)
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -164,18 +185,6 @@ def _add_origin_and_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fetch-concurrency", type=int, default=16, metavar="N", help="parallel GETs (default 16)"
     )
-    for name, default, text in (
-        ("connect-timeout", DEFAULT_CONNECT_TIMEOUT, "TCP connect timeout of a GET"),
-        ("read-timeout", DEFAULT_READ_TIMEOUT, "longest wait for the next bytes of a GET"),
-        ("retry-timeout", DEFAULT_RETRY_TIMEOUT, "time all retries of one GET may take; then EIO"),
-    ):
-        p.add_argument(
-            f"--{name}",
-            type=float,
-            default=default,
-            metavar="SECONDS",
-            help=f"{text} (default {default:g})",
-        )
     p.add_argument(
         "--memory-cache",
         type=_size("--memory-cache"),
@@ -212,9 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
         "  s3://models/llama /mnt/llama fuse.modelfs "
         "_netdev,endpoint_url=http://10.0.0.5:9000,cache_size=200G,allow_other 0 0",
     )
-    m.add_argument("source", help="s3://BUCKET[/PREFIX]")
-    m.add_argument("mountpoint", type=Path)
+    m.add_argument(
+        "source", nargs="?", help="s3://BUCKET[/PREFIX] (may be left out with --manifest)"
+    )
+    m.add_argument("mountpoint", nargs="?", type=Path)
     _add_origin_and_cache_options(m)
+    m.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="list the prefix once at mount and serve exactly those object versions "
+        "for the life of the mount (VersionIds where the bucket keeps versions)",
+    )
+    m.add_argument(
+        "--manifest",
+        metavar="PATH|s3://BUCKET/KEY",
+        help="serve exactly the object versions of this manifest (from 'modelfs "
+        "snapshot'); every node given it serves the same bytes",
+    )
     m.add_argument(
         "--metadata-ttl",
         type=_ttl,
@@ -283,10 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
         "written atomically; a file whose size and ETag match is skipped; AIBrix-style "
         "metadata files (DIR/.cache/s3/download/*.metadata) are read and written.",
     )
-    pl.add_argument("source", help="s3://BUCKET[/PREFIX]")
-    pl.add_argument("dest", type=Path, metavar="DIR")
+    pl.add_argument(
+        "source", nargs="?", help="s3://BUCKET[/PREFIX] (may be left out with --manifest)"
+    )
+    pl.add_argument("dest", nargs="?", type=Path, metavar="DIR")
     pl.add_argument("--json", action="store_true", help="print the result as JSON, for scripts")
     _add_origin_and_cache_options(pl)
+    pl.add_argument(
+        "--manifest",
+        metavar="PATH|s3://BUCKET/KEY",
+        help="copy exactly the object versions of this manifest (from 'modelfs snapshot')",
+    )
     pl.add_argument("--force", action="store_true", help="copy every file, even if up to date")
     pl.add_argument("--debug", action="store_true", help="verbose logging")
 
@@ -305,6 +335,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(a readiness probe)",
     )
     w.add_argument("--json", action="store_true", help="print the result as JSON, for scripts")
+
+    sn = sub.add_parser(
+        "snapshot",
+        help="write the manifest of s3://BUCKET[/PREFIX]: every object's version, now",
+        description="Write a manifest of every object under s3://BUCKET[/PREFIX] (key, size, "
+        "ETag, VersionId where the bucket keeps versions) as JSON, for 'modelfs mount "
+        "--manifest' and 'modelfs pull --manifest'. With --check, compare a manifest "
+        "with the bucket now instead: exit 0 if every key is still at its version, 1 "
+        "(listing the differences) if not.",
+    )
+    sn.add_argument("source", nargs="?", help="s3://BUCKET[/PREFIX]")
+    sn.add_argument(
+        "--output", "-o", type=Path, metavar="FILE", help="write here (atomically), not to stdout"
+    )
+    sn.add_argument(
+        "--check",
+        metavar="PATH|s3://BUCKET/KEY",
+        help="compare this manifest with the bucket now",
+    )
+    sn.add_argument("--json", action="store_true", help="with --check: the differences as JSON")
+    _add_origin_options(sn)
+    sn.add_argument("--debug", action="store_true", help="verbose logging")
 
     st = sub.add_parser("stats", help="what a running mount is doing")
     st.add_argument("mountpoint", type=Path)
@@ -340,54 +392,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> MountConfig:
-    """A MountConfig from `mount` arguments, or `pull` ones (which lack the
-    mount-only options: their defaults apply)."""
-    mount_only = {
-        k: getattr(args, k)
-        for k in (
-            "metadata_ttl",
-            "file_mode",
-            "dir_mode",
-            "allow_other",
-            "nonempty",
-            "allow_empty",
-            "uid",
-            "gid",
-            "foreground",
-            "log_file",
-            "prefetch_window",
-            "metrics_addr",
-            "prefetch_on_open",
-        )
-        if hasattr(args, k)
+    """A MountConfig from the arguments of `mount`, `pull` or `snapshot`:
+    every option is named as its MountConfig field; those a command lacks
+    keep their defaults. Without a source (a manifest names it) the source
+    is a stand-in until the manifest is read (`_with_manifest`)."""
+    import dataclasses
+
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(MountConfig)
+        if f.name not in ("source", "mountpoint", "shared_cache") and hasattr(args, f.name)
     }
+    manifest = getattr(args, "manifest", None) or getattr(args, "check", None)
+    source = args.source or _manifest_stand_in(manifest)
     cfg = MountConfig(
-        source=parse_s3_url(args.source),
-        mountpoint=getattr(args, "mountpoint", None) or args.dest,
-        endpoint_url=args.endpoint_url,
-        region=args.region,
-        profile=args.profile,
-        credentials_file=args.credentials_file,
-        addressing_style=args.addressing_style,
-        no_sign_request=args.no_sign_request,
-        cache_dir=args.cache_dir,
-        cache_size=args.cache_size,
-        min_free_space=args.min_free_space,
-        shared_cache=parse_s3_url(args.shared_cache) if args.shared_cache else None,
-        shared_cache_endpoint_url=args.shared_cache_endpoint_url,
-        shared_cache_profile=args.shared_cache_profile,
-        shared_cache_lease=args.shared_cache_lease,
-        chunk_size=args.chunk_size,
-        debug=args.debug,
-        fetch_concurrency=args.fetch_concurrency,
-        memory_cache=args.memory_cache,
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        retry_timeout=args.retry_timeout,
-        **mount_only,
+        source=parse_s3_url(source),
+        mountpoint=getattr(args, "mountpoint", None) or getattr(args, "dest", None) or Path("."),
+        shared_cache=parse_s3_url(args.shared_cache)
+        if getattr(args, "shared_cache", None)
+        else None,
+        **given,
     )
     cfg.validate()
     return cfg
+
+
+def _manifest_stand_in(manifest: str | None) -> str:
+    # The bucket holding an s3:// manifest, else any valid name: replaced by
+    # the manifest's own source once it is read.
+    if manifest and manifest.startswith("s3://"):
+        return f"s3://{parse_s3_url(manifest).bucket}"
+    return "s3://manifest"
+
+
+def _fix_positionals(args: argparse.Namespace, second: str, metavar: str) -> None:
+    """`mount --manifest M MNT`: with a manifest the source may be left out,
+    and the one positional given is the second one."""
+    if getattr(args, second) is None:
+        if args.source is None or not args.manifest:
+            raise ConfigError(f"the following arguments are required: {metavar}")
+        setattr(args, second, Path(args.source))
+        args.source = None
+    if args.source is None and not args.manifest:
+        raise ConfigError("the following arguments are required: s3://BUCKET[/PREFIX]")
+
+
+def _with_manifest(cfg: MountConfig, named_source: bool) -> Snapshot | None:
+    """The snapshot of --manifest, vetted against the source named (if one
+    was), which then becomes the manifest's own; None without --manifest."""
+    if not cfg.manifest:
+        return None
+    from . import snapshot
+
+    ref = cfg.manifest
+    if not ref.startswith("s3://"):
+        ref = cfg.manifest = str(Path(ref).absolute())
+    snap = snapshot.load(ref, _document_reader(cfg))
+    snapshot.fit(snap, cfg.source if named_source else None, ref, cfg.allow_empty)
+    cfg.source = snap.source
+    cfg.snapshot = True
+    cfg.validate()
+    return snap
+
+
+def _document_reader(cfg: MountConfig) -> Callable[[str, str], bytes]:
+    def fetch(bucket: str, key: str) -> bytes:
+        from .snapshot import MAX_MANIFEST
+        from .store import S3Store
+
+        return S3Store(cfg, pool_size=1).read_document(bucket, key, MAX_MANIFEST)
+
+    return fetch
 
 
 def journal_stderr() -> bool:
@@ -466,7 +541,7 @@ def _setup_logging(debug: bool, stream: object = None, path: Path | None = None)
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def cmd_mount(cfg: MountConfig) -> int:
+def cmd_mount(cfg: MountConfig, snap: Snapshot | None = None) -> int:
     from .daemon import serve
 
     # A dead modelfs mount left by a crashed daemon is cleared, so that
@@ -491,18 +566,18 @@ def cmd_mount(cfg: MountConfig) -> int:
             if err:
                 log.error("%s", err)
 
-        return serve(cfg, notify)
+        return serve(cfg, notify, snapshot=snap)
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
-        os._exit(_daemon_child(cfg, write_fd))
+        os._exit(_daemon_child(cfg, write_fd, snap))
     os.close(write_fd)
     return _wait_for_daemon(pid, read_fd, cfg)
 
 
-def _daemon_child(cfg: MountConfig, write_fd: int) -> int:
+def _daemon_child(cfg: MountConfig, write_fd: int, snap: Snapshot | None) -> int:
     os.setsid()
     # Descriptors the caller passed on (a deploy script's `flock 9`) would
     # stay held for the life of the mount: keep only stdio and the pipe.
@@ -533,7 +608,7 @@ def _daemon_child(cfg: MountConfig, write_fd: int) -> int:
             _setup_logging(cfg.debug, path=cfg.log_file or cfg.resolved_cache_dir / "modelfs.log")
         from .daemon import serve
 
-        rc = serve(cfg, notify)
+        rc = serve(cfg, notify, snapshot=snap)
         notify("the daemon stopped before the mount was ready")
         return rc
     except ModelfsError as exc:
@@ -598,7 +673,7 @@ def cmd_umount(mnt: Path, lazy: bool) -> int:
     return 0
 
 
-COMMANDS = ("mount", "umount", "unmount", "stats", "cache", "pull", "warm")
+COMMANDS = ("mount", "umount", "unmount", "stats", "cache", "pull", "warm", "snapshot")
 
 
 def _mount_option_names(parser: argparse.ArgumentParser) -> tuple[frozenset[str], frozenset[str]]:
@@ -622,7 +697,14 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     return argv
 
 
-def cmd_pull(cfg: MountConfig, dest: Path, force: bool, debug: bool, as_json: bool = False) -> int:
+def cmd_pull(
+    cfg: MountConfig,
+    dest: Path,
+    force: bool,
+    debug: bool,
+    as_json: bool = False,
+    snap: Snapshot | None = None,
+) -> int:
     import dataclasses
 
     from .pull import pull
@@ -630,7 +712,7 @@ def cmd_pull(cfg: MountConfig, dest: Path, force: bool, debug: bool, as_json: bo
 
     _setup_logging(debug)
     with files_progress("pull") as progress:
-        result = pull(cfg, dest, force=force, progress=progress)
+        result = pull(cfg, dest, force=force, progress=progress, snapshot=snap)
     if as_json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
         return 1 if result.failed else 0
@@ -641,6 +723,62 @@ def cmd_pull(cfg: MountConfig, dest: Path, force: bool, debug: bool, as_json: bo
     for rel, err in result.failed.items():
         print(f"modelfs: error: {for_humans(f'{rel}: {err}')}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def cmd_snapshot(cfg: MountConfig, args: argparse.Namespace) -> int:
+    """`modelfs snapshot`: write a manifest, or (--check) compare one with
+    the bucket now."""
+    from . import snapshot
+    from .store import S3Store
+
+    _setup_logging(args.debug)
+    if args.check:
+        cfg.manifest = args.check
+        pinned = _with_manifest(cfg, named_source=args.source is not None)
+        assert pinned is not None
+        store = S3Store(cfg, pool_size=1)
+        store.probe(cfg.source.prefix)
+        diffs = snapshot.differences(pinned, snapshot.take(store, cfg.source))
+        if args.json:
+            print(json.dumps([_difference_json(d) for d in diffs], indent=2))
+        for d in [] if args.json else diffs:
+            print(for_humans(d.describe(pinned.bucket)))
+        print(
+            f"modelfs: {len(diffs)} of the keys under {pinned.source} differ from the manifest "
+            f"({len(pinned.objects)} objects)"
+            if diffs
+            else f"modelfs: {pinned.source} matches the manifest ({len(pinned.objects)} objects)",
+            file=sys.stderr,
+        )
+        return 1 if diffs else 0
+    if args.json:
+        raise ConfigError("--json goes with --check; a manifest is JSON already")
+    if args.source is None:
+        raise ConfigError("the following arguments are required: s3://BUCKET[/PREFIX]")
+    store = S3Store(cfg, pool_size=1)
+    store.probe(cfg.source.prefix, allow_empty=False)
+    snap = snapshot.take(store, cfg.source)
+    try:
+        snapshot.write(snap, args.output)
+    except OSError as exc:
+        raise ModelfsError(f"cannot write {args.output}: {exc.strerror}") from None
+    total = sum(o.version.size for o in snap.objects)
+    pinned_by = "ETag and VersionId" if snap.versioned else "ETag (the bucket keeps no versions)"
+    print(
+        f"modelfs: snapshot of {snap.source}: {len(snap.objects)} objects, "
+        f"{format_size(total)}, each pinned by {pinned_by}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _difference_json(d: Any) -> dict[str, Any]:
+    def version(v: Any) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        return {"etag": v.etag, "size": v.size, "version_id": v.version_id}
+
+    return {"key": d.key, "change": d.change, "manifest": version(d.pinned), "now": version(d.now)}
 
 
 def cmd_stats(mnt: Path, as_json: bool) -> int:
@@ -659,18 +797,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     args = parser.parse_args(argv)
     try:
-        if args.command == "mount":
+        if args.command in ("mount", "pull", "snapshot"):
             try:
+                if args.command == "mount":
+                    _fix_positionals(args, "mountpoint", "mountpoint")
+                if args.command == "pull":
+                    _fix_positionals(args, "dest", "DIR")
                 cfg = config_from_args(args)
             except ConfigError as exc:
                 parser.error(str(exc))
-            return cmd_mount(cfg)
-        if args.command == "pull":
-            try:
-                cfg = config_from_args(args)
-            except ConfigError as exc:
-                parser.error(str(exc))
-            return cmd_pull(cfg, args.dest, args.force, args.debug, args.json)
+            if args.command == "snapshot":
+                return cmd_snapshot(cfg, args)
+            snap = _with_manifest(cfg, named_source=args.source is not None)
+            if args.command == "mount":
+                return cmd_mount(cfg, snap)
+            return cmd_pull(cfg, args.dest, args.force, args.debug, args.json, snap)
         if args.command == "warm":
             from .warm import cmd_warm
 

@@ -215,6 +215,10 @@ class MountConfig:
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT
     # File-name patterns fetched whole, in the background, when opened.
     prefetch_on_open: tuple[str, ...] = DEFAULT_PREFETCH_ON_OPEN
+    # Freeze the listing at mount (--snapshot), or mount the one a manifest
+    # holds (--manifest PATH or s3:// URL; implies a snapshot mount).
+    snapshot: bool = False
+    manifest: str | None = None
     # Kernel read-ahead on the mount (KiB) and FUSE background requests.
     read_ahead_kb: int = 16384
     max_background: int = 64

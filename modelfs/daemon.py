@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from .cache import ChunkCache
-from .config import MountConfig
+from .config import INDEFINITE, MountConfig
 from .errors import MountError
 from .fs import Operations
 from .kernel import tune_mount
@@ -32,6 +32,8 @@ from .namespace import Namespace
 from .prefetch import OpenPrefetch, ReadAhead
 from .process import raise_fd_limit, tune_malloc
 from .sdnotify import notify as sd_notify
+from .snapshot import Pins, Snapshot
+from .snapshot import take as take_snapshot
 from .store import ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
@@ -63,25 +65,42 @@ def build_store(cfg: MountConfig) -> ObjectStore:
     return S3Store(cfg)
 
 
-def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) -> int:
+def serve(
+    cfg: MountConfig,
+    notify: Notify,
+    store: ObjectStore | None = None,
+    snapshot: Snapshot | None = None,
+) -> int:
+    """Mount and serve until unmounted. `snapshot` is a manifest already
+    read; with --snapshot and none, the prefix is snapshotted here."""
     tune_malloc()
     raise_fd_limit()
     mnt = check_mountpoint(cfg.mountpoint, nonempty=cfg.nonempty)
     store = store or build_store(cfg)
-    store.probe(cfg.source.prefix, allow_empty=cfg.allow_empty)
+    # A manifest's objects may all be gone from the listing, and a versioned
+    # bucket still serves them: then only access is probed.
+    store.probe(cfg.source.prefix, allow_empty=cfg.allow_empty or snapshot is not None)
+    pins = _pins(cfg, store, snapshot)
+    ttl = INDEFINITE if pins is not None else cfg.metadata_ttl
     cache = ChunkCache.for_config(cfg, store)
     metrics_server = None
     try:
-        ns = Namespace(store, cfg.source.prefix, cfg.metadata_ttl)
+        ns = Namespace(
+            store,
+            cfg.source.prefix,
+            ttl,
+            lister=pins.snapshot.list_dir if pins is not None else None,
+        )
         ops = Operations(
             ns,
             cache,
             chunk_size=cfg.chunk_size,
             uid=os.getuid() if cfg.uid is None else cfg.uid,
             gid=os.getgid() if cfg.gid is None else cfg.gid,
-            ttl=cfg.metadata_ttl,
+            ttl=ttl,
             file_mode=cfg.file_mode,
             dir_mode=cfg.dir_mode,
+            pins=pins,
         )
         ops.info = {
             "source": str(cfg.source),
@@ -106,6 +125,23 @@ def serve(cfg: MountConfig, notify: Notify, store: ObjectStore | None = None) ->
             metrics_server.shutdown()
         cache.close()
     return 0
+
+
+def _pins(cfg: MountConfig, store: ObjectStore, snap: Snapshot | None) -> Pins | None:
+    """A snapshot mount's pins: the manifest's, or a snapshot taken now."""
+    if snap is None and not cfg.snapshot:
+        return None
+    if snap is None:
+        snap = take_snapshot(store, cfg.source)
+    log.info(
+        "serving the snapshot of %s taken %s%s: %d objects, pinned by ETag%s",
+        snap.source,
+        snap.taken,
+        f" (manifest {cfg.manifest})" if cfg.manifest else "",
+        len(snap.objects),
+        " and VersionId" if snap.versioned else "",
+    )
+    return Pins(snap, store, manifest=cfg.manifest)
 
 
 def _start_metrics(addr: str, ops: Operations) -> Any:

@@ -40,6 +40,7 @@ from .metrics import RecentRates
 from .namespace import ROOT_INODE, Namespace, Node
 from .prefetch import OpenPrefetch, ReadAhead
 from .reader import OpenFile
+from .snapshot import Pins
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,10 @@ class Operations(pyfuse3.Operations):
         ttl: float,
         file_mode: int = DEFAULT_FILE_MODE,
         dir_mode: int = DEFAULT_DIR_MODE,
+        pins: Pins | None = None,
     ) -> None:
         super().__init__()
+        self.pins = pins  # a snapshot mount's pinned versions; None: a live listing
         self.ns = namespace
         self.cache = cache
         self.chunk_size = chunk_size
@@ -251,7 +254,22 @@ class Operations(pyfuse3.Operations):
         handle = self._files[fh]
         try:
             return await handle.read(off, size)
+        except NoSuchObject as exc:
+            if self.pins is None:
+                raise
+            # A pinned object deleted at an unversioned origin: as stale as
+            # an overwritten one, and told the same way.
+            await self._pinned_stale(handle)
+            handle.stale = True
+            gone = ObjectChanged(f"{handle.obj.key}: deleted since the snapshot")
+            gone.modelfs_logged = True  # type: ignore[attr-defined]
+            raise gone from exc
         except ObjectChanged as exc:
+            if self.pins is not None:
+                # Logged once per object, with its current ETag, by the pins.
+                await self._pinned_stale(handle)
+                exc.modelfs_logged = True  # type: ignore[attr-defined]
+                raise
             # New opens should see the new version without waiting for the TTL.
             self.ns.invalidate_parent(handle.inode)
             # A stale handle fails every read after: one warning per handle.
@@ -259,6 +277,10 @@ class Operations(pyfuse3.Operations):
                 exc.modelfs_logged = True  # type: ignore[attr-defined]
             handle.stale_warned = True
             raise
+
+    async def _pinned_stale(self, handle: OpenFile) -> None:
+        assert self.pins is not None
+        await self.pins.found_stale(handle.obj.key, handle.obj.version)
 
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
@@ -317,6 +339,7 @@ class Operations(pyfuse3.Operations):
             "readahead_chunks": self.readahead.budget.issued_chunks if self.readahead else 0,
             "prefetched_on_open": self.open_prefetch.started_files if self.open_prefetch else 0,
             "inodes": len(self.ns),
+            "snapshot": self.pins.stats() if self.pins is not None else None,
             "last_minute": self.rates.rates(),
         }
 

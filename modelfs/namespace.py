@@ -3,6 +3,7 @@
 Owns the inode table and the per-directory listing cache. A directory's
 listing is one ListObjectsV2 walk with Delimiter='/', loaded on first use,
 shared by concurrent callers, and reloaded once older than the metadata TTL.
+A snapshot mount lists from its frozen snapshot instead (`lister`).
 
 Keys that cannot be paths get one rule each (see docs/architecture.md):
 
@@ -69,8 +70,9 @@ class Namespace:
         prefix: str,
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        lister: Callable[[str], Listing] | None = None,
     ) -> None:
-        self.store = store
+        self.list_dir = lister or store.list_dir
         self.ttl = ttl
         self._clock = clock
         self._nodes: dict[int, Node] = {
@@ -118,7 +120,7 @@ class Namespace:
             state.error = None
             try:
                 listing = await trio.to_thread.run_sync(
-                    self.store.list_dir, node.key, abandon_on_cancel=True
+                    self.list_dir, node.key, abandon_on_cancel=True
                 )
                 self._apply(node, state, listing)
             except BaseException as exc:

@@ -33,7 +33,8 @@ from .config import MountConfig
 from .errors import ModelfsError
 from .namespace import valid_name
 from .process import raise_fd_limit, tune_malloc
-from .store import ObjectInfo, ObjectStore, S3Store
+from .snapshot import Snapshot
+from .store import Listing, ObjectInfo, ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,13 @@ def metadata_path(dest: Path, rel: str) -> Path:
     return dest / METADATA_DIR / f"{rel}.metadata"
 
 
-def walk(store: ObjectStore, prefix: str) -> list[tuple[str, ObjectInfo]]:
+def walk(list_dir: Callable[[str], Listing], prefix: str) -> list[tuple[str, ObjectInfo]]:
     """(relative path, object) for every file under `prefix`, as a mount shows them."""
     out: list[tuple[str, ObjectInfo]] = []
     pending = [prefix]
     while pending:
         dir_key = pending.pop()
-        listing = store.list_dir(dir_key)
+        listing = list_dir(dir_key)
         dirs = set()
         for p in listing.prefixes:
             name = p[len(dir_key) : -1]
@@ -173,14 +174,16 @@ def pull(
     force: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     store: ObjectStore | None = None,
+    snapshot: Snapshot | None = None,
 ) -> PullResult:
-    """Copy s3://cfg.source into `dest`. `progress(files, total_bytes)` returns
-    the callback fed with bytes as they are written."""
+    """Copy s3://cfg.source (or exactly the versions of `snapshot`, a
+    manifest) into `dest`. `progress(files, total_bytes)` returns the
+    callback fed with bytes as they are written."""
     tune_malloc()
     raise_fd_limit()
     store = store or S3Store(cfg)
-    store.probe(cfg.source.prefix, allow_empty=False)
-    files = walk(store, cfg.source.prefix)
+    store.probe(cfg.source.prefix, allow_empty=snapshot is not None)
+    files = walk(snapshot.list_dir if snapshot else store.list_dir, cfg.source.prefix)
     result = PullResult()
     todo = []
     for rel, info in files:

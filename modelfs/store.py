@@ -1,7 +1,9 @@
 """The object-store client: the only module that talks to S3.
 
-It owns three operations, all blocking (callers run them in worker threads):
-listing one directory level, ranged reads pinned to one object version, and a
+It owns its operations, all blocking (callers run them in worker threads):
+listing one directory level, listing a whole prefix with each object's
+VersionId (for snapshots), asking an object's current version, ranged reads
+pinned to one object version, reading a small document (a manifest), and a
 start-up access probe. Every botocore/boto3 failure is translated here into a
 `modelfs.errors` exception, so no layer above ever sees a ClientError.
 
@@ -20,7 +22,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +66,11 @@ class ObjectVersion:
     # identity only without an ETag (with one, equal ETags and sizes are the
     # same bytes, wherever they live).
     origin: str = ""
+    # The S3 VersionId, when the version was listed from a versioned bucket
+    # (snapshots): GETs then name it, and read this version even after the
+    # key was overwritten or deleted. Not part of the identity: equal ETags
+    # and sizes are equal bytes, whatever their version.
+    version_id: str | None = None
 
     def identity(self) -> bytes:
         """16 bytes naming this content version in the chunk cache."""
@@ -76,6 +83,15 @@ class ObjectVersion:
 class ObjectInfo:
     key: str
     version: ObjectVersion
+
+
+@dataclass
+class Tree:
+    """Every object under a prefix (no delimiter), with VersionIds when the
+    bucket keeps versions (`versioned`)."""
+
+    objects: list[ObjectInfo]
+    versioned: bool
 
 
 @dataclass
@@ -228,6 +244,15 @@ class ObjectStore(Protocol):
         (unless `allow_empty`) if nothing is under the prefix."""
         ...
 
+    def list_tree(self, prefix: str) -> Tree:
+        """Every object under `prefix`, each with its current version
+        (VersionId included where the bucket keeps versions)."""
+        ...
+
+    def current(self, key: str) -> ObjectVersion | None:
+        """The key's current version (None if it does not exist)."""
+        ...
+
 
 def empty_source_message(bucket: str, prefix: str) -> str:
     return f"no objects under s3://{bucket}/{prefix}"
@@ -237,7 +262,7 @@ def _strip_etag(etag: str | None) -> str | None:
     return etag if etag else None
 
 
-def _ns(when: Any) -> int:
+def epoch_ns(when: Any) -> int:
     """A timezone-aware datetime as integer nanoseconds since the epoch
     (exact: no float rounding of the microseconds)."""
     import datetime
@@ -290,12 +315,15 @@ def check_response(
     if version.etag and got_etag and got_etag != version.etag:
         # A server that ignores If-Match hands us another version.
         raise ObjectChanged(f"{what}: object changed since it was opened")
+    got_vid = resp.get("VersionId")
+    if version.version_id and got_vid and got_vid != version.version_id:
+        raise BadResponse(f"{what}: the endpoint sent version {got_vid} instead")
     modified = resp.get("LastModified")
     # HTTP dates carry whole seconds; listings may carry milliseconds.
     if (
         not version.etag
         and modified is not None
-        and _ns(modified) // 10**9 != version.mtime_ns // 10**9
+        and epoch_ns(modified) // 10**9 != version.mtime_ns // 10**9
     ):
         raise ObjectChanged(f"{what}: object changed since it was opened (Last-Modified)")
 
@@ -345,6 +373,8 @@ def translate_error(exc: Exception, what: str, bucket: str, endpoint: str) -> St
             return not_s3(endpoint, f"HTTP {status}, {ctype}")
         if code in ("PreconditionFailed", "412") or status == 412:
             return ObjectChanged(f"{what}: object changed since it was opened")
+        if code == "NoSuchVersion":
+            return ObjectChanged(f"{what}: the pinned version no longer exists")
         if code in ("NoSuchKey", "404", "NotFound"):
             return NoSuchObject(f"{what}: no such key")
         if code == "NoSuchBucket":
@@ -573,14 +603,7 @@ class S3Store:
                     self.counters.add_list(result_of(error))
                     raise error from None
                 self.counters.add_list()
-                for obj in resp.get("Contents", ()):
-                    version = ObjectVersion(
-                        etag=_strip_etag(obj.get("ETag")),
-                        size=int(obj["Size"]),
-                        mtime_ns=_ns(obj["LastModified"]),
-                        origin=f"{self.bucket}/{obj['Key']}",
-                    )
-                    out.objects.append(ObjectInfo(obj["Key"], version))
+                out.objects.extend(self._info(obj) for obj in resp.get("Contents", ()))
                 out.prefixes.extend(p["Prefix"] for p in resp.get("CommonPrefixes", ()))
                 token = resp.get("NextContinuationToken")
                 if not resp.get("IsTruncated") or not token:
@@ -590,6 +613,89 @@ class S3Store:
             raise
         except Exception as exc:
             raise self._translate(exc, f"listing s3://{self.bucket}/{prefix}") from None
+
+    def list_tree(self, prefix: str) -> Tree:
+        """ListObjectVersions, keeping each key's latest version (a key whose
+        latest entry is a delete marker does not exist). A store without
+        versions answers it with VersionId "null" (kept as None); one that
+        does not implement it, or credentials without s3:ListBucketVersions,
+        fall back to ListObjectsV2 without VersionIds (If-Match still pins
+        each object's ETag)."""
+        what = f"listing s3://{self.bucket}/{prefix}"
+        try:
+            return self._list_versions(prefix)
+        except StoreError as exc:
+            if isinstance(exc, EndpointUnreachable | NoSuchBucket):
+                raise
+            log.info("%s with versions failed (%s); listing without VersionIds", what, exc)
+        objects: list[ObjectInfo] = []
+        for page in self._pages("list_objects_v2", what, Bucket=self.bucket, Prefix=prefix):
+            objects += (self._info(obj) for obj in page.get("Contents", ()))
+        return Tree(objects, versioned=False)
+
+    def _list_versions(self, prefix: str) -> Tree:
+        objects: list[ObjectInfo] = []
+        what = f"listing versions of s3://{self.bucket}/{prefix}"
+        for page in self._pages("list_object_versions", what, Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Versions", ()):
+                if obj.get("IsLatest"):
+                    vid = obj.get("VersionId")
+                    objects.append(self._info(obj, None if vid in (None, "", "null") else vid))
+        return Tree(objects, versioned=any(o.version.version_id for o in objects))
+
+    def _info(self, obj: dict[str, Any], version_id: str | None = None) -> ObjectInfo:
+        return ObjectInfo(
+            obj["Key"],
+            ObjectVersion(
+                etag=_strip_etag(obj.get("ETag")),
+                size=int(obj["Size"]),
+                mtime_ns=epoch_ns(obj["LastModified"]),
+                origin=f"{self.bucket}/{obj['Key']}",
+                version_id=version_id,
+            ),
+        )
+
+    def _pages(self, operation: str, what: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """The pages of a listing, each counted as one listing request."""
+        try:
+            for page in self._client.get_paginator(operation).paginate(**kwargs):
+                self.counters.add_list()
+                yield page
+        except Exception as exc:
+            error = self._translate(exc, what)
+            self.counters.add_list(result_of(error))
+            raise error from None
+
+    def current(self, key: str) -> ObjectVersion | None:
+        try:
+            resp = self._client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            error = self._translate(exc, f"s3://{self.bucket}/{key}")
+            if isinstance(error, NoSuchObject):
+                return None
+            raise error from None
+        vid = resp.get("VersionId")
+        return ObjectVersion(
+            etag=_strip_etag(resp.get("ETag")),
+            size=int(resp.get("ContentLength", 0)),
+            mtime_ns=epoch_ns(resp["LastModified"]) if resp.get("LastModified") else 0,
+            origin=f"{self.bucket}/{key}",
+            version_id=None if vid in (None, "", "null") else vid,
+        )
+
+    def read_document(self, bucket: str, key: str, limit: int) -> bytes:
+        """A small object read whole (a manifest), refused above `limit` bytes."""
+        what = f"s3://{bucket}/{key}"
+        try:
+            resp = self._client.get_object(Bucket=bucket, Key=key)
+            if int(resp.get("ContentLength") or 0) > limit:
+                resp["Body"].close()
+                raise StoreError(f"{what} is larger than {limit} bytes; not a manifest")
+            return bytes(resp["Body"].read())
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, what, bucket, self._endpoint) from None
 
     def get_into(
         self,
@@ -662,6 +768,8 @@ class S3Store:
         start, end = sink.start + sink.received, sink.end
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+        if version.version_id:
+            kwargs["VersionId"] = version.version_id
         if version.etag:
             kwargs["IfMatch"] = version.etag
         else:
@@ -834,6 +942,23 @@ class MemoryStore:
                     out.objects.append(ObjectInfo(key, self.objects[key][1]))
         out.prefixes = sorted(prefixes)
         return out
+
+    def list_tree(self, prefix: str) -> Tree:
+        self.counters.add_list()
+        with self._lock:
+            return Tree(
+                [
+                    ObjectInfo(k, v)
+                    for k, (_, v) in sorted(self.objects.items())
+                    if k.startswith(prefix)
+                ],
+                versioned=False,
+            )
+
+    def current(self, key: str) -> ObjectVersion | None:
+        with self._lock:
+            got = self.objects.get(key)
+        return got[1] if got else None
 
     def _data(self, key: str, version: ObjectVersion, start: int, end: int) -> bytes:
         with self._lock:

@@ -217,7 +217,7 @@ def test_walk_applies_the_mount_key_rules() -> None:
     store = MemoryStore()
     for key in ("p/a", "p/../escape", "p/d/", "p/d/b", "p/x", "p/x/y", "p//z", "p/ok/./c"):
         store.put(key, b"1")
-    assert [rel for rel, _ in walk(store, "p/")] == ["a", "d/b", "x/y"]
+    assert [rel for rel, _ in walk(store.list_dir, "p/")] == ["a", "d/b", "x/y"]
 
 
 # -- warm --------------------------------------------------------------------
