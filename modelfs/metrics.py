@@ -141,6 +141,16 @@ class ModelfsCollector(Collector):
         yield gauge("open_files", "Files open through the mount", s["open_files"])
         yield from _shared_tier(s.get("shared"))
         yield gauge("origin_requests_in_flight", "GETs in progress", store["in_flight"])
+        snap = s.get("snapshot")
+        if snap is not None:
+            yield gauge(
+                "snapshot_objects", "Objects pinned by the mount's snapshot", snap["objects"]
+            )
+            yield gauge(
+                "snapshot_stale_objects",
+                "Pinned objects found changed or gone at the origin (ESTALE)",
+                snap["stale"],
+            )
 
 
 def _shared_tier(t: dict[str, Any] | None) -> Iterator[Any]:

@@ -146,6 +146,13 @@ def render_stats(s: dict[str, Any]) -> str:
         f"{cache['evicted_chunks']} chunks evicted, {cache['corrupt_chunks']} found corrupt",
         f"now        {s['open_files']} open files, {store['in_flight']} GETs in flight",
     ]
+    snap = s.get("snapshot")
+    if snap is not None:
+        lines.append(
+            f"snapshot   {snap['objects']} objects pinned as of {snap['taken']} "
+            f"({snap['version_ids']} by VersionId), {snap['stale']} stale at the origin"
+            + (f"; manifest {snap['manifest']}" if snap["manifest"] else "")
+        )
     t = s.get("shared")
     if t is not None:
         errors = sum(t["errors"].values())

@@ -54,6 +54,12 @@ def test_every_long_option_can_be_written_with_o(tmp_path: Path) -> None:
     assert cfg.log_file == Path("/tmp/x.log")
 
 
+def test_snapshot_options_can_be_written_with_o() -> None:
+    argv = _args("s3://bk/m", "/m", "-o", "snapshot,manifest=s3://bk/rollouts/v1.json")
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert cfg.snapshot and cfg.manifest == "s3://bk/rollouts/v1.json"
+
+
 def test_options_of_fstab_mount_and_systemd_are_ignored() -> None:
     ignored = (
         "defaults,auto,noauto,_netdev,nofail,user,users,x-systemd.automount,"

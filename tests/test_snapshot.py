@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from modelfs.mounts import find_mount
 from modelfs.snapshot import FORMAT, ManifestError, differences, parse, take
 from modelfs.store import MemoryStore
 from modelfs.testing.proxy import CountingProxy
-from modelfs.testing.s3server import MotoServer
+from modelfs.testing.s3server import MotoServer, free_port
 
 from .conftest import Bucket, Mounter, run_modelfs
 from .test_mount_errors import _daemons, _mount_fails
@@ -83,9 +84,15 @@ def _snapshot(bucket: Bucket, out: Path, endpoint: str | None = None) -> dict:
     return dict(json.loads(out.read_text()))
 
 
-def _check(bucket: Bucket, manifest: Path) -> tuple[int, str]:
+def _check(bucket: Bucket, manifest: Path, *extra: str) -> tuple[int, str]:
     proc = run_modelfs(
-        "snapshot", "--check", str(manifest), "--endpoint-url", bucket.endpoint_url, env=bucket.env
+        "snapshot",
+        "--check",
+        str(manifest),
+        "--endpoint-url",
+        bucket.endpoint_url,
+        *extra,
+        env=bucket.env,
     )
     assert "Traceback" not in proc.stderr
     return proc.returncode, proc.stdout
@@ -219,6 +226,12 @@ def test_versioned_manifest_mount_reads_the_old_bytes_by_version_id(
     rc, out = _check(bucket, manifest)
     assert rc == 1
     assert sorted(line.split()[0] for line in out.splitlines()) == ["changed"] * 4 + ["deleted"]
+    rc, out = _check(bucket, manifest, "--json")
+    assert rc == 1
+    diffs = {d["key"]: d for d in json.loads(out)}
+    assert diffs["m/tokenizer/vocab.txt"]["change"] == "deleted"
+    assert diffs["m/config.json"]["manifest"]["version_id"] == doc["objects"][0]["version_id"]
+    assert diffs["m/config.json"]["now"]["version_id"] != doc["objects"][0]["version_id"]
 
     proxy = CountingProxy(moto.endpoint_url).start()
     try:
@@ -302,10 +315,13 @@ def test_unversioned_overwrite_is_estale_and_never_a_new_byte(
     bucket: Bucket, mounter: Mounter
 ) -> None:
     old = _publish(bucket)
+    port = free_port()
     m = mounter(
         bucket,
         "m",
         args=(
+            "--metrics-addr",
+            f"127.0.0.1:{port}",
             "--snapshot",
             "--chunk-size",
             CHUNK,
@@ -349,6 +365,12 @@ def test_unversioned_overwrite_is_estale_and_never_a_new_byte(
     # pinned version's bytes. Everything else is ESTALE.
     assert stale >= len(MODEL) - 1
     assert m.stats()["snapshot"]["stale"] == len(MODEL) - 1
+    text = run_modelfs("stats", str(m.path)).stdout
+    assert f"snapshot   {len(MODEL)} objects pinned" in text
+    assert f"(0 by VersionId), {len(MODEL) - 1} stale at the origin" in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert f"modelfs_snapshot_stale_objects {len(MODEL) - 1}.0" in metrics
     m.umount()
     lines = [
         line for line in m.log_file.read_text().splitlines() if "changed since the snapshot" in line
