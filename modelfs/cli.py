@@ -491,7 +491,7 @@ class LogFile(logging.handlers.WatchedFileHandler):
         self.cap = cap
         super().__init__(path, delay=False)
 
-    def _open(self):  # type: ignore[no-untyped-def]
+    def _open(self) -> Any:
         fd = os.open(
             self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
         )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache_admin
+from .cache.index import ObjectEntry
 from .config import default_cache_dir, format_size
 from .errors import CacheError, MountError
 from .humane import escape
@@ -90,8 +91,10 @@ def files_progress(verb: str) -> Iterator[Progress]:
     bars: list[Any] = []
 
     def start(files: int, total: int) -> Callable[[int], None]:
-        bars.append(byte_bar(f"{verb} {files} files", total))
-        return bars[-1].update
+        bar = byte_bar(f"{verb} {files} files", total)
+        bars.append(bar)
+        update: Callable[[int], None] = bar.update
+        return update
 
     try:
         yield start
@@ -183,7 +186,7 @@ def object_url(meta: dict[str, object]) -> str:
     return f"s3://{origin}" if origin else str(meta.get("key", "?"))
 
 
-def _entry_json(e: cache_admin.ObjectEntry) -> dict[str, object]:
+def _entry_json(e: ObjectEntry) -> dict[str, object]:
     return {
         "url": object_url(e.meta),
         "key": e.meta.get("key"),

@@ -268,7 +268,8 @@ def epoch_ns(when: Any) -> int:
     import datetime
 
     delta = when - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-    return (delta // datetime.timedelta(microseconds=1)) * 1000
+    micros: int = delta // datetime.timedelta(microseconds=1)
+    return micros * 1000
 
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -519,9 +520,10 @@ class S3Store:
         # Ranged GETs retry in `get_into` itself: it resumes from the last
         # byte received and bounds the total time, which botocore's retries
         # (whole request again, attempts rather than time) cannot do.
-        self._new_get_client = lambda connect, read: client(
-            connect, read, {"total_max_attempts": 1}
-        )
+        def new_get_client(connect: float, read: float) -> Any:
+            return client(connect, read, {"total_max_attempts": 1})
+
+        self._new_get_client = new_get_client
         self._timeouts = (cfg.connect_timeout, cfg.read_timeout)
         self._get_clients = {self._timeouts: self._new_get_client(*self._timeouts)}
         self._clients_lock = threading.Lock()
