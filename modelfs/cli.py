@@ -707,8 +707,8 @@ def cmd_pull(
 ) -> int:
     import dataclasses
 
+    from .progress import files_progress
     from .pull import pull
-    from .report import files_progress
 
     _setup_logging(debug)
     with files_progress("pull") as progress:

@@ -159,6 +159,15 @@ def parse_mode(text: str) -> int:
     return mode
 
 
+def parse_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
 def physical_memory() -> int:
     """Bytes of RAM on this machine (0 if unknown)."""
     try:
@@ -310,8 +319,6 @@ class MountConfig:
         if self.prefetch_window < 0:
             raise ConfigError("--prefetch-window must be >= 0")
         if self.metrics_addr is not None:
-            from .metrics import parse_addr
-
             try:
                 parse_addr(self.metrics_addr)
             except ValueError:

@@ -22,11 +22,11 @@ import pyfuse3
 import trio
 
 from .cache import ChunkCache
-from .config import INDEFINITE, MountConfig
+from .config import INDEFINITE, MountConfig, parse_addr
 from .errors import MountError
 from .fs import Operations
 from .kernel import tune_mount
-from .metrics import make_registry, parse_addr
+from .metrics import make_registry
 from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
 from .prefetch import OpenPrefetch, ReadAhead

@@ -215,12 +215,3 @@ class _BuildInfo(Collector):
         )
         info.add_metric([ours, platform.python_version()], 1)
         yield info
-
-
-def parse_addr(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(text)
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)

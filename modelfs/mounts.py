@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,3 +177,19 @@ def fusermount_unmount(mnt: str | Path, lazy: bool = False) -> None:
         if "busy" in msg.lower():
             msg += "; close the files using it, or use --lazy"
         raise MountError(f"cannot unmount {mnt}: {msg}")
+
+
+def files_under(paths: list[Path]) -> Iterator[Path]:
+    """Every file under each path (a file or a directory inside a modelfs
+    mount), in name order; MountError for a path that is not in one."""
+    for path in paths:
+        if not path.exists():
+            raise MountError(f"{path} does not exist")
+        mount_root(path)
+        if path.is_file():
+            yield path
+            continue
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                yield Path(dirpath) / name

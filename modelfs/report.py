@@ -8,15 +8,12 @@ The work itself is in `modelfs.cache_admin`; the numbers in `modelfs.fs`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import errno
 import json
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,82 +22,8 @@ from .cache.index import ObjectEntry
 from .config import default_cache_dir, format_size
 from .errors import CacheError, MountError
 from .humane import escape
-from .mounts import mount_root
-
-
-def byte_bar(desc: str, total: int) -> Any:
-    """Progress in bytes on stderr: a tqdm bar (rate, ETA) on a terminal;
-    elsewhere (init containers, journald, CI logs) a plain line every
-    PROGRESS_INTERVAL seconds and one at the end."""
-    if not sys.stderr.isatty():
-        return PlainProgress(desc, total)
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
-
-
-PROGRESS_INTERVAL = 10.0  # seconds; MODELFS_PROGRESS_INTERVAL overrides it
-
-
-class PlainProgress:
-    """A progress bar's interface (`update`, `close`) as periodic log-style
-    lines; `update` may be called from several threads."""
-
-    def __init__(self, desc: str, total: int) -> None:
-        self.desc, self.total, self.done = desc, total, 0
-        self.interval = float(os.environ.get("MODELFS_PROGRESS_INTERVAL", PROGRESS_INTERVAL))
-        self._start = self._last = time.monotonic()
-        self._lock = threading.Lock()
-
-    def update(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-            now = time.monotonic()
-            if now - self._last >= self.interval:
-                self._last = now
-                self._line(now)
-
-    def _line(self, now: float) -> None:
-        rate = self.done / max(now - self._start, 1e-9)
-        print(
-            f"{self.desc}: {format_size(self.done)} of {format_size(self.total)} "
-            f"({_pct(self.done, self.total)}), {format_size(int(rate))}/s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            if self.done:
-                self._line(time.monotonic())
-
-    def __enter__(self) -> PlainProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-Progress = Callable[[int, int], Callable[[int], None]]
-
-
-@contextlib.contextmanager
-def files_progress(verb: str) -> Iterator[Progress]:
-    """A `progress(files, total_bytes)` for pull and warm: it opens a byte
-    bar and returns its update function; bars close on exit."""
-    bars: list[Any] = []
-
-    def start(files: int, total: int) -> Callable[[int], None]:
-        bar = byte_bar(f"{verb} {files} files", total)
-        bars.append(bar)
-        update: Callable[[int], None] = bar.update
-        return update
-
-    try:
-        yield start
-    finally:
-        for bar in bars:
-            bar.close()
+from .mounts import files_under, mount_root
+from .progress import byte_bar, percent
 
 
 def read_stats(mnt: Path) -> dict[str, Any]:
@@ -120,10 +43,6 @@ def _duration(seconds: float) -> str:
     return out or "0s"
 
 
-def _pct(part: float, whole: float) -> str:
-    return f"{100 * part / whole:.0f}%" if whole else "-"
-
-
 def render_stats(s: dict[str, Any]) -> str:
     store, cache, recent = s["store"], s["cache"], s.get("last_minute", {})
     served = cache["hit_bytes"] + cache["miss_bytes"]
@@ -133,7 +52,7 @@ def render_stats(s: dict[str, Any]) -> str:
     lines = [
         f"modelfs {s.get('source', '?')} on {s.get('mountpoint', '?')} "
         f"(pid {s.get('pid', '?')}, up {_duration(time.time() - s.get('started', time.time()))})",
-        f"served     {format_size(served)} to readers, {_pct(cache['hit_bytes'], served)} "
+        f"served     {format_size(served)} to readers, {percent(cache['hit_bytes'], served)} "
         f"from the cache; last minute {format_size(recent.get('served_bytes_per_s', 0))}/s",
         f"origin     {format_size(store['get_bytes'])} in {store['get_requests']} GETs "
         f"(mean {mean_ms:.0f} ms, {errors} failed, {store['retries']} retried), "
@@ -144,7 +63,7 @@ def render_stats(s: dict[str, Any]) -> str:
         f"{format_size(cache['prefetch_wasted_bytes'])} evicted unused, "
         f"{format_size(cache['prefetch_pending_bytes'])} not read yet",
         f"cache      {format_size(cache['used_bytes'])} of {format_size(cache['capacity_bytes'])} "
-        f"({_pct(cache['used_bytes'], cache['capacity_bytes'])}) in {s.get('cache_dir', '?')}: "
+        f"({percent(cache['used_bytes'], cache['capacity_bytes'])}) in {s.get('cache_dir', '?')}: "
         f"{cache['chunks']} chunks of {cache['objects']} objects; "
         f"{cache['evicted_chunks']} chunks evicted, {cache['corrupt_chunks']} found corrupt",
         f"now        {s['open_files']} open files, {store['in_flight']} GETs in flight",
@@ -204,7 +123,6 @@ def _pin(paths: list[Path], pinned: bool) -> int:
     """`cache pin|unpin PATH...`: PATHs inside a mount name the objects; the
     mount's cache directory holds the pins."""
     from .cache.index import CacheIndex
-    from .warm import files_under
 
     by_root: dict[Path, set[bytes]] = {}
     for path in paths:  # one mount (and its counters) per PATH, not per file
@@ -239,7 +157,7 @@ def cmd_cache(action: str, args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.atime)) if e.atime else "-"
             print(
                 f"{format_size(e.cached_bytes):>10} {format_size(size):>10} "
-                f"{_pct(e.cached_bytes, size):>4}  {when:<19}  "
+                f"{percent(e.cached_bytes, size):>4}  {when:<19}  "
                 f"{str(e.meta.get('etag') or '-'):<34}  {escape(object_url(e.meta))}"
                 + ("  (pinned)" if e.pinned else "")
             )

@@ -517,6 +517,7 @@ class S3Store:
         self._client = client(
             cfg.connect_timeout, cfg.read_timeout, {"mode": "standard", "max_attempts": 5}
         )
+
         # Ranged GETs retry in `get_into` itself: it resumes from the last
         # byte received and bounds the total time, which botocore's retries
         # (whole request again, attempts rather than time) cannot do.

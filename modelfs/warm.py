@@ -19,14 +19,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import format_size
-from .errors import MountError
 from .humane import escape
-from .mounts import mount_root
+from .mounts import files_under
+from .progress import files_progress
 
 # How long `warm` waits for a file's cached bytes to stop growing.
 SETTLE_SECONDS = 2.0
@@ -59,20 +59,6 @@ def _settled_cached_bytes(path: Path, size: int) -> int:
             deadline = time.monotonic() + SETTLE_SECONDS
         have = now
     return have
-
-
-def files_under(paths: list[Path]) -> Iterator[Path]:
-    for path in paths:
-        if not path.exists():
-            raise MountError(f"{path} does not exist")
-        mount_root(path)
-        if path.is_file():
-            yield path
-            continue
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames.sort()
-            for name in sorted(filenames):
-                yield Path(dirpath) / name
 
 
 def _read_range(path: Path, start: int, end: int, progress: Callable[[int], None]) -> None:
@@ -174,7 +160,6 @@ def check(paths: list[Path]) -> dict[str, object]:
 
 
 def cmd_warm(paths: list[Path], jobs: int, *, check: bool = False, as_json: bool = False) -> int:
-    from .report import files_progress
 
     if check:
         return _cmd_check(paths, as_json)
