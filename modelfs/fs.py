@@ -104,6 +104,22 @@ def _fuse_errors(
     return wrapper
 
 
+def _never_raises(
+    fn: Callable[P, Coroutine[Any, Any, None]],
+) -> Callable[P, Coroutine[Any, Any, None]]:
+    """For requests the kernel expects no answer to (forget): an error is
+    logged, never raised into pyfuse3."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            await fn(*args, **kwargs)
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+
+    return wrapper
+
+
 async def _async_erofs(*_: Any, **__: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
@@ -199,6 +215,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attr(self.ns.get(inode))
 
+    @_never_raises
     async def forget(self, inode_list: Any) -> None:
         for inode, nlookup in inode_list:
             self.ns.forget(inode, nlookup)
@@ -226,6 +243,7 @@ class Operations(pyfuse3.Operations):
                 return
             node.lookups += 1
 
+    @_fuse_errors
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
 
@@ -282,6 +300,7 @@ class Operations(pyfuse3.Operations):
         assert self.pins is not None
         await self.pins.found_stale(handle.obj.key, handle.obj.version)
 
+    @_fuse_errors
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:

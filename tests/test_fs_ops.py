@@ -129,3 +129,35 @@ def test_writes_are_erofs(ops) -> None:  # type: ignore[no-untyped-def]
 )
 def test_errno_mapping(exc: BaseException, code: int) -> None:
     assert errno_for(exc) == code
+
+
+@pytest.mark.allow_log("release failed: .*disk gone")
+@pytest.mark.allow_log("unexpected error in forget")
+def test_release_and_forget_stay_inside_the_errno_boundary(ops, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A failure while closing a handle is an errno for the kernel, and a
+    failure in forget (which gets no answer) is logged: neither escapes
+    into pyfuse3 as a Python exception."""
+    o, _ = ops
+
+    async def main() -> None:
+        f = await o.lookup(ROOT_INODE, b"top.txt", CTX)
+        fi = await o.open(f.st_ino, os.O_RDONLY, CTX)
+
+        def broken_close() -> None:
+            raise OSError(errno.EIO, "disk gone")
+
+        monkeypatch.setattr(o._files[fi.fh], "close", broken_close)
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await o.release(fi.fh)
+        assert info.value.errno == errno.EIO
+
+        def broken_forget(inode: int, nlookup: int) -> None:
+            raise RuntimeError("bookkeeping bug")
+
+        monkeypatch.setattr(o.ns, "forget", broken_forget)
+        assert await o.forget([(f.st_ino, 1)]) is None
+
+    trio.run(main)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("release failed" in m for m in logged)
+    assert "unexpected error in forget" in logged
