@@ -464,39 +464,3 @@ class S3Tier:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             raise self._translate(exc, f"s3://{self.bucket}/{key}") from None
-
-
-class MemoryTier:
-    """An in-memory tier for unit tests; `conditional=False` behaves like a
-    store that ignores If-None-Match; `down` makes every call fail."""
-
-    def __init__(self, *, conditional: bool = True) -> None:
-        self.objects: dict[str, bytes] = {}
-        self.conditional = conditional
-        self.down = False
-        self.log: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-
-    def _check(self, op: str, key: str) -> None:
-        with self._lock:
-            self.log.append((op, key))
-        if self.down:
-            raise EndpointUnreachable("tier down")
-
-    def get(self, key: str) -> bytes | None:
-        self._check("GET", key)
-        with self._lock:
-            return self.objects.get(key)
-
-    def put(self, key: str, body: bytes, *, exclusive: bool = False) -> bool:
-        self._check("PUT", key)
-        with self._lock:
-            if exclusive and self.conditional and key in self.objects:
-                return False
-            self.objects[key] = body
-            return True
-
-    def delete(self, key: str) -> None:
-        self._check("DELETE", key)
-        with self._lock:
-            self.objects.pop(key, None)

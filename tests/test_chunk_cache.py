@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from modelfs.cache import CachedObject, ChunkCache
 from modelfs.cache.payload import PayloadFile
 from modelfs.errors import CacheFormatError, ObjectChanged, StoreError
-from modelfs.store import MemoryStore, ObjectVersion
+from modelfs.store import ObjectVersion
+from modelfs.testing.memory import MemoryStore
 
 from .data import pattern
 

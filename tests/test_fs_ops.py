@@ -16,7 +16,7 @@ from modelfs.cache import ChunkCache
 from modelfs.errors import AccessDenied, CacheError, EndpointUnreachable, ObjectChanged, StoreError
 from modelfs.fs import Operations, errno_for
 from modelfs.namespace import ROOT_INODE, Namespace
-from modelfs.store import MemoryStore
+from modelfs.testing.memory import MemoryStore
 
 from .data import pattern
 

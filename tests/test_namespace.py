@@ -8,7 +8,7 @@ import trio
 from modelfs.config import parse_ttl
 from modelfs.errors import NoSuchObject, ObjectChanged
 from modelfs.namespace import ROOT_INODE, Namespace
-from modelfs.store import MemoryStore
+from modelfs.testing.memory import MemoryStore
 
 
 class Clock:

@@ -12,7 +12,8 @@ from modelfs.cache import ChunkCache
 from modelfs.errors import StoreError
 from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead
 from modelfs.reader import OpenFile
-from modelfs.store import MemoryStore, ObjectVersion
+from modelfs.store import ObjectVersion
+from modelfs.testing.memory import MemoryStore
 
 from .data import pattern
 

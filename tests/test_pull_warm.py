@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from modelfs.pull import metadata_path, walk
-from modelfs.store import MemoryStore
+from modelfs.testing.memory import MemoryStore
 
 from .conftest import Bucket, Mounter, run_modelfs
 from .data import pattern

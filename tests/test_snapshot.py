@@ -22,7 +22,7 @@ import pytest
 from modelfs.config import S3Location
 from modelfs.mounts import find_mount
 from modelfs.snapshot import FORMAT, ManifestError, differences, parse, take
-from modelfs.store import MemoryStore
+from modelfs.testing.memory import MemoryStore
 from modelfs.testing.proxy import CountingProxy
 from modelfs.testing.s3server import MotoServer, free_port
 

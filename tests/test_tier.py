@@ -14,8 +14,9 @@ import trio
 from modelfs import tier as tier_mod
 from modelfs.cache import ChunkCache
 from modelfs.errors import StoreError
-from modelfs.store import MemoryStore, ObjectVersion
-from modelfs.tier import HEADER_SIZE, MemoryTier, SharedTier, frame, unframe
+from modelfs.store import ObjectVersion
+from modelfs.testing.memory import MemoryStore, MemoryTier
+from modelfs.tier import HEADER_SIZE, SharedTier, frame, unframe
 
 from .data import pattern
 from .test_chunk_cache import SlowStore
