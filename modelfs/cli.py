@@ -457,10 +457,12 @@ def _with_manifest(cfg: MountConfig, named_source: bool) -> Snapshot | None:
 
 def _document_reader(cfg: MountConfig) -> Callable[[str, str], bytes]:
     def fetch(bucket: str, key: str) -> bytes:
+        from .s3.origin import S3Store
         from .snapshot import MAX_MANIFEST
-        from .store import S3Store
 
-        return S3Store(cfg, pool_size=1).read_document(bucket, key, MAX_MANIFEST)
+        return S3Store(cfg.origin_settings(pool=1), cfg.source.bucket).read_document(
+            bucket, key, MAX_MANIFEST
+        )
 
     return fetch
 
@@ -729,14 +731,14 @@ def cmd_snapshot(cfg: MountConfig, args: argparse.Namespace) -> int:
     """`modelfs snapshot`: write a manifest, or (--check) compare one with
     the bucket now."""
     from . import snapshot
-    from .store import S3Store
+    from .s3.origin import S3Store
 
     _setup_logging(args.debug)
     if args.check:
         cfg.manifest = args.check
         pinned = _with_manifest(cfg, named_source=args.source is not None)
         assert pinned is not None
-        store = S3Store(cfg, pool_size=1)
+        store = S3Store(cfg.origin_settings(pool=1), cfg.source.bucket)
         store.probe(cfg.source.prefix)
         diffs = snapshot.differences(pinned, snapshot.take(store, cfg.source))
         if args.json:
@@ -755,7 +757,7 @@ def cmd_snapshot(cfg: MountConfig, args: argparse.Namespace) -> int:
         raise ConfigError("--json goes with --check; a manifest is JSON already")
     if args.source is None:
         raise ConfigError("the following arguments are required: s3://BUCKET[/PREFIX]")
-    store = S3Store(cfg, pool_size=1)
+    store = S3Store(cfg.origin_settings(pool=1), cfg.source.bucket)
     store.probe(cfg.source.prefix, allow_empty=False)
     snap = snapshot.take(store, cfg.source)
     try:

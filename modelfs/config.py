@@ -6,6 +6,7 @@ so a typo produces a one-line `ConfigError` instead of a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .s3.settings import S3Settings
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -50,6 +52,9 @@ MIN_DEFAULT_CACHE = 64 * MiB
 # --min-free-space is not given: this share of the filesystem, at most the cap.
 DEFAULT_MIN_FREE_SHARE = 0.05
 DEFAULT_MIN_FREE_CAP = 4 * GiB
+# Timeouts (seconds) of the shared tier's requests.
+TIER_CONNECT_TIMEOUT = 2.0
+TIER_READ_TIMEOUT = 10.0
 # Bounds that catch typos: a week for any duration, 1024 parallel GETs (each
 # holds a thread, a connection and a chunk in memory).
 MAX_SECONDS = 7 * 24 * 3600.0
@@ -328,6 +333,35 @@ class MountConfig:
                 ) from None
         if self.fetch_concurrency < 1:
             raise ConfigError("--fetch-concurrency must be >= 1")
+
+    def origin_settings(self, pool: int | None = None) -> S3Settings:
+        """How the origin is reached; `pool` connections (default: one per
+        parallel GET, and a few for listings)."""
+        return S3Settings(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            profile=self.profile,
+            credentials_file=self.credentials_file,
+            addressing_style=self.addressing_style,
+            unsigned=self.no_sign_request,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            retry_timeout=self.retry_timeout,
+            pool=pool or self.fetch_concurrency + 4,
+        )
+
+    def tier_settings(self, pool: int) -> S3Settings:
+        """How the shared tier is reached: its own endpoint and profile if
+        given, signed, and short timeouts: a slow tier must cost a read
+        little more than going to the origin straight away."""
+        return dataclasses.replace(
+            self.origin_settings(pool),
+            endpoint_url=self.shared_cache_endpoint_url or self.endpoint_url,
+            profile=self.shared_cache_profile or self.profile,
+            unsigned=False,
+            connect_timeout=TIER_CONNECT_TIMEOUT,
+            read_timeout=TIER_READ_TIMEOUT,
+        )
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -31,10 +31,11 @@ from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
 from .prefetch import OpenPrefetch, ReadAhead
 from .process import raise_fd_limit, tune_malloc
+from .s3.origin import S3Store
 from .sdnotify import notify as sd_notify
 from .snapshot import Pins, Snapshot
 from .snapshot import take as take_snapshot
-from .store import ObjectStore, S3Store
+from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 
 
 def build_store(cfg: MountConfig) -> ObjectStore:
-    return S3Store(cfg)
+    return S3Store(cfg.origin_settings(), cfg.source.bucket)
 
 
 def serve(

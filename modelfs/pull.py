@@ -33,8 +33,9 @@ from .config import MountConfig
 from .errors import ModelfsError
 from .namespace import valid_name
 from .process import raise_fd_limit, tune_malloc
+from .s3.origin import S3Store
 from .snapshot import Snapshot
-from .store import Listing, ObjectInfo, ObjectStore, S3Store
+from .store import Listing, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def pull(
     callback fed with bytes as they are written."""
     tune_malloc()
     raise_fd_limit()
-    store = store or S3Store(cfg)
+    store = store or S3Store(cfg.origin_settings(), cfg.source.bucket)
     store.probe(cfg.source.prefix, allow_empty=snapshot is not None)
     files = walk(snapshot.list_dir if snapshot else store.list_dir, cfg.source.prefix)
     result = PullResult()

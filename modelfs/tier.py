@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 import xxhash
 
-from .errors import AccessDenied, EndpointUnreachable, StoreError
+from .errors import StoreError
+from .s3.errors import label
 
 if TYPE_CHECKING:
-    from .config import MountConfig, S3Location
     from .store import ObjectVersion
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class SharedTier:
         return time.monotonic() >= self._down_until
 
     def _failed(self, exc: BaseException, what: str) -> None:
-        kind = _kind(exc)
+        kind = label(exc)
         self.counters.error(kind)
         first = self._down_for == 0
         self._down_for = min(DOWN_MAX, self._down_for * 2 or DOWN_FIRST)
@@ -389,78 +389,3 @@ class SharedTier:
         out["herd_control"] = self.conditional
         out["available"] = self.available()
         return out
-
-
-def _kind(exc: BaseException) -> str:
-    if isinstance(exc, EndpointUnreachable):
-        return "unreachable"
-    if isinstance(exc, AccessDenied):
-        return "denied"
-    return "error"
-
-
-class S3Tier:
-    """The tier bucket through boto3, with short timeouts: a slow tier must
-    cost a read little more than going to the origin straight away."""
-
-    def __init__(self, cfg: MountConfig, url: S3Location, endpoint_url: str | None) -> None:
-        from .store import boto3_session, make_client
-
-        self.bucket = url.bucket
-        session = boto3_session(cfg, cfg.shared_cache_profile)
-        self._client = make_client(
-            session,
-            endpoint_url,
-            cfg,
-            cfg.fetch_concurrency + UPLOAD_WORKERS + 4,
-            2.0,
-            10.0,
-            {"mode": "standard", "max_attempts": 2},
-        )
-        self._endpoint = endpoint_url or "the default AWS endpoint"
-
-    def _translate(self, exc: Exception, what: str) -> StoreError:
-        from .store import translate_error
-
-        return translate_error(exc, what, self.bucket, self._endpoint)
-
-    def get(self, key: str) -> bytes | None:
-        import botocore.exceptions as bex
-
-        try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=key)
-            data: bytes = resp["Body"].read()
-            return data
-        except bex.ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise self._translate(exc, f"s3://{self.bucket}/{key}") from None
-        except Exception as exc:
-            raise self._translate(exc, f"s3://{self.bucket}/{key}") from None
-
-    def put(self, key: str, body: bytes, *, exclusive: bool = False) -> bool:
-        import botocore.exceptions as bex
-
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body}
-        if exclusive:
-            kwargs["IfNoneMatch"] = "*"
-        try:
-            self._client.put_object(**kwargs)
-            return True
-        except bex.ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if exclusive and (
-                status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict")
-            ):
-                return False
-            raise self._translate(exc, f"s3://{self.bucket}/{key}") from None
-        except Exception as exc:
-            raise self._translate(exc, f"s3://{self.bucket}/{key}") from None
-
-    def delete(self, key: str) -> None:
-        try:
-            self._client.delete_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:
-            raise self._translate(exc, f"s3://{self.bucket}/{key}") from None

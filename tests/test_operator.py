@@ -9,13 +9,15 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import botocore.exceptions
 import pytest
 
 from modelfs.config import MountConfig, S3Location
 from modelfs.errors import AccessDenied
-from modelfs.store import S3Store
+from modelfs.s3 import client as s3client
+from modelfs.s3.origin import S3Store
 from modelfs.testing.proxy import CountingProxy
 
 from .conftest import Bucket, Mounter, run_modelfs
@@ -68,10 +70,17 @@ def test_the_log_file_survives_logrotate(bucket: Bucket, mounter: Mounter) -> No
     assert stat.S_IMODE(m.log_file.stat().st_mode) == 0o600
 
 
+def _cfg(**kwargs: object) -> MountConfig:
+    return MountConfig(source=S3Location("b", ""), mountpoint=Path("/mnt"), **kwargs)  # type: ignore[arg-type]
+
+
 def _store(endpoint: str = "http://127.0.0.1:9") -> S3Store:
-    return S3Store(
-        MountConfig(source=S3Location("b", ""), mountpoint=Path("/mnt"), endpoint_url=endpoint)
-    )
+    return S3Store(_cfg(endpoint_url=endpoint).origin_settings(), "b")
+
+
+def _client_config(**kwargs: object) -> Any:
+    settings = _cfg(**kwargs).origin_settings()
+    return s3client.client(s3client.session(settings), settings, retries={}).meta.config
 
 
 def test_a_failed_listing_is_counted_as_a_failure_not_ok() -> None:
@@ -95,16 +104,15 @@ def test_custom_endpoints_send_checksums_only_when_required(monkeypatch) -> None
     an operation requires them, unless the user said otherwise."""
     monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
     monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION", raising=False)
-    cfg = _store()._client.meta.config
-    assert cfg.request_checksum_calculation == "when_required"
-    assert cfg.response_checksum_validation == "when_required"
+    custom = _client_config(endpoint_url="http://127.0.0.1:9")
+    assert custom.request_checksum_calculation == "when_required"
+    assert custom.response_checksum_validation == "when_required"
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
-    assert _store()._client.meta.config.request_checksum_calculation == "when_supported"
+    again = _client_config(endpoint_url="http://127.0.0.1:9")
+    assert again.request_checksum_calculation == "when_supported"
     # AWS itself keeps boto3's defaults.
-    aws = S3Store(
-        MountConfig(source=S3Location("b", ""), mountpoint=Path("/mnt"), region="us-east-1")
-    )
-    assert aws._client.meta.config.request_checksum_calculation == "when_supported"
+    aws = _client_config(region="us-east-1")
+    assert aws.request_checksum_calculation == "when_supported"
 
 
 def test_a_prefix_with_nothing_under_it_is_an_error_unless_allowed(

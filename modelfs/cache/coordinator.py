@@ -64,8 +64,9 @@ from ..config import (
     format_size,
 )
 from ..errors import CacheError, ModelfsError
+from ..s3.tier_bucket import S3Tier
 from ..store import ObjectStore, ObjectVersion
-from ..tier import S3Tier, SharedTier
+from ..tier import UPLOAD_WORKERS, SharedTier
 from . import directory, disk
 from .disk import checksum
 from .index import NewChunk, Victim, open_index
@@ -284,7 +285,10 @@ class ChunkCache:
         tier = None
         if cfg.shared_cache is not None:
             tier = SharedTier(
-                S3Tier(cfg, cfg.shared_cache, cfg.shared_cache_endpoint_url or cfg.endpoint_url),
+                S3Tier(
+                    cfg.tier_settings(pool=cfg.fetch_concurrency + UPLOAD_WORKERS + 4),
+                    cfg.shared_cache.bucket,
+                ),
                 cfg.shared_cache.prefix,
                 cfg.source.bucket,
                 lease=cfg.shared_cache_lease,

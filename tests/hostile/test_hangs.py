@@ -106,14 +106,16 @@ def test_emfile_is_not_retried_as_a_network_error() -> None:
     from botocore.exceptions import EndpointConnectionError
 
     from modelfs.errors import OutOfFileDescriptors
-    from modelfs.store import _emfile, _out_of_fds
+    from modelfs.s3.errors import classify
 
     inner = OSError(errno.EMFILE, "Too many open files")
     outer = EndpointConnectionError(endpoint_url="http://x")
     outer.__context__ = inner
-    assert _emfile(outer)
-    assert not _emfile(EndpointConnectionError(endpoint_url="http://x"))
-    assert isinstance(_out_of_fds("GET k"), OutOfFileDescriptors)
+    got = classify(outer, "GET k", "b", "http://x")
+    assert isinstance(got.error, OutOfFileDescriptors) and not got.retryable
+    assert got.label == "out_of_fds"
+    plain = classify(EndpointConnectionError(endpoint_url="http://x"), "GET k", "b", "http://x")
+    assert plain.retryable and not isinstance(plain.error, OutOfFileDescriptors)
 
 
 # -- 11: endpoints that are not S3 --------------------------------------------------

@@ -1,0 +1,87 @@
+"""The one place boto3 clients are made: session (credentials chain,
+--credentials-file, --profile), client settings, checksum headers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import AccessDenied
+from .settings import S3Settings
+
+
+def session(settings: S3Settings) -> Any:
+    """The boto3 session for these settings: credentials come from boto3's
+    chain (environment, shared files, web identity, instance metadata);
+    --credentials-file only replaces which shared-credentials file it reads."""
+    import boto3
+    import botocore.session
+
+    try:
+        core = botocore.session.Session()
+        if settings.credentials_file is not None:
+            core.set_config_variable("credentials_file", str(settings.credentials_file))
+        return boto3.Session(
+            botocore_session=core, profile_name=settings.profile, region_name=settings.region
+        )
+    except Exception as exc:  # ProfileNotFound and friends
+        raise AccessDenied(f"cannot load AWS profile {settings.profile!r}: {exc}") from exc
+
+
+def client(
+    boto_session: Any,
+    settings: S3Settings,
+    *,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
+    retries: dict[str, Any],
+    pool: int | None = None,
+) -> Any:
+    """An S3 client of `boto_session`; timeouts and pool default to the
+    settings' own."""
+    import botocore
+    import botocore.config
+
+    # --no-sign-request: anonymous requests, for public buckets; no
+    # credentials are looked for.
+    signing = {"signature_version": botocore.UNSIGNED} if settings.unsigned else {}
+    return boto_session.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        config=botocore.config.Config(
+            connect_timeout=settings.connect_timeout
+            if connect_timeout is None
+            else connect_timeout,
+            read_timeout=settings.read_timeout if read_timeout is None else read_timeout,
+            retries=retries,
+            max_pool_connections=settings.pool if pool is None else pool,
+            s3={"addressing_style": settings.addressing_style},
+            tcp_keepalive=True,
+            **checksum_settings(boto_session, settings.endpoint_url),
+            **signing,
+        ),
+    )
+
+
+def checksum_settings(session: Any, endpoint_url: str | None) -> dict[str, str]:
+    """boto3 >= 1.36 adds CRC checksum headers to every PUT and asks for
+    checksums on GETs; several S3-compatible stores reject or mishandle them
+    (the shared tier PUTs chunks). Against a custom endpoint modelfs sends
+    them only when an operation requires it, unless the user chose
+    otherwise (AWS_REQUEST_CHECKSUM_CALCULATION,
+    AWS_RESPONSE_CHECKSUM_VALIDATION, or the same keys in the AWS config)."""
+    if endpoint_url is None:
+        return {}
+    try:
+        profile = session._session.get_scoped_config()
+    except Exception:  # a profile that does not exist fails later, clearly
+        profile = {}
+    out = {}
+    for key, env in (
+        ("request_checksum_calculation", "AWS_REQUEST_CHECKSUM_CALCULATION"),
+        ("response_checksum_validation", "AWS_RESPONSE_CHECKSUM_VALIDATION"),
+    ):
+        if env not in os.environ and key not in profile:
+            out[key] = "when_required"
+    return out
