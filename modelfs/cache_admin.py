@@ -1,4 +1,4 @@
-"""``modelfs cache ls|du|verify|gc|clear``: managing a cache directory.
+"""``modelfs cache ls|du|verify|gc|clear|pin|unpin``: managing a cache directory.
 
 Owns the cache commands, which work whether or not a mount is using the
 directory:
@@ -19,6 +19,7 @@ before it is reported, so only chunks still recorded are reported.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .cache.index import CacheIndex, ObjectEntry, Victim
 from .cache.payload import PayloadFile, PayloadStore
 from .config import DEFAULT_CHUNK_SIZE
 from .errors import CacheError, StoreError
+from .mounts import files_under, read_stats
 from .store import Listing, ObjectVersion, StoreCounters, Tree
 
 
@@ -190,3 +192,62 @@ def repair(root: Path, bad: list[Victim]) -> None:
         await cache.drop(bad)
 
     _with_cache(root, work)
+
+
+def object_url(meta: dict[str, object]) -> str:
+    """s3://bucket/key of a cached object (just its key for entries an older
+    modelfs recorded without the bucket)."""
+    origin = meta.get("origin")
+    return f"s3://{origin}" if origin else str(meta.get("key", "?"))
+
+
+@dataclass(frozen=True)
+class CorruptChunk:
+    """A chunk that failed its checksum, named as a user can act on it."""
+
+    url: str  # s3://bucket/key
+    etag: str | None
+    chunk: int
+    start: int  # byte range in the object: [start, end)
+    end: int
+    object_id: str  # hex, as `cache ls --json` shows it
+
+
+def describe(root: Path, bad: list[Victim]) -> list[CorruptChunk]:
+    """`verify`'s corrupt chunks with their object's URL and byte range."""
+    metas = {e.obj_id: e.meta for e in ls(root)} if bad else {}
+    out = []
+    for v in bad:
+        meta = metas.get(v.obj_id, {})
+        start = v.chunk * int(meta.get("chunk_size", 0))  # type: ignore[call-overload]
+        etag = meta.get("etag")
+        out.append(
+            CorruptChunk(
+                object_url(meta),
+                str(etag) if etag else None,
+                v.chunk,
+                start,
+                start + v.length,
+                v.obj_id.hex(),
+            )
+        )
+    return out
+
+
+def pin_paths(paths: list[Path], pinned: bool) -> dict[Path, int]:
+    """`cache pin|unpin PATH...`: PATHs inside a mount name the objects; the
+    mount's cache directory holds the pins. Files (un)pinned per cache."""
+    by_root: dict[Path, set[bytes]] = {}
+    for path in paths:  # one mount (and its counters) per PATH, not per file
+        root = Path(read_stats(path)["cache_dir"])
+        by_root.setdefault(root, set()).update(
+            bytes.fromhex(os.getxattr(f, "user.modelfs.object").decode())
+            for f in files_under([path])
+        )
+    for root, ids in by_root.items():
+        index = CacheIndex(root / "index")
+        try:
+            index.pin(ids, pinned)
+        finally:
+            index.close()
+    return {root: len(ids) for root, ids in by_root.items()}

@@ -7,6 +7,7 @@ test fixtures, so "is it mounted" has one answer everywhere.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -14,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import MountError
 
@@ -193,3 +195,15 @@ def files_under(paths: list[Path]) -> Iterator[Path]:
             dirnames.sort()
             for name in sorted(filenames):
                 yield Path(dirpath) / name
+
+
+def read_stats(mnt: Path) -> dict[str, Any]:
+    """The counters a running mount serves (the root's user.modelfs.stats
+    xattr), from the mountpoint or any path inside the mount."""
+    mnt = mount_root(mnt)  # the mountpoint, or any path inside the mount
+    try:
+        return dict(json.loads(os.getxattr(mnt, "user.modelfs.stats")))
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"{mnt} is a dead mount (its daemon is gone)") from None
+        raise MountError(f"cannot read the counters of {mnt}: {exc.strerror}") from None

@@ -14,19 +14,14 @@ Interrupting loses nothing: every chunk fetched is already in the cache.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import format_size
-from .humane import escape
 from .mounts import files_under
-from .progress import files_progress
 
 # How long `warm` waits for a file's cached bytes to stop growing.
 SETTLE_SECONDS = 2.0
@@ -129,24 +124,6 @@ def warm(
     return result
 
 
-def _cmd_check(paths: list[Path], as_json: bool) -> int:
-    """`warm --check`: exit 0 only when everything is cached (Kubernetes
-    readiness and startup probes run it)."""
-    state = check(paths)
-    missing = state["missing"]
-    assert isinstance(missing, list)
-    if as_json:
-        print(json.dumps({**state, "ready": not missing}, indent=2))
-    else:
-        print(f"{state['files']} files: {state['cached']} fully cached, {len(missing)} not")
-        for m in missing[:20]:
-            print(
-                f"not cached: {escape(m['path'])} "
-                f"({format_size(m['cached_bytes'])} of {format_size(m['size'])})"
-            )
-    return 1 if missing else 0
-
-
 def check(paths: list[Path]) -> dict[str, object]:
     """Whether everything under `paths` is fully cached, reading nothing."""
     files, missing = 0, []
@@ -157,21 +134,3 @@ def check(paths: list[Path]) -> dict[str, object]:
         if have < size:
             missing.append({"path": str(f), "cached_bytes": have, "size": size})
     return {"files": files, "cached": files - len(missing), "missing": missing}
-
-
-def cmd_warm(paths: list[Path], jobs: int, *, check: bool = False, as_json: bool = False) -> int:
-
-    if check:
-        return _cmd_check(paths, as_json)
-    with files_progress("warm") as progress:
-        result = warm(paths, jobs, progress)
-    if as_json:
-        print(json.dumps(dataclasses.asdict(result), indent=2))
-        return 1 if result.failed else 0
-    print(
-        f"{result.files} files: {result.already_cached} were cached already, "
-        f"{format_size(result.bytes_read)} read into the cache, {len(result.failed)} failed"
-    )
-    for name, err in sorted(result.failed.items()):
-        print(f"modelfs: error: {name}: {err}", file=sys.stderr)
-    return 1 if result.failed else 0

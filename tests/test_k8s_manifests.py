@@ -40,8 +40,7 @@ def _check_modelfs_container(c: dict[str, Any], spec: dict[str, Any]) -> None:
     assert c["securityContext"]["privileged"] is True
     env = _env(c)
     argv = normalize_argv(
-        build_parser(),
-        [env["MODELFS_SOURCE"], env["MODELFS_MOUNTPOINT"], "-o", env["MODELFS_OPTIONS"]],
+        [env["MODELFS_SOURCE"], env["MODELFS_MOUNTPOINT"], "-o", env["MODELFS_OPTIONS"]]
     )
     args = build_parser().parse_args(argv)
     assert str(args.cache_dir) == "/var/cache/modelfs"

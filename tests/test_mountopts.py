@@ -14,7 +14,7 @@ from modelfs.sdnotify import notify
 
 
 def _args(*argv: str) -> list[str]:
-    return normalize_argv(build_parser(), list(argv))
+    return normalize_argv(list(argv))
 
 
 def test_fstab_line_of_the_docs() -> None:
