@@ -39,6 +39,11 @@ DEFAULT_RETRY_TIMEOUT = 120.0
 DEFAULT_PREFETCH_ON_OPEN = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 # Recently fetched or verified chunks kept in RAM to answer reads without a pread.
 DEFAULT_MEMORY_CACHE = 128 * MiB
+# Parallel GETs to the origin (--fetch-concurrency).
+DEFAULT_FETCH_CONCURRENCY = 16
+# How long a node waits for another node fetching the same chunk into the
+# shared tier before it fetches the chunk itself (--shared-cache-lease).
+DEFAULT_SHARED_CACHE_LEASE = 30.0
 DEFAULT_FILE_MODE = 0o444
 DEFAULT_DIR_MODE = 0o555
 # --metadata-ttl indefinite: listings are loaded once and trusted for the
@@ -205,7 +210,7 @@ class MountConfig:
     shared_cache: S3Location | None = None
     shared_cache_endpoint_url: str | None = None  # default: the origin's
     shared_cache_profile: str | None = None  # default: the origin's credentials
-    shared_cache_lease: float = 30.0  # how long a node waits for another's fetch
+    shared_cache_lease: float = DEFAULT_SHARED_CACHE_LEASE  # waiting for another node's fetch
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metadata_ttl: float = DEFAULT_METADATA_TTL  # INDEFINITE: never reloaded
     file_mode: int = DEFAULT_FILE_MODE
@@ -219,7 +224,7 @@ class MountConfig:
     foreground: bool = False
     debug: bool = False
     log_file: Path | None = None
-    fetch_concurrency: int = 16
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY
     prefetch_window: int = DEFAULT_PREFETCH_WINDOW
     memory_cache: int = DEFAULT_MEMORY_CACHE
     metrics_addr: str | None = None  # HOST:PORT of the Prometheus endpoint
@@ -233,9 +238,6 @@ class MountConfig:
     # holds (--manifest PATH or s3:// URL; implies a snapshot mount).
     snapshot: bool = False
     manifest: str | None = None
-    # Kernel read-ahead on the mount (KiB) and FUSE background requests.
-    read_ahead_kb: int = 16384
-    max_background: int = 64
 
     def validate(self) -> None:
         if self.addressing_style not in ("auto", "path", "virtual"):

@@ -224,7 +224,7 @@ async def _announce_ready(mnt: Path, cfg: MountConfig, notify: Notify) -> None:
         notify(f"the mount at {mnt} does not answer: {exc.strerror}")
         pyfuse3.terminate()
         return
-    tuned = tune_mount(mnt, cfg.read_ahead_kb, cfg.max_background)
+    tuned = tune_mount(mnt)
     log.info("serving on %s (kernel settings: %s)", mnt, tuned or "defaults")
     notify(None)
     # MAINPID: with a forking `modelfs mount` the daemon is not the process

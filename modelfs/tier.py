@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 import xxhash
 
+from .config import DEFAULT_SHARED_CACHE_LEASE
 from .errors import StoreError
 from .s3.errors import label
 
@@ -57,7 +58,6 @@ MAGIC = b"MFSC"
 TIER_FORMAT = 1
 _HEADER = struct.Struct(">4sHHQQ24s")  # magic, format, reserved, length, xxh3, key digest
 HEADER_SIZE = _HEADER.size
-DEFAULT_LEASE = 30.0
 POLL_FIRST, POLL_MAX = 0.02, 0.25
 DOWN_FIRST, DOWN_MAX = 1.0, 30.0  # seconds the tier is skipped after a failure
 UPLOAD_WORKERS = 4
@@ -145,7 +145,7 @@ class SharedTier:
         prefix: str,
         origin_bucket: str,
         *,
-        lease: float = DEFAULT_LEASE,
+        lease: float = DEFAULT_SHARED_CACHE_LEASE,
         upload_queue_bytes: int = 128 << 20,
     ) -> None:
         self.store = store

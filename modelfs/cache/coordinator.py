@@ -59,6 +59,7 @@ import trio
 
 from ..config import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_FETCH_CONCURRENCY,
     DEFAULT_MEMORY_CACHE,
     MountConfig,
     format_size,
@@ -209,7 +210,7 @@ class ChunkCache:
         *,
         capacity: int | None = None,
         min_free: int | None = 0,
-        fetch_concurrency: int = 16,
+        fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY,
         disk_concurrency: int = 8,
         memory_cache: int = DEFAULT_MEMORY_CACHE,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
