@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,12 @@ from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
 from .prefetch import OpenPrefetch, ReadAhead
 from .process import raise_fd_limit, tune_malloc
+from .report import MountInfo, MountReport
 from .s3.origin import S3Store
 from .sdnotify import notify as sd_notify
 from .snapshot import Pins, Snapshot
 from .snapshot import take as take_snapshot
+from .stats import StatsSource
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,30 @@ def serve(
             ttl,
             lister=pins.snapshot.list_dir if pins is not None else None,
         )
+        spawn = _Spawner()
+        readahead = ReadAhead(
+            cache,
+            spawn,
+            max_chunks_in_flight=max(1, cfg.fetch_concurrency - 2),
+            initial_window=2 * cfg.chunk_size,
+            max_window=cfg.prefetch_window,
+        )
+        open_prefetch = OpenPrefetch(
+            cache,
+            spawn,
+            cfg.prefetch_on_open,
+            # Half the fetch slots at most per file, so one big shard does
+            # not starve the others; demand reads are served first anyway.
+            concurrency=max(1, cfg.fetch_concurrency // 2),
+        )
+        report = MountReport(
+            store,
+            cache,
+            info=MountInfo(str(cfg.source), str(mnt), str(cache.root), os.getpid(), time.time()),
+            pins=pins,
+            readahead=readahead,
+            open_prefetch=open_prefetch,
+        )
         ops = Operations(
             ns,
             cache,
@@ -102,22 +128,18 @@ def serve(
             file_mode=cfg.file_mode,
             dir_mode=cfg.dir_mode,
             pins=pins,
+            readahead=readahead,
+            open_prefetch=open_prefetch,
+            report=report,
         )
-        ops.info = {
-            "source": str(cfg.source),
-            "mountpoint": str(mnt),
-            "cache_dir": str(cache.root),
-            "pid": os.getpid(),
-            "started": time.time(),
-        }
         if cfg.metrics_addr:
-            metrics_server = _start_metrics(cfg.metrics_addr, ops)
+            metrics_server = _start_metrics(cfg.metrics_addr, ops.stats)
         try:
             pyfuse3.init(ops, str(mnt), fuse_options(cfg))
         except RuntimeError as exc:
             raise MountError(f"the kernel refused to mount {mnt}: {exc}") from None
         try:
-            trio.run(_main, ops, cache, cfg, mnt, notify)
+            trio.run(_main, spawn, report, cache, cfg, mnt, notify)
         finally:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mnt)
@@ -145,12 +167,25 @@ def _pins(cfg: MountConfig, store: ObjectStore, snap: Snapshot | None) -> Pins |
     return Pins(snap, store, manifest=cfg.manifest)
 
 
-def _start_metrics(addr: str, ops: Operations) -> Any:
+class _Spawner:
+    """`start_soon` of the daemon's nursery, for the objects built before it
+    opens (read-ahead, prefetch on open): bound in `_main` before any FUSE
+    request is served."""
+
+    def __init__(self) -> None:
+        self.nursery: trio.Nursery | None = None
+
+    def __call__(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        assert self.nursery is not None, "a request was served before the nursery opened"
+        self.nursery.start_soon(fn, *args)
+
+
+def _start_metrics(addr: str, stats: StatsSource) -> Any:
     from prometheus_client import start_http_server
 
     host, port = parse_addr(addr)
     try:
-        server, _ = start_http_server(port, host, registry=make_registry(ops.stats))
+        server, _ = start_http_server(port, host, registry=make_registry(stats))
     except OSError as exc:
         raise MountError(f"cannot serve metrics on {addr}: {exc.strerror}") from None
     log.info("metrics at http://%s/metrics", addr)
@@ -158,26 +193,17 @@ def _start_metrics(addr: str, ops: Operations) -> Any:
 
 
 async def _main(
-    ops: Operations, cache: ChunkCache, cfg: MountConfig, mnt: Path, notify: Notify
+    spawn: _Spawner,
+    report: MountReport,
+    cache: ChunkCache,
+    cfg: MountConfig,
+    mnt: Path,
+    notify: Notify,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        ops.readahead = ReadAhead(
-            cache,
-            nursery.start_soon,
-            max_chunks_in_flight=max(1, cfg.fetch_concurrency - 2),
-            initial_window=2 * cfg.chunk_size,
-            max_window=cfg.prefetch_window,
-        )
-        ops.open_prefetch = OpenPrefetch(
-            cache,
-            nursery.start_soon,
-            cfg.prefetch_on_open,
-            # Half the fetch slots at most per file, so one big shard does
-            # not starve the others; demand reads are served first anyway.
-            concurrency=max(1, cfg.fetch_concurrency // 2),
-        )
+        spawn.nursery = nursery
         nursery.start_soon(cache.run_background)
-        nursery.start_soon(_sample_rates, ops)
+        nursery.start_soon(_sample_rates, report)
         serving = trio.CancelScope()
         nursery.start_soon(_stop_on_signal, serving)
         nursery.start_soon(_announce_ready, mnt, cfg, notify)
@@ -193,9 +219,9 @@ async def _main(
         nursery.cancel_scope.cancel()
 
 
-async def _sample_rates(ops: Operations) -> None:
+async def _sample_rates(report: MountReport) -> None:
     while True:
-        ops.sample_rates()
+        report.sample()
         await trio.sleep(1.0)
 
 

@@ -36,11 +36,12 @@ from .errors import (
     StoreError,
     VersionReplaced,
 )
-from .metrics import RecentRates
 from .namespace import ROOT_INODE, Namespace, Node
 from .prefetch import OpenPrefetch, ReadAhead
 from .reader import OpenFile
+from .report import MountReport
 from .snapshot import Pins
+from .stats import FsStats, MountStats
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,17 @@ class Operations(pyfuse3.Operations):
         file_mode: int = DEFAULT_FILE_MODE,
         dir_mode: int = DEFAULT_DIR_MODE,
         pins: Pins | None = None,
+        readahead: ReadAhead | None = None,
+        open_prefetch: OpenPrefetch | None = None,
+        report: MountReport | None = None,
     ) -> None:
         super().__init__()
         self.pins = pins  # a snapshot mount's pinned versions; None: a live listing
+        self.readahead = readahead  # None: no read-ahead
+        self.open_prefetch = open_prefetch  # None: nothing fetched whole on open
+        # What the stats xattr serves (the daemon's, with the mount's facts
+        # and rates); a bare one reports the layers' counters only.
+        self.report = report or MountReport(cache.store, cache, pins=pins, readahead=readahead)
         self.ns = namespace
         self.cache = cache
         self.chunk_size = chunk_size
@@ -155,12 +164,6 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.name_lookups = 0  # lookups of a name that reached the daemon
         self.negative_lookups = 0  # of those, names that do not exist
-        # Set by the daemon once its nursery exists; None disables read-ahead.
-        self.readahead: ReadAhead | None = None
-        self.open_prefetch: OpenPrefetch | None = None
-        # Facts about the mount shown by `modelfs stats` (source, mountpoint...).
-        self.info: dict[str, Any] = {}
-        self.rates = RecentRates()
 
     # -- attributes ------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -322,7 +325,7 @@ class Operations(pyfuse3.Operations):
         if node.inode == ROOT_INODE:
             return {
                 XATTR_PID: lambda: str(os.getpid()).encode(),
-                XATTR_STATS: lambda: json.dumps(self.stats()).encode(),
+                XATTR_STATS: lambda: json.dumps(self.stats().to_json()).encode(),
             }
         if node.is_dir:
             return {XATTR_KEY: lambda: node.key.encode()}
@@ -346,31 +349,16 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         return list(self._xattrs(self.ns.get(inode)))
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            **self.info,
-            "store": self.cache.store.counters.snapshot(),
-            "cache": self.cache.stats(),
-            "shared": self.cache.tier.snapshot() if self.cache.tier is not None else None,
-            "open_files": len(self._files),
-            "lookups": self.name_lookups,
-            "negative_lookups": self.negative_lookups,
-            "readahead_chunks": self.readahead.budget.issued_chunks if self.readahead else 0,
-            "prefetched_on_open": self.open_prefetch.started_files if self.open_prefetch else 0,
-            "inodes": len(self.ns),
-            "snapshot": self.pins.stats() if self.pins is not None else None,
-            "last_minute": self.rates.rates(),
-        }
-
-    def sample_rates(self) -> None:
-        """Called once a second by the daemon; feeds the last-minute rates."""
-        c = self.cache.counters
-        self.rates.sample(
-            {
-                "origin_bytes_per_s": self.cache.store.counters.get_bytes,
-                "served_bytes_per_s": c.hit_bytes + c.miss_bytes,
-            }
+    def fs_stats(self) -> FsStats:
+        return FsStats(
+            open_files=len(self._files),
+            lookups=self.name_lookups,
+            negative_lookups=self.negative_lookups,
+            inodes=len(self.ns),
         )
+
+    def stats(self) -> MountStats:
+        return self.report.snapshot(self.fs_stats())
 
     # -- everything that would write ------------------------------------
     setattr = _async_erofs

@@ -29,6 +29,7 @@ import trio
 
 from .config import MiB, S3Location, parse_s3_url
 from .errors import ConfigError, EmptySource, StoreError
+from .stats import SnapshotStats
 from .store import Listing, ObjectInfo, ObjectStore, ObjectVersion, epoch_ns
 
 log = logging.getLogger(__name__)
@@ -344,11 +345,11 @@ class Pins:
             what,
         )
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "objects": len(self.snapshot.objects),
-            "version_ids": sum(1 for o in self.snapshot.objects if o.version.version_id),
-            "stale": len(self.stale),
-            "manifest": self.manifest,
-            "taken": self.snapshot.taken,
-        }
+    def stats(self) -> SnapshotStats:
+        return SnapshotStats(
+            objects=len(self.snapshot.objects),
+            version_ids=sum(1 for o in self.snapshot.objects if o.version.version_id),
+            stale=len(self.stale),
+            manifest=self.manifest,
+            taken=self.snapshot.taken,
+        )

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .stats import LATENCY_BUCKETS, StoreStats
+
 
 @dataclass(frozen=True)
 class ObjectVersion:
@@ -72,10 +74,6 @@ class Listing:
     prefixes: list[str] = field(default_factory=list)
 
 
-# Upper bounds (seconds) of the GET latency histogram; +Inf is implied.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
 @dataclass
 class StoreCounters:
     """What was asked of the origin and what it sent; read by stats and metrics.
@@ -120,19 +118,19 @@ class StoreCounters:
             self.latency_counts[i] += 1
             self.latency_sum += seconds
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> StoreStats:
         with self.lock:
-            return {
-                "list_requests": self.list_requests,
-                "get_requests": self.get_requests,
-                "get_bytes": self.get_bytes,
-                "retries": self.retries,
-                "in_flight": self.in_flight,
-                "get_results": dict(self.get_results),
-                "list_results": dict(self.list_results),
-                "latency_counts": list(self.latency_counts),
-                "latency_sum": self.latency_sum,
-            }
+            return StoreStats(
+                list_requests=self.list_requests,
+                get_requests=self.get_requests,
+                get_bytes=self.get_bytes,
+                retries=self.retries,
+                in_flight=self.in_flight,
+                get_results=dict(self.get_results),
+                list_results=dict(self.list_results),
+                latency_counts=list(self.latency_counts),
+                latency_sum=self.latency_sum,
+            )
 
 
 # Called by a GET's thread as soon as buffer i of its range is full.

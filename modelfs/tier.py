@@ -48,6 +48,7 @@ import xxhash
 from .config import DEFAULT_SHARED_CACHE_LEASE
 from .errors import StoreError
 from .s3.errors import label
+from .stats import TierStats
 
 if TYPE_CHECKING:
     from .store import ObjectVersion
@@ -123,6 +124,7 @@ class TierCounters:
             self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
+        """The counters, for `SharedTier.snapshot`."""
         with self.lock:
             out = {k: v for k, v in self.__dict__.items() if k not in ("lock", "errors")}
             out["errors"] = dict(self.errors)
@@ -383,9 +385,10 @@ class SharedTier:
         while self._queue or self._active:
             await trio.sleep(0.05)
 
-    def snapshot(self) -> dict[str, Any]:
-        out = self.counters.snapshot()
-        out["pending_uploads"] = self.pending_uploads
-        out["herd_control"] = self.conditional
-        out["available"] = self.available()
-        return out
+    def snapshot(self) -> TierStats:
+        return TierStats(
+            **self.counters.snapshot(),
+            pending_uploads=self.pending_uploads,
+            herd_control=self.conditional,
+            available=self.available(),
+        )

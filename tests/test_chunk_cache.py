@@ -263,7 +263,7 @@ def test_recent_chunks_are_served_from_memory_within_its_bound(
     cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=2 * CS)
     for n in range(4):
         assert _read(cache, "k", v, n * CS, CS) == data[n * CS : (n + 1) * CS]
-    assert cache.stats()["memory_cached_bytes"] == 2 * CS
+    assert cache.stats().memory_cached_bytes == 2 * CS
     preads: list[tuple[int, int]] = []
     real = PayloadFile.read_into
 

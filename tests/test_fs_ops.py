@@ -60,7 +60,7 @@ def test_lookup_getattr_open_read(ops) -> None:  # type: ignore[no-untyped-def]
         # A missing name is a negative entry the kernel keeps for the TTL.
         missing = await o.lookup(ROOT_INODE, b"missing", CTX)
         assert missing.st_ino == 0 and missing.entry_timeout == 60
-        assert o.stats()["negative_lookups"] == 1
+        assert o.stats().negative_lookups == 1
         # Under a directory that is gone, it is ENOENT.
         with pytest.raises(pyfuse3.FUSEError) as info:
             await o.lookup(999_999, b"missing", CTX)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelfs.metrics import RecentRates
+from modelfs.stats import RecentRates
 from modelfs.testing.s3server import free_port
 
 from .conftest import Bucket, Mount, Mounter, run_modelfs
@@ -333,7 +333,7 @@ def test_logs_go_to_the_journal_under_systemd(tmp_path: Path, bucket: Bucket) ->
         assert run_modelfs("umount", str(mnt)).returncode == 0
     text = journal.read_text()
     assert "INFO modelfs.daemon: serving on" in text
-    assert "DEBUG modelfs.store: GET f bytes=0-0 etag=" in text  # per-request, with --debug
+    assert "DEBUG modelfs.s3.origin: GET f bytes=0-0 etag=" in text  # per-request, with --debug
     assert not text.startswith("20")  # no timestamp: journald adds its own
     assert not (cache / "modelfs.log").exists()
 
@@ -346,3 +346,37 @@ def test_recent_rates() -> None:
     assert r.rates() == {"b": 100.0}
     r.sample({"b": 119 * 100}, now=130.0)  # idle for 11 s: the rate drops
     assert 0 < r.rates()["b"] < 100
+
+
+def test_typed_stats_round_trip_and_reach_the_metrics() -> None:
+    """What the stats xattr serves reads back into the same typed snapshot
+    (keys of another version skipped), and the Prometheus collector reads
+    its attributes."""
+    from prometheus_client import generate_latest
+
+    from modelfs.metrics import make_registry
+    from modelfs.stats import CacheStats, MountStats, SnapshotStats, StoreStats, TierStats
+
+    stats = MountStats(
+        source="s3://b/m/",
+        store=StoreStats(get_bytes=1234, get_results={"ok": 3, "stale": 1}),
+        cache=CacheStats(hit_bytes=77, corrupt_chunks=2),
+        shared=TierStats(hits=5, errors={"denied": 1}),
+        snapshot=SnapshotStats(objects=4, stale=1),
+        open_files=2,
+    )
+    doc = json.loads(json.dumps(stats.to_json()))
+    assert MountStats.from_json(doc) == stats
+    assert MountStats.from_json({**doc, "from_a_newer_daemon": 1}) == stats
+    text = generate_latest(make_registry(lambda: stats)).decode()
+    for line in (
+        "modelfs_origin_received_bytes_total 1234.0",
+        'modelfs_errors_total{kind="stale"} 1.0',
+        'modelfs_errors_total{kind="corrupt_chunk"} 2.0',
+        "modelfs_cache_hit_bytes_total 77.0",
+        "modelfs_shared_hits_total 5.0",
+        'modelfs_shared_errors_total{kind="denied"} 1.0',
+        "modelfs_snapshot_stale_objects 1.0",
+        "modelfs_open_files 2.0",
+    ):
+        assert line in text, line

@@ -95,7 +95,7 @@ def test_a_failed_listing_is_counted_as_a_failure_not_ok() -> None:
     store._client.list_objects_v2 = denied
     with pytest.raises(AccessDenied):
         store.list_dir("")
-    assert store.counters.snapshot()["list_results"] == {"denied": 1}
+    assert store.counters.snapshot().list_results == {"denied": 1}
 
 
 def test_custom_endpoints_send_checksums_only_when_required(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -40,6 +40,7 @@ disk, LMDB writes) runs in worker threads behind capacity limiters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import errno
 import json
@@ -66,6 +67,7 @@ from ..config import (
 )
 from ..errors import CacheError, ModelfsError
 from ..s3.tier_bucket import S3Tier
+from ..stats import CacheStats
 from ..store import ObjectStore, ObjectVersion
 from ..tier import UPLOAD_WORKERS, SharedTier
 from . import directory, disk
@@ -1169,17 +1171,18 @@ class ChunkCache:
             except Exception:
                 log.exception("cannot record chunk recency in the index")
 
-    def stats(self) -> dict[str, object]:
-        out: dict[str, object] = dict(self.index.stats())
-        out["capacity_bytes"] = self.capacity
-        out["prefetch_pending_bytes"] = sum(self._prefetched.values())
-        out["open_objects"] = len(self._objects)
-        # Chunks fetched (or being fetched by a coalesced GET) whose payload
-        # write and index commit have not finished: 0 once everything a
-        # reader got is on disk.
-        out["pending_writes"] = len(self._storing) + self._run_chunks
-        out["memory_bytes"] = self.pool.size
-        out["memory_cached_bytes"] = self.pool.cached_bytes
-        out["memory_overflow_chunks"] = self.pool.overflow_chunks
-        out.update(self.counters.__dict__)
-        return out
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            **self.index.stats(),
+            capacity_bytes=self.capacity,
+            prefetch_pending_bytes=sum(self._prefetched.values()),
+            open_objects=len(self._objects),
+            # Chunks fetched (or being fetched by a coalesced GET) whose
+            # payload write and index commit have not finished: 0 once
+            # everything a reader got is on disk.
+            pending_writes=len(self._storing) + self._run_chunks,
+            memory_bytes=self.pool.size,
+            memory_cached_bytes=self.pool.cached_bytes,
+            memory_overflow_chunks=self.pool.overflow_chunks,
+            **dataclasses.asdict(self.counters),
+        )

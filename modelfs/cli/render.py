@@ -21,6 +21,7 @@ from ..humane import escape, for_humans
 from ..progress import percent
 from ..pull import PullResult
 from ..snapshot import Difference, Snapshot
+from ..stats import MountStats, SnapshotStats, TierStats
 from ..warm import WarmResult
 
 
@@ -37,8 +38,13 @@ def notice(text: str) -> None:
 
 
 # -- stats ----------------------------------------------------------------------
-def stats(s: dict[str, Any], as_json: bool) -> None:
-    print(json.dumps(s, indent=2, sort_keys=True) if as_json else render_stats(s))
+def stats(raw: dict[str, Any], as_json: bool) -> None:
+    """`raw`: what the mount serves (`MountStats.to_json`), printed as is
+    with --json."""
+    if as_json:
+        print(json.dumps(raw, indent=2, sort_keys=True))
+    else:
+        print(render_stats(MountStats.from_json(raw)))
 
 
 def _duration(seconds: float) -> str:
@@ -48,52 +54,56 @@ def _duration(seconds: float) -> str:
     return out or "0s"
 
 
-def render_stats(s: dict[str, Any]) -> str:
-    store, cache, recent = s["store"], s["cache"], s.get("last_minute", {})
-    served = cache["hit_bytes"] + cache["miss_bytes"]
-    errors = sum(n for r, n in store["get_results"].items() if r != "ok")
-    gets = sum(store["latency_counts"])
-    mean_ms = 1000 * store["latency_sum"] / gets if gets else 0.0
+def render_stats(s: MountStats) -> str:
+    store, cache, recent = s.store, s.cache, s.last_minute
+    served = cache.hit_bytes + cache.miss_bytes
+    errors = sum(n for r, n in store.get_results.items() if r != "ok")
+    gets = sum(store.latency_counts)
+    mean_ms = 1000 * store.latency_sum / gets if gets else 0.0
     lines = [
-        f"modelfs {s.get('source', '?')} on {s.get('mountpoint', '?')} "
-        f"(pid {s.get('pid', '?')}, up {_duration(time.time() - s.get('started', time.time()))})",
-        f"served     {format_size(served)} to readers, {percent(cache['hit_bytes'], served)} "
+        f"modelfs {s.source} on {s.mountpoint} "
+        f"(pid {s.pid}, up {_duration(time.time() - (s.started or time.time()))})",
+        f"served     {format_size(served)} to readers, {percent(cache.hit_bytes, served)} "
         f"from the cache; last minute {format_size(recent.get('served_bytes_per_s', 0))}/s",
-        f"origin     {format_size(store['get_bytes'])} in {store['get_requests']} GETs "
-        f"(mean {mean_ms:.0f} ms, {errors} failed, {store['retries']} retried), "
-        f"{store['list_requests']} listings; "
+        f"origin     {format_size(store.get_bytes)} in {store.get_requests} GETs "
+        f"(mean {mean_ms:.0f} ms, {errors} failed, {store.retries} retried), "
+        f"{store.list_requests} listings; "
         f"last minute {format_size(recent.get('origin_bytes_per_s', 0))}/s",
-        f"prefetch   {format_size(cache['prefetch_fetched_bytes'])} fetched ahead: "
-        f"{format_size(cache['prefetch_used_bytes'])} used, "
-        f"{format_size(cache['prefetch_wasted_bytes'])} evicted unused, "
-        f"{format_size(cache['prefetch_pending_bytes'])} not read yet",
-        f"cache      {format_size(cache['used_bytes'])} of {format_size(cache['capacity_bytes'])} "
-        f"({percent(cache['used_bytes'], cache['capacity_bytes'])}) in {s.get('cache_dir', '?')}: "
-        f"{cache['chunks']} chunks of {cache['objects']} objects; "
-        f"{cache['evicted_chunks']} chunks evicted, {cache['corrupt_chunks']} found corrupt",
-        f"now        {s['open_files']} open files, {store['in_flight']} GETs in flight",
+        f"prefetch   {format_size(cache.prefetch_fetched_bytes)} fetched ahead: "
+        f"{format_size(cache.prefetch_used_bytes)} used, "
+        f"{format_size(cache.prefetch_wasted_bytes)} evicted unused, "
+        f"{format_size(cache.prefetch_pending_bytes)} not read yet",
+        f"cache      {format_size(cache.used_bytes)} of {format_size(cache.capacity_bytes)} "
+        f"({percent(cache.used_bytes, cache.capacity_bytes)}) in {s.cache_dir}: "
+        f"{cache.chunks} chunks of {cache.objects} objects; "
+        f"{cache.evicted_chunks} chunks evicted, {cache.corrupt_chunks} found corrupt",
+        f"now        {s.open_files} open files, {store.in_flight} GETs in flight",
     ]
-    snap = s.get("snapshot")
-    if snap is not None:
-        lines.append(
-            f"snapshot   {snap['objects']} objects pinned as of {snap['taken']} "
-            f"({snap['version_ids']} by VersionId), {snap['stale']} stale at the origin"
-            + (f"; manifest {snap['manifest']}" if snap["manifest"] else "")
-        )
-    t = s.get("shared")
-    if t is not None:
-        errors = sum(t["errors"].values())
-        herd = {True: "on", False: "off (no conditional writes)", None: "not probed yet"}
-        lines.insert(
-            3,
-            f"shared     {format_size(t['hit_bytes'])} from the tier in {t['hits']} chunks, "
-            f"{t['misses']} misses; {t['uploads']} uploaded, {t['pending_uploads']} queued, "
-            f"{t['uploads_dropped']} dropped; {t['leases_won']} leases won, "
-            f"{t['lease_waits']} waits; {t['corrupt']} corrupt, {errors} errors; "
-            f"herd control {herd[t['herd_control']]}"
-            + ("" if t["available"] else "; UNAVAILABLE, backing off"),
-        )
+    if s.snapshot is not None:
+        lines.append(_snapshot_line(s.snapshot))
+    if s.shared is not None:
+        lines.insert(3, _tier_line(s.shared))
     return "\n".join(lines)
+
+
+def _snapshot_line(snap: SnapshotStats) -> str:
+    return (
+        f"snapshot   {snap.objects} objects pinned as of {snap.taken} "
+        f"({snap.version_ids} by VersionId), {snap.stale} stale at the origin"
+        + (f"; manifest {snap.manifest}" if snap.manifest else "")
+    )
+
+
+def _tier_line(t: TierStats) -> str:
+    herd = {True: "on", False: "off (no conditional writes)", None: "not probed yet"}
+    return (
+        f"shared     {format_size(t.hit_bytes)} from the tier in {t.hits} chunks, "
+        f"{t.misses} misses; {t.uploads} uploaded, {t.pending_uploads} queued, "
+        f"{t.uploads_dropped} dropped; {t.leases_won} leases won, "
+        f"{t.lease_waits} waits; {t.corrupt} corrupt, {sum(t.errors.values())} errors; "
+        f"herd control {herd[t.herd_control]}"
+        + ("" if t.available else "; UNAVAILABLE, backing off")
+    )
 
 
 # -- pull and warm ----------------------------------------------------------------
