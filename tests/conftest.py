@@ -264,3 +264,48 @@ def mounter(tmp_path: Path) -> Iterator[Mounter]:
         problems += mount.teardown()
     if problems:
         pytest.fail("mount teardown: " + "; ".join(problems))
+
+
+def modelfs_daemons() -> set[int]:
+    """Pids of every `modelfs mount` process on the machine (so never run
+    two mounted test runs at once)."""
+    out = subprocess.run(["pgrep", "-f", "modelfs mount"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def mount_fails(
+    tmp_path: Path,
+    bucket: Bucket,
+    *extra: str,
+    source: str | None = None,
+    env: dict[str, str] | None = None,
+    mnt: Path | None = None,
+    endpoint: str | None = None,
+) -> str:
+    mnt = mnt or tmp_path / "mnt"
+    if mnt == tmp_path / "mnt":
+        mnt.mkdir(exist_ok=True)
+    before = modelfs_daemons()
+    mounted_before = find_mount(mnt) if mnt.is_dir() else None
+    proc = run_modelfs(
+        "mount",
+        source or f"s3://{bucket.name}",
+        str(mnt),
+        "--endpoint-url",
+        endpoint or bucket.endpoint_url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--log-file",
+        str(tmp_path / "log"),
+        *extra,
+        env=env if env is not None else bucket.env,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "internal error" not in proc.stderr, proc.stderr  # a user error, named as such
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    if mnt.is_dir():
+        assert find_mount(mnt) == mounted_before
+    assert modelfs_daemons() <= before
+    return lines[-1]

@@ -888,7 +888,7 @@ class ChunkCache:
             )
             self._written += len(data)
             if self._stall_before_commit:
-                # Test hook (tests/test_crash.py): the payload is written, the
+                # Test hook (tests/t3_mounted/test_crash.py): the payload is written, the
                 # index does not know it; the test kills the daemon here.
                 Path(self._stall_before_commit).touch()
                 await trio.sleep_forever()

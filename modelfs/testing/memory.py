@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Sequence
 
 from ..errors import EmptySource, EndpointUnreachable, NoSuchObject, ObjectChanged
@@ -114,6 +115,30 @@ class MemoryStore:
             off += len(buf)
             if deliver is not None:
                 deliver(i)
+
+
+class SlowStore(MemoryStore):
+    """A MemoryStore that holds every GET long enough for concurrent readers
+    to pile up, and fails the next GET with `fail_next` if set."""
+
+    def __init__(self, delay: float = 0.2) -> None:
+        super().__init__()
+        self.delay = delay
+        self.fail_next: Exception | None = None
+
+    def get_into(
+        self,
+        key: str,
+        version: ObjectVersion,
+        start: int,
+        bufs: Sequence[memoryview],
+        deliver: Deliver | None = None,
+    ) -> None:
+        time.sleep(self.delay)
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        super().get_into(key, version, start, bufs, deliver)
 
 
 class MemoryTier:

@@ -1,0 +1,275 @@
+"""Unit tier: read-ahead over the chunk cache with an in-memory store."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import trio
+
+from modelfs.cache import ChunkCache
+from modelfs.errors import StoreError
+from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead, safetensors_order
+from modelfs.reader import OpenFile
+from modelfs.store import ObjectVersion
+from modelfs.testing.memory import MemoryStore, SlowStore
+
+from ..data import pattern
+
+CS = 64 * 1024
+SIZE = 64 * CS
+
+
+def _read_through(
+    cache: ChunkCache,
+    v: ObjectVersion,
+    seed: int,
+    offsets: list[tuple[int, int]],
+    max_window: int = 16 * CS,
+    size: int = SIZE,
+) -> dict[str, object]:
+    """Reads through one handle with read-ahead on; what read-ahead did."""
+    out: dict[str, object] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ra = ReadAhead(
+                cache,
+                nursery.start_soon,
+                max_chunks_in_flight=6,
+                initial_window=2 * CS,
+                max_window=max_window,
+            )
+            obj = cache.open_object("k", v, CS)
+            h = OpenFile(1, 2, obj, cache, ra)
+            for off, n in offsets:
+                assert await h.read(off, n) == pattern(seed, off, min(size, off + n))
+                await trio.sleep(0.001)  # let read-ahead run, as between FUSE requests
+            await trio.sleep(0.1)
+            out["streams"] = len(obj.prefetcher.streams) if obj.prefetcher else 0
+            streams = obj.prefetcher.streams if obj.prefetcher else []
+            out["window"] = max((s.window for s in streams), default=0)
+            out["issued"] = ra.budget.issued_chunks
+            h.close()
+
+    trio.run(main)
+    return out
+
+
+def _run(
+    tmp_path: Path,
+    offsets: list[tuple[int, int]],
+    max_window: int = 16 * CS,
+    size: int = SIZE,
+    store: MemoryStore | None = None,
+) -> dict[str, object]:
+    store = store or MemoryStore()
+    v = store.put("k", pattern(1, 0, size))
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, fetch_concurrency=8)
+    out = _read_through(cache, v, 1, offsets, max_window, size)
+    out["gets"] = list(store.get_log)
+    out["requests"] = list(store.requests)
+    out["cache"] = cache
+    cache.close()
+    return out
+
+
+def test_sequential_reader_is_read_ahead_and_nothing_is_fetched_twice(tmp_path: Path) -> None:
+    reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
+    out = _run(tmp_path, reads)
+    gets = out["gets"]
+    assert len(gets) == len(set(gets)) == SIZE // CS  # each chunk exactly once
+    assert out["issued"] >= SIZE // CS - 4  # nearly all came from read-ahead
+    assert out["window"] == 16 * CS  # the window grew to its maximum
+
+
+def test_out_of_order_faults_keep_one_stream(tmp_path: Path) -> None:
+    reads = []
+    for base in range(0, 32 * CS, 4 * 16 * 1024):
+        block = [base + i * 16 * 1024 for i in range(4)]
+        random.Random(base).shuffle(block)  # faults arrive slightly out of order
+        reads += [(o, 16 * 1024) for o in block]
+    out = _run(tmp_path, reads)
+    assert out["streams"] == 1
+    assert out["issued"] > 0
+
+
+def test_interleaved_readers_get_separate_streams(tmp_path: Path) -> None:
+    a = [(off, 16 * 1024) for off in range(0, 16 * CS, 16 * 1024)]
+    far = 4 * SEEK_TOLERANCE
+    b = [(far + off, 16 * 1024) for off in range(0, 16 * CS, 16 * 1024)]
+    reads = [r for pair in zip(a, b, strict=True) for r in pair]  # two TP ranks, one file
+    out = _run(tmp_path, reads, size=2 * far)
+    assert out["streams"] == 2
+    gets = out["gets"]
+    assert len(gets) == len(set(gets))
+
+
+def test_random_reads_issue_no_read_ahead(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    size = 32 * SEEK_TOLERANCE
+    offsets: list[int] = []
+    while len(offsets) < 12:  # farther apart than the seek tolerance
+        o = rng.randrange(0, size - 4096)
+        if all(abs(o - p) > 2 * SEEK_TOLERANCE for p in offsets):
+            offsets.append(o)
+    out = _run(tmp_path, [(o, 4096) for o in offsets], size=size)
+    assert out["issued"] == 0
+    wanted = {n for o in offsets for n in range(o // CS, (o + 4095) // CS + 1)}
+    assert sorted(s // CS for _, s, _ in out["gets"]) == sorted(wanted)
+
+
+def test_read_ahead_can_be_turned_off(tmp_path: Path) -> None:
+    reads = [(off, 16 * 1024) for off in range(0, 8 * CS, 16 * 1024)]
+    out = _run(tmp_path, reads, max_window=0)
+    assert out["issued"] == 0 and len(out["gets"]) == 8
+
+
+def test_warm_read_ahead_loads_each_chunk_from_disk_once(tmp_path: Path) -> None:
+    """A window larger than the memory cache: chunks already on disk are
+    loaded ahead only within half of the memory cache, so none is pushed
+    out before the reader gets to it (and read and checked twice)."""
+    store = MemoryStore()
+    v = store.put("k", pattern(2, 0, SIZE))
+    counts: list[int] = []
+    reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
+
+    def one_pass(memory: int) -> None:
+        cache = ChunkCache(
+            tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=memory
+        )
+        _read_through(cache, v, 2, reads)
+        counts.append(cache.counters.verified_chunks)
+        cache.close()
+
+    one_pass(2 * SIZE)  # cold: everything fetched and stored
+    one_pass(4 * CS)  # warm, with a memory cache a quarter of the window
+    assert len(store.get_log) == SIZE // CS
+    assert counts == [0, SIZE // CS]
+
+
+def test_sequential_read_ahead_coalesces_chunks_into_large_gets(tmp_path: Path) -> None:
+    """Consecutive missing chunks are one GET (read-ahead's budget allows 6
+    chunks here), each byte still fetched once."""
+    reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
+    out = _run(tmp_path, reads)
+    requests = out["requests"]
+    assert isinstance(requests, list)
+    spans = sorted((s, e) for _, s, e in requests)
+    assert sum(e - s for s, e in spans) == SIZE  # every byte once...
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # ...no overlap
+    assert max(e - s for s, e in spans) >= 4 * CS  # and GETs of several chunks
+    assert len(requests) < SIZE // CS
+
+
+class _FailsMidRun(MemoryStore):
+    """Fails the first multi-chunk GET after delivering two chunks."""
+
+    failed = False
+
+    def get_into(self, key, version, start, bufs, deliver=None):  # type: ignore[no-untyped-def]
+        if self.failed or len(bufs) <= 2:
+            return super().get_into(key, version, start, bufs, deliver)
+        self.failed = True
+        s = start
+        for i in range(2):
+            bufs[i][:] = self.objects[key][0][s : s + len(bufs[i])]
+            self.get_log.append((key, s, s + len(bufs[i])))
+            s += len(bufs[i])
+            deliver(i)
+        raise StoreError("connection reset mid-body")
+
+
+def test_a_run_failing_midway_keeps_what_arrived_and_refetches_the_rest(tmp_path: Path) -> None:
+    store = _FailsMidRun()
+    reads = [(off, 16 * 1024) for off in range(0, SIZE, 16 * 1024)]
+    out = _run(tmp_path, reads, store=store)  # every read still byte-exact
+    assert store.failed
+    gets = out["gets"]
+    assert isinstance(gets, list)
+    # The two chunks that arrived are not fetched again; the rest of that
+    # run is, once (by the reader or the next read-ahead).
+    assert len(gets) == len(set(gets)) == SIZE // CS
+
+
+class _Gauge(MemoryStore):
+    """Records the most bytes any moment's GETs were asked for at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.most = 0
+
+    def get_into(self, key, version, start, bufs, deliver=None):  # type: ignore[no-untyped-def]
+        size = sum(len(b) for b in bufs)
+        self.now += size
+        self.most = max(self.most, self.now)
+        try:
+            time.sleep(0.01)  # long enough for the others to start theirs
+            return super().get_into(key, version, start, bufs, deliver)
+        finally:
+            self.now -= size
+
+
+def test_coalesced_gets_keep_chunks_in_flight_within_fetch_concurrency(tmp_path: Path) -> None:
+    """Many files fetched ahead at once: runs shrink so that the chunk
+    buffers being received stay under twice --fetch-concurrency chunks,
+    however many files there are (without the budget: 4 runs of 16)."""
+    store = _Gauge()
+    versions = [store.put(f"f{i}", pattern(40 + i, 0, SIZE)) for i in range(6)]
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, fetch_concurrency=4)
+
+    async def main() -> None:
+        objs = [cache.open_object(f"f{i}", v, CS) for i, v in enumerate(versions)]
+        async with trio.open_nursery() as nursery:
+            for obj in objs:
+                for first in range(0, SIZE // CS, 16):
+                    nursery.start_soon(cache.ensure_run, obj, list(range(first, first + 16)))
+        for obj in objs:
+            cache.close_object(obj)
+
+    trio.run(main)
+    cache.close()
+    assert len(store.get_log) == 6 * SIZE // CS  # everything, once
+    assert max(e - s for _, s, e in store.requests) > CS  # still coalesced
+    assert store.most <= 2 * 4 * CS, store.most / CS
+
+
+# -- prefetch on open ----------------------------------------------------------
+def test_safetensors_order_is_by_name() -> None:
+    header = json.dumps(
+        {
+            "__metadata__": {"format": "pt"},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+        }
+    ).encode()
+    assert safetensors_order(header, 100) == [(108, 116), (100, 108)]
+    assert safetensors_order(b"not json", 100) == []
+    assert safetensors_order(b'{"a": {"data_offsets": "x"}}', 100) == []
+
+
+def test_a_reader_waiting_on_data_goes_before_background_fetches(tmp_path: Path) -> None:
+    store = SlowStore(delay=0.1)
+    version = store.put("m.bin", pattern(1, 0, 16 * 64 * 1024))
+    cache = ChunkCache(
+        tmp_path / "c", store, chunk_size=64 * 1024, fetch_concurrency=1, capacity=1 << 30
+    )
+
+    async def main() -> None:
+        obj = cache.open_object("m.bin", version, 64 * 1024)
+        async with trio.open_nursery() as nursery:
+            for n in range(1, 6):
+                nursery.start_soon(lambda n=n: cache.ensure(obj, n))
+            await trio.sleep(0.03)  # one chunk is being fetched, four queue
+            data = await cache.read(obj, 9 * 64 * 1024, 100)
+            assert data == pattern(1, 9 * 64 * 1024, 9 * 64 * 1024 + 100)
+
+    trio.run(main)
+    cache.close()
+    order = [start // (64 * 1024) for _, start, _ in store.get_log]
+    # One background fetch was running when the reader came; the reader's
+    # chunk went next, ahead of the four still queued.
+    assert order[1] == 9, order
+    assert sorted(order[:1] + order[2:]) == [1, 2, 3, 4, 5]
