@@ -240,8 +240,22 @@ class MountConfig:
     manifest: str | None = None
 
     def validate(self) -> None:
+        """Refuse, with a ConfigError naming the option, what cannot work."""
         if self.addressing_style not in ("auto", "path", "virtual"):
             raise ConfigError("--addressing-style must be auto, path or virtual")
+        self._validate_sizes()
+        self._validate_durations()
+        self._validate_counts()
+        self._validate_addresses()
+        self._validate_tier()
+        if self.credentials_file is not None:
+            self.credentials_file = self.credentials_file.absolute()
+            if not self.credentials_file.is_file() or not os.access(self.credentials_file, os.R_OK):
+                raise ConfigError(
+                    f"credentials file {self.credentials_file} is missing or not readable"
+                )
+
+    def _validate_sizes(self) -> None:
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(
                 f"--chunk-size must be between {format_size(MIN_CHUNK_SIZE)} "
@@ -253,14 +267,26 @@ class MountConfig:
             # Reads from disk are checked a whole chunk at a time and served
             # from memory: with less than a chunk, each read would re-read it.
             raise ConfigError("--memory-cache must hold at least one chunk (--chunk-size)")
+        ram = physical_memory()
+        if ram and self.memory_cache > ram // 2:
+            raise ConfigError(
+                f"--memory-cache {format_size(self.memory_cache)} is more than half of this "
+                f"machine's memory ({format_size(ram)})"
+            )
         if self.cache_size is not None and self.cache_size < self.chunk_size * 4:
             raise ConfigError("--cache-size must hold at least four chunks")
+        if self.prefetch_window < 0:
+            raise ConfigError("--prefetch-window must be >= 0")
+
+    def _validate_durations(self) -> None:
         if self.metadata_ttl != INDEFINITE and not (
             math.isfinite(self.metadata_ttl) and self.metadata_ttl <= MAX_SECONDS
         ):
             raise ConfigError(
                 f"--metadata-ttl must be a number of seconds up to {MAX_SECONDS:g}, or 'indefinite'"
             )
+        if self.metadata_ttl < 0:
+            raise ConfigError("--metadata-ttl must be >= 0")
         for name, seconds in (
             ("--shared-cache-lease", self.shared_cache_lease),
             ("--connect-timeout", self.connect_timeout),
@@ -269,62 +295,30 @@ class MountConfig:
         ):
             if not math.isfinite(seconds) or seconds > MAX_SECONDS:
                 raise ConfigError(f"{name} must be a number of seconds up to {MAX_SECONDS:g}")
-        if self.shared_cache_lease <= 0:
-            raise ConfigError("--shared-cache-lease must be > 0")
+            if not seconds > 0:
+                # (the lease's own message predates the others')
+                raise ConfigError(
+                    "--shared-cache-lease must be > 0"
+                    if name == "--shared-cache-lease"
+                    else f"{name} must be a positive number of seconds"
+                )
+
+    def _validate_counts(self) -> None:
         if self.fetch_concurrency > MAX_FETCH_CONCURRENCY:
             raise ConfigError(f"--fetch-concurrency must be at most {MAX_FETCH_CONCURRENCY}")
-        ram = physical_memory()
-        if ram and self.memory_cache > ram // 2:
-            raise ConfigError(
-                f"--memory-cache {format_size(self.memory_cache)} is more than half of this "
-                f"machine's memory ({format_size(ram)})"
-            )
-        tier = self.shared_cache
-        same_store = self.shared_cache_endpoint_url in (None, self.endpoint_url)
-        if (
-            tier is not None
-            and same_store
-            and tier.bucket == self.source.bucket
-            and (
-                tier.prefix.startswith(self.source.prefix)
-                or self.source.prefix.startswith(tier.prefix)
-            )
-        ):
-            raise ConfigError(
-                "--shared-cache must not overlap the mounted prefix "
-                "(its chunk objects would show up in the mount)"
-            )
-        if self.shared_cache_endpoint_url is not None and not re.match(
-            r"^https?://[^/\s]+", self.shared_cache_endpoint_url
-        ):
-            raise ConfigError(
-                f"invalid --shared-cache-endpoint-url {self.shared_cache_endpoint_url!r}: "
-                "expected http(s)://HOST[:PORT]"
-            )
-        if self.metadata_ttl < 0:
-            raise ConfigError("--metadata-ttl must be >= 0")
+        if self.fetch_concurrency < 1:
+            raise ConfigError("--fetch-concurrency must be >= 1")
         for name, val in (("--uid", self.uid), ("--gid", self.gid)):
             if val is not None and not 0 <= val < 2**32 - 1:
                 raise ConfigError(f"{name} must be a non-negative integer")
-        if self.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
-            raise ConfigError(
-                f"invalid --endpoint-url {self.endpoint_url!r}: expected http(s)://HOST[:PORT]"
-            )
-        if self.credentials_file is not None:
-            self.credentials_file = self.credentials_file.absolute()
-            if not self.credentials_file.is_file() or not os.access(self.credentials_file, os.R_OK):
-                raise ConfigError(
-                    f"credentials file {self.credentials_file} is missing or not readable"
-                )
-        for name, seconds in (
-            ("--connect-timeout", self.connect_timeout),
-            ("--read-timeout", self.read_timeout),
-            ("--retry-timeout", self.retry_timeout),
+
+    def _validate_addresses(self) -> None:
+        for name, url in (
+            ("--endpoint-url", self.endpoint_url),
+            ("--shared-cache-endpoint-url", self.shared_cache_endpoint_url),
         ):
-            if not seconds > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds")
-        if self.prefetch_window < 0:
-            raise ConfigError("--prefetch-window must be >= 0")
+            if url is not None and not re.match(r"^https?://[^/\s]+", url):
+                raise ConfigError(f"invalid {name} {url!r}: expected http(s)://HOST[:PORT]")
         if self.metrics_addr is not None:
             try:
                 parse_addr(self.metrics_addr)
@@ -333,8 +327,18 @@ class MountConfig:
                     f"invalid --metrics-addr {self.metrics_addr!r}: expected HOST:PORT, "
                     "e.g. 127.0.0.1:9100"
                 ) from None
-        if self.fetch_concurrency < 1:
-            raise ConfigError("--fetch-concurrency must be >= 1")
+
+    def _validate_tier(self) -> None:
+        tier = self.shared_cache
+        if tier is None or self.shared_cache_endpoint_url not in (None, self.endpoint_url):
+            return
+        if tier.bucket == self.source.bucket and (
+            tier.prefix.startswith(self.source.prefix) or self.source.prefix.startswith(tier.prefix)
+        ):
+            raise ConfigError(
+                "--shared-cache must not overlap the mounted prefix "
+                "(its chunk objects would show up in the mount)"
+            )
 
     def origin_settings(self, pool: int | None = None) -> S3Settings:
         """How the origin is reached; `pool` connections (default: one per

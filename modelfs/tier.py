@@ -242,44 +242,67 @@ class SharedTier:
         self.counters.misses += 1
         if not self.available():
             return None, None
-        lease_key = tier_key + ".lease"
         try:
-            if self.conditional is None:
-                async with self._probe_lock:  # one probe, however many chunks miss at once
-                    if self.conditional is None:
-                        await self._probe()
-            if not self.conditional:
+            if not await self._herd_control():
                 return None, None
-            deadline = trio.current_time() + self.lease_seconds
-            pause = POLL_FIRST
-            waited = False
-            while True:
-                if await self._take_lease(lease_key):
-                    self.counters.leases_won += 1
-                    # Someone may have uploaded it since our miss.
-                    data = await self.read(tier_key, length)
-                    if data is not None:
-                        await self._drop_lease(lease_key)
-                        return data, None
-                    return None, lease_key
-                if not waited:
-                    waited = True
-                    self.counters.lease_waits += 1
-                # Another node is fetching it: wait for its upload.
-                while trio.current_time() < deadline:
-                    await trio.sleep(pause)
-                    pause = min(POLL_MAX, pause * 2)
-                    data = await self.read(tier_key, length)
-                    if data is not None:
-                        self.counters.lease_wait_hits += 1
-                        return data, None
-                    if await self._lease_gone(lease_key):
-                        break  # its holder gave up or expired: try to take it
-                else:
-                    self.counters.lease_timeouts += 1
-                    return None, None
+            return await self._claim_under_lease(tier_key, length)
         except TierError:
             return None, None
+
+    async def _herd_control(self) -> bool:
+        """Whether the tier honours If-None-Match (probed once, however many
+        chunks miss at once)."""
+        if self.conditional is None:
+            async with self._probe_lock:
+                if self.conditional is None:
+                    await self._probe()
+        return bool(self.conditional)
+
+    async def _claim_under_lease(
+        self, tier_key: str, length: int
+    ) -> tuple[bytes | None, str | None]:
+        lease_key = tier_key + ".lease"
+        deadline = trio.current_time() + self.lease_seconds
+        pause = POLL_FIRST
+        waited = False
+        while True:
+            if await self._take_lease(lease_key):
+                self.counters.leases_won += 1
+                # Someone may have uploaded it since our miss.
+                data = await self.read(tier_key, length)
+                if data is not None:
+                    await self._drop_lease(lease_key)
+                    return data, None
+                return None, lease_key
+            if not waited:
+                waited = True
+                self.counters.lease_waits += 1
+            data, gone, pause = await self._wait_for_holder(
+                tier_key, lease_key, length, deadline, pause
+            )
+            if data is not None:
+                self.counters.lease_wait_hits += 1
+                return data, None
+            if not gone:
+                self.counters.lease_timeouts += 1
+                return None, None
+            # Its holder gave up or expired: try to take the lease.
+
+    async def _wait_for_holder(
+        self, tier_key: str, lease_key: str, length: int, deadline: float, pause: float
+    ) -> tuple[bytes | None, bool, float]:
+        """Poll, with growing pauses, for another node's upload of the
+        chunk: (chunk, _, pause) if it arrived; (None, True, pause) if its
+        lease went first; (None, False, pause) at the deadline."""
+        while trio.current_time() < deadline:
+            await trio.sleep(pause)
+            pause = min(POLL_MAX, pause * 2)
+            data = await self.read(tier_key, length)
+            if data is not None:
+                return data, False, pause
+            if await self._lease_gone(lease_key):
+                return None, True, pause
+        return None, False, pause
 
     async def _take_lease(self, lease_key: str) -> bool:
         body = json.dumps({"node": self._node, "expires": time.time() + self.lease_seconds})

@@ -50,7 +50,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,23 @@ class CacheCounters:
     evicted_chunks: int = 0
     evicted_bytes: int = 0
     index_commits: int = 0  # transactions that recorded stored chunks
+
+
+async def _all_at_once(load: Callable[[int], Awaitable[None]], chunks: list[int]) -> None:
+    """`load` every chunk at once (a lone one without a nursery); a failure
+    of several fails as a one-chunk read does."""
+    if len(chunks) == 1:
+        await load(chunks[0])
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in chunks:
+                nursery.start_soon(load, n)
+    except BaseExceptionGroup as group:
+        leaf = _single_domain_error(group)
+        if leaf is None:
+            raise
+        raise leaf from None
 
 
 def _single_domain_error(group: BaseExceptionGroup) -> ModelfsError | None:
@@ -434,18 +451,7 @@ class ChunkCache:
                         held[n] = slab
                 todo = [n for n in chunks if n not in held]
                 self.counters.hits += len(chunks) - len(todo)
-                if len(todo) == 1:
-                    await load(todo[0])
-                elif todo:
-                    try:
-                        async with trio.open_nursery() as nursery:
-                            for n in todo:
-                                nursery.start_soon(load, n)
-                    except BaseExceptionGroup as group:
-                        leaf = _single_domain_error(group)
-                        if leaf is None:
-                            raise
-                        raise leaf from None
+                await _all_at_once(load, todo)
         except BaseException:
             for slab in held.values():
                 self.pool.release(slab)
@@ -682,30 +688,14 @@ class ChunkCache:
         whether they came from the origin."""
         key = (obj.obj_id, n)
         while True:
-            slab = self.pool.get(key)
-            if slab is None:
-                slab = self._storing.get(key)  # fetched, its disk write not done
-                if slab is not None:
-                    self.pool.hold(slab)
+            slab = self._in_memory(key)
             if slab is not None:
                 return slab, False
             flight = self._flights.get(key)
             if flight is not None:
-                flight.waiters += 1
-                if priority == Priority.DEMAND and flight.ticket is not None:
-                    self.slots.promote(flight.ticket)
-                try:
-                    await flight.done.wait()
-                except BaseException:
-                    if not flight.done.is_set():
-                        flight.waiters -= 1
-                    elif flight.slab is not None:
-                        self.pool.release(flight.slab)  # handed to us all the same
-                    raise
-                if flight.slab is not None:
-                    return flight.slab, flight.fetched
-                if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
-                    raise flight.error
+                joined = await self._join(flight, priority)
+                if joined is not None:
+                    return joined
                 continue  # an eviction, or an owner that was cancelled: look again
             ticket = Ticket(priority)
             flight = self._flights[key] = _Flight(ticket=ticket)
@@ -719,6 +709,38 @@ class ChunkCache:
             finally:
                 del self._flights[key]
                 flight.land(self.pool, slab)
+
+    def _in_memory(self, key: tuple[bytes, int]) -> Slab | None:
+        """The chunk's slab, held for the caller, if it is in RAM: cached,
+        or fetched with its disk write not done yet."""
+        slab = self.pool.get(key)
+        if slab is None:
+            slab = self._storing.get(key)
+            if slab is not None:
+                self.pool.hold(slab)
+        return slab
+
+    async def _join(self, flight: _Flight, priority: Priority) -> tuple[Slab, bool] | None:
+        """Wait for another task's load of the chunk: its slab (held for
+        us) and whether it came from the origin, or None if it landed
+        without one (to look again). A demand reader promotes a queued
+        background fetch."""
+        flight.waiters += 1
+        if priority == Priority.DEMAND and flight.ticket is not None:
+            self.slots.promote(flight.ticket)
+        try:
+            await flight.done.wait()
+        except BaseException:
+            if not flight.done.is_set():
+                flight.waiters -= 1
+            elif flight.slab is not None:
+                self.pool.release(flight.slab)  # handed to us all the same
+            raise
+        if flight.slab is not None:
+            return flight.slab, flight.fetched
+        if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
+            raise flight.error
+        return None
 
     async def _load(self, obj: CachedObject, n: int, ticket: Ticket) -> tuple[Slab, bool]:
         """Chunk `n` from disk if it verifies, else from the origin (stored

@@ -82,24 +82,21 @@ def chunk_ok(pf: PayloadFile, v: Victim, digest: int, chunk_size: int) -> bool:
     return got == v.length and sum_ == digest
 
 
+# A victim with its payload file (None: there is none) and chunk size
+# (0: the object's record is gone).
+_Locked = tuple[Victim, "PayloadFile | None", int]
+
+
 def evict(
     index: CacheIndex, payload: PayloadStore, victims: list[Victim], alone: Callable[[], bool]
 ) -> list[Victim]:
     """Lock each victim's range (skipping those another process holds),
     remove the records, punch the holes, unlock."""
-    locked: list[tuple[Victim, PayloadFile | None, int]] = []
-    files: dict[bytes, PayloadFile | None] = {}
-    chunk_sizes: dict[bytes, int] = {}
+    locked: list[_Locked] = []
+    files: dict[bytes, tuple[PayloadFile | None, int]] = {}
     try:
         for v in victims:
-            if v.obj_id not in files:
-                meta = index.object_meta(v.obj_id)
-                chunk_sizes[v.obj_id] = int(meta["chunk_size"]) if meta else 0  # type: ignore[call-overload]
-                try:
-                    files[v.obj_id] = payload.acquire(v.obj_id, create=False)
-                except FileNotFoundError:
-                    files[v.obj_id] = None
-            pf, cs = files[v.obj_id], chunk_sizes[v.obj_id]
+            pf, cs = _payload_of(index, payload, files, v.obj_id)
             if pf is not None and cs and not pf.try_lock(v.chunk * cs, v.length):
                 continue
             locked.append((v, pf, cs))
@@ -108,12 +105,7 @@ def evict(
             if pf is not None and cs:
                 payload.punch(pf, v.chunk * cs, v.length)
     finally:
-        for v, pf, cs in locked:
-            if pf is not None and cs:
-                pf.unlock(v.chunk * cs, v.length)
-        for obj_id, pf in files.items():
-            if pf is not None:
-                payload.release(obj_id)
+        _unlock(payload, locked, files)
     # Another process may have the file open and be about to store into
     # it; unlinking it would strand those bytes. Empty files are left to
     # a later eviction or `modelfs cache gc` that runs alone.
@@ -121,3 +113,33 @@ def evict(
         for obj_id in empty:
             payload.remove(obj_id)
     return [v for v, _, _ in locked]
+
+
+def _payload_of(
+    index: CacheIndex,
+    payload: PayloadStore,
+    files: dict[bytes, tuple[PayloadFile | None, int]],
+    obj_id: bytes,
+) -> tuple[PayloadFile | None, int]:
+    """An object's payload file (acquired once per eviction) and chunk size."""
+    if obj_id not in files:
+        meta = index.object_meta(obj_id)
+        chunk_size = int(meta["chunk_size"]) if meta else 0  # type: ignore[call-overload]
+        try:
+            files[obj_id] = (payload.acquire(obj_id, create=False), chunk_size)
+        except FileNotFoundError:
+            files[obj_id] = (None, chunk_size)
+    return files[obj_id]
+
+
+def _unlock(
+    payload: PayloadStore,
+    locked: list[_Locked],
+    files: dict[bytes, tuple[PayloadFile | None, int]],
+) -> None:
+    for v, pf, cs in locked:
+        if pf is not None and cs:
+            pf.unlock(v.chunk * cs, v.length)
+    for obj_id, (pf, _) in files.items():
+        if pf is not None:
+            payload.release(obj_id)

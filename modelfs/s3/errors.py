@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import (
     AccessDenied,
@@ -147,46 +148,25 @@ def not_s3(endpoint: str, detail: str) -> BadResponse:
     )
 
 
+# S3 error codes that mean the credentials are missing, wrong or too weak.
+DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "403",
+    }
+)
+
+
 def translate(exc: Exception, what: str, bucket: str, endpoint: str) -> StoreError:
     """A botocore/boto3 failure as a modelfs StoreError."""
     import botocore.exceptions as bex
 
     if isinstance(exc, bex.ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        meta = exc.response.get("ResponseMetadata", {})
-        status = meta.get("HTTPStatusCode")
-        msg = err.get("Message") or code
-        ctype = str(meta.get("HTTPHeaders", {}).get("content-type", ""))
-        if "html" in ctype.lower():
-            return not_s3(endpoint, f"HTTP {status}, {ctype}")
-        if code in ("PreconditionFailed", "412") or status == 412:
-            return ObjectChanged(f"{what}: object changed since it was opened")
-        if code == "NoSuchVersion":
-            return ObjectChanged(f"{what}: the pinned version no longer exists")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return NoSuchObject(f"{what}: no such key")
-        if code == "NoSuchBucket":
-            return NoSuchBucket(f"bucket {bucket!r} does not exist at {endpoint}")
-        if (
-            code
-            in (
-                "AccessDenied",
-                "InvalidAccessKeyId",
-                "SignatureDoesNotMatch",
-                "InvalidToken",
-                "ExpiredToken",
-                "403",
-            )
-            or status == 403
-        ):
-            return AccessDenied(
-                f"access denied to bucket {bucket!r} ({code}: {msg}); check the credentials"
-            )
-        if code in ("", str(status)) and not err.get("Message"):
-            # No S3 error document: something else answered.
-            return not_s3(endpoint, f"HTTP {status} without an S3 error")
-        return StoreError(f"{what}: {code or status}: {msg}")
+        return _from_response(exc.response, what, bucket, endpoint)
     if isinstance(exc, bex.NoCredentialsError):
         return AccessDenied(
             "no AWS credentials found (environment, shared config/profile or web identity)"
@@ -204,3 +184,31 @@ def translate(exc: Exception, what: str, bucket: str, endpoint: str) -> StoreErr
     if isinstance(exc, bex.BotoCoreError):
         return StoreError(f"{what}: {exc}")
     return StoreError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _from_response(response: dict[str, Any], what: str, bucket: str, endpoint: str) -> StoreError:
+    """The domain error for an S3 error response (a ClientError's)."""
+    err = response.get("Error", {})
+    code = str(err.get("Code", ""))
+    meta = response.get("ResponseMetadata", {})
+    status = meta.get("HTTPStatusCode")
+    msg = err.get("Message") or code
+    ctype = str(meta.get("HTTPHeaders", {}).get("content-type", ""))
+    if "html" in ctype.lower():
+        return not_s3(endpoint, f"HTTP {status}, {ctype}")
+    if code in ("PreconditionFailed", "412") or status == 412:
+        return ObjectChanged(f"{what}: object changed since it was opened")
+    if code == "NoSuchVersion":
+        return ObjectChanged(f"{what}: the pinned version no longer exists")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return NoSuchObject(f"{what}: no such key")
+    if code == "NoSuchBucket":
+        return NoSuchBucket(f"bucket {bucket!r} does not exist at {endpoint}")
+    if code in DENIED_CODES or status == 403:
+        return AccessDenied(
+            f"access denied to bucket {bucket!r} ({code}: {msg}); check the credentials"
+        )
+    if code in ("", str(status)) and not err.get("Message"):
+        # No S3 error document: something else answered.
+        return not_s3(endpoint, f"HTTP {status} without an S3 error")
+    return StoreError(f"{what}: {code or status}: {msg}")

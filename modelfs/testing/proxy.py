@@ -98,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         fault = (
             proxy.fault(self.command, unquote(split.path), self.headers.get("Range"))
-            if (proxy.fault)
+            if proxy.fault
             else None
         )
         if fault is not None and fault.status is not None:
@@ -107,6 +107,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(fault)
             self._record(fault.status, 0)
             return
+        conn, resp = self._ask_upstream(body)
+        if proxy.first_byte_delay:
+            time.sleep(proxy.first_byte_delay)
+        payload = self._send_head(resp)
+        cut = None
+        if fault is not None:
+            cut = fault.reset_after if fault.reset_after is not None else fault.truncate_after
+            if fault.stall:
+                time.sleep(fault.stall)
+        sent = self._relay_body(resp, payload, cut, fault) if self.command != "HEAD" else 0
+        resp.close()
+        if cut is not None:
+            conn.close()  # the upstream response was not read to its end
+            self._conn = None
+        self._record(resp.status, sent)
+
+    def _ask_upstream(
+        self, body: bytes | None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """The request sent on, on the kept connection (a new one if that
+        one was closed meanwhile)."""
+        proxy = self.server.proxy
         headers = {
             k: v
             for k, v in self.headers.items()
@@ -115,15 +137,17 @@ class _Handler(BaseHTTPRequestHandler):
         conn = self._upstream()
         try:
             conn.request(self.command, self.path, body=body, headers=headers)
-            resp = conn.getresponse()
+            return conn, conn.getresponse()
         except (OSError, http.client.HTTPException):
             conn.close()
             self._conn = None
             conn = self._upstream()
             conn.request(self.command, self.path, body=body, headers=headers)
-            resp = conn.getresponse()
-        if proxy.first_byte_delay:
-            time.sleep(proxy.first_byte_delay)
+            return conn, conn.getresponse()
+
+    def _send_head(self, resp: http.client.HTTPResponse) -> bytes | None:
+        """Status and headers passed back; a body without a length is read
+        whole first (and returned) to give it one."""
         resp_len = resp.getheader("Content-Length")
         payload: bytes | None = None
         if resp_len is None and self.command != "HEAD":
@@ -136,37 +160,37 @@ class _Handler(BaseHTTPRequestHandler):
         if resp_len is not None:
             self.send_header("Content-Length", resp_len)
         self.end_headers()
+        return payload
+
+    def _relay_body(
+        self,
+        resp: http.client.HTTPResponse,
+        payload: bytes | None,
+        cut: int | None,
+        fault: Fault | None,
+    ) -> int:
+        """The body passed back (at `rate`, cut after `cut` bytes by the
+        fault); the bytes sent."""
+        rate = self.server.proxy.rate
         sent = 0
-        cut = None
-        if fault is not None:
-            cut = fault.reset_after if fault.reset_after is not None else fault.truncate_after
-            if fault.stall:
-                time.sleep(fault.stall)
-        if self.command != "HEAD":
-            started = time.monotonic()
-            while True:
-                if payload is not None:
-                    block, payload = payload[: 1 << 20], payload[1 << 20 :]
-                else:
-                    block = resp.read(1 << 20)
-                if not block:
-                    break
-                if cut is not None and sent + len(block) >= cut:
-                    self.wfile.write(block[: cut - sent])
-                    sent = cut
-                    self._cut(fault)
-                    break
-                self.wfile.write(block)
-                sent += len(block)
-                if proxy.rate:
-                    ahead = sent / proxy.rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
-        resp.close()
-        if cut is not None:
-            conn.close()  # the upstream response was not read to its end
-            self._conn = None
-        self._record(resp.status, sent)
+        started = time.monotonic()
+        while True:
+            if payload is not None:
+                block, payload = payload[: 1 << 20], payload[1 << 20 :]
+            else:
+                block = resp.read(1 << 20)
+            if not block:
+                return sent
+            if cut is not None and sent + len(block) >= cut:
+                self.wfile.write(block[: cut - sent])
+                self._cut(fault)
+                return cut
+            self.wfile.write(block)
+            sent += len(block)
+            if rate:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
 
     def _record(self, status: int, body_bytes: int) -> None:
         split = urlsplit(self.path)
