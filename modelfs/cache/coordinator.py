@@ -1050,25 +1050,31 @@ class ChunkCache:
         over = self._used + self._reserved - self.capacity
         short = 0
         if self.min_free:
-            short = self.min_free + self._reserved - self._free()
+            short = self.min_free + self._reserved - await self._free()
             if short > -FREE_MARGIN:
                 # Near the guard the estimate is not good enough: another
                 # process may have written since the last statvfs.
-                short = self.min_free + self._reserved - self._free(exact=True)
+                short = self.min_free + self._reserved - await self._free(exact=True)
         need = max(over, short)
         if need > 0:
             # Ask for some slack: pinned or busy chunks are skipped.
             await self._evict(need, need + 64 * incoming)
-        return short <= 0 or self._free(exact=True) >= self.min_free + self._reserved
+        return short <= 0 or await self._free(exact=True) >= self.min_free + self._reserved
 
-    def _free(self, *, exact: bool = False) -> int:
+    async def _free(self, *, exact: bool = False) -> int:
         """Free bytes on the cache's filesystem: a statvfs at most every
         FREE_REFRESH seconds (or when `exact`), less what this process
         wrote since. Other processes filling the disk are seen at the next
         refresh."""
         now = time.monotonic()
         if exact or now - self._free_at > FREE_REFRESH:
-            self._free_seen, self._free_at, self._written = directory.free_bytes(self.root), now, 0
+            # statvfs can block on a sick filesystem: in a thread. Bytes
+            # written while it runs are kept in `_written` (counted as not
+            # seen by it: the estimate errs towards less free space).
+            before = self._written
+            seen = await trio.to_thread.run_sync(directory.free_bytes, self.root)
+            self._free_seen, self._free_at = seen, now
+            self._written -= before
         return self._free_seen - self._written
 
     @property
