@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import NoSuchName, NoSuchObject, VersionReplaced
-from .store import Listing, ObjectStore, ObjectVersion
+from .store import Listing, ObjectInfo, ObjectStore, ObjectVersion
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,39 @@ def valid_name(name: str) -> bool:
         and "\0" not in name
         and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
     )
+
+
+@dataclass
+class Level:
+    """One directory level under the key rules: what a mount shows of it."""
+
+    dirs: dict[str, str] = field(default_factory=dict)  # name -> prefix
+    files: dict[str, ObjectInfo] = field(default_factory=dict)  # name -> object
+    hidden: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
+
+
+def level(dir_key: str, listing: Listing) -> Level:
+    """The names under `dir_key` in one Delimiter='/' listing, after the key
+    rules of this module's docstring; the mount and `modelfs pull` both
+    see a prefix through this."""
+    out = Level()
+    for p in listing.prefixes:
+        name = p[len(dir_key) : -1]
+        if valid_name(name):
+            out.dirs[name] = p
+        else:
+            out.hidden.append((name, "not a valid file name"))
+    for obj in listing.objects:
+        name = obj.key[len(dir_key) :]
+        if name == "":
+            continue  # the directory marker of this directory
+        if not valid_name(name):
+            out.hidden.append((name, "not a valid file name"))
+        elif name in out.dirs:
+            out.hidden.append((name, "also a prefix; the directory is shown"))
+        else:
+            out.files[name] = obj
+    return out
 
 
 class Namespace:
@@ -170,26 +203,14 @@ class Namespace:
             log.warning("hiding %r under %r: %s", name, dir_key or "/", why)
 
     def _apply(self, dnode: Node, state: _DirState, listing: Listing) -> None:
-        prefix = dnode.key
+        seen = level(dnode.key, listing)
+        for name, why in seen.hidden:
+            self._hide(dnode.key, name, why)
         wanted: dict[bytes, tuple[bool, str, ObjectVersion | None]] = {}
-        for p in listing.prefixes:
-            name = p[len(prefix) : -1]
-            if not valid_name(name):
-                self._hide(prefix, name, "not a valid file name")
-                continue
+        for name, p in seen.dirs.items():
             wanted[name.encode("utf-8", "surrogateescape")] = (True, p, None)
-        for obj in listing.objects:
-            name = obj.key[len(prefix) :]
-            if name == "":
-                continue  # directory marker for this directory
-            if not valid_name(name):
-                self._hide(prefix, name, "not a valid file name")
-                continue
-            bname = name.encode("utf-8", "surrogateescape")
-            if bname in wanted:
-                self._hide(prefix, name, "also a prefix; the directory is shown")
-                continue
-            wanted[bname] = (False, obj.key, obj.version)
+        for name, obj in seen.files.items():
+            wanted[name.encode("utf-8", "surrogateescape")] = (False, obj.key, obj.version)
 
         old = state.children
         new: dict[bytes, int] = {}

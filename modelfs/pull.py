@@ -12,8 +12,8 @@ ETag. A file whose size matches the object's and whose metadata file holds
 its ETag is up to date and skipped, whichever tool wrote it; every file
 written here gets its metadata file too.
 
-The walk applies the mount's key rules (`namespace.valid_name`), so a key
-such as ``../x`` can never write outside DIR.
+The walk applies the mount's key rules (`namespace.level`), so a key such
+as ``../x`` can never write outside DIR.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import trio
 from .cache import CachedObject, ChunkCache
 from .config import MountConfig
 from .errors import ModelfsError
-from .namespace import valid_name
+from .namespace import level
 from .process import raise_fd_limit, tune_malloc
 from .s3.origin import S3Store
 from .snapshot import Snapshot
@@ -59,22 +59,15 @@ def metadata_path(dest: Path, rel: str) -> Path:
 
 
 def walk(list_dir: Callable[[str], Listing], prefix: str) -> list[tuple[str, ObjectInfo]]:
-    """(relative path, object) for every file under `prefix`, as a mount shows them."""
+    """(relative path, object) for every file under `prefix`, as a mount
+    shows them (`namespace.level`: the same key rules)."""
     out: list[tuple[str, ObjectInfo]] = []
     pending = [prefix]
     while pending:
         dir_key = pending.pop()
-        listing = list_dir(dir_key)
-        dirs = set()
-        for p in listing.prefixes:
-            name = p[len(dir_key) : -1]
-            if valid_name(name):
-                dirs.add(name)
-                pending.append(p)
-        for obj in listing.objects:
-            name = obj.key[len(dir_key) :]
-            if name and valid_name(name) and name not in dirs:
-                out.append((obj.key[len(prefix) :], obj))
+        seen = level(dir_key, list_dir(dir_key))
+        pending.extend(seen.dirs.values())
+        out.extend((obj.key[len(prefix) :], obj) for obj in seen.files.values())
     return sorted(out, key=lambda item: item[0])
 
 

@@ -253,18 +253,6 @@ class CacheIndex:
         with self.env.begin() as txn:
             return self._sum_chunks(txn, obj_id)[0]
 
-    def chunks_of(self, obj_id: bytes) -> list[int]:
-        out = []
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self._chunks)
-            if cur.set_range(obj_id):
-                for key in cur.iternext(values=False):
-                    oid, n = _CKEY.unpack(key)
-                    if oid != obj_id:
-                        break
-                    out.append(n)
-        return out
-
     def stats(self) -> dict[str, int]:
         with self.env.begin() as txn:
             return {

@@ -26,7 +26,8 @@ def test_put_get_used_and_persistence(tmp_path: Path) -> None:
     rec = idx.get(A, 1)
     assert rec is not None and (rec.length, rec.checksum) == (50, 0xDEF)
     assert idx.object_meta(A) == {"chunk_size": 100}
-    assert idx.chunks_of(A) == [0, 1]
+    assert idx.get(A, 0) is not None and idx.get(A, 2) is None
+    assert idx.cached_bytes(A) == 150
     assert idx.stats() == {"used_bytes": 150, "chunks": 2, "objects": 1}
 
 
