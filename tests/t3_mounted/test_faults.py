@@ -161,7 +161,7 @@ def test_errors_that_no_retry_cures(
 
 
 def test_bad_timeouts_are_refused(tmp_path: Path, bucket: Bucket) -> None:
-    from .conftest import run_modelfs
+    from ..conftest import run_modelfs
 
     (tmp_path / "mnt").mkdir()
     proc = run_modelfs(

@@ -114,7 +114,7 @@ def test_index_that_is_a_file(tmp_path: Path, bucket: Bucket, mounter: Mounter) 
         (("--fetch-concurrency", "100000"), "--fetch-concurrency must be at most"),
         (("--memory-cache", "100T"), "more than half of this machine's memory"),
         (("--min-free-space", "100T"), "is more than the filesystem of"),
-        (("--fetch-concurrency", "lots"), "invalid int value"),  # argparse's own, one line
+        (("--fetch-concurrency", "lots"), "invalid integer 'lots'"),  # one line
         (("--no-such-option",), "unrecognized arguments"),
     ],
 )
