@@ -192,10 +192,12 @@ class CacheCounters:
 
 
 async def _all_at_once(load: Callable[[int], Awaitable[None]], chunks: list[int]) -> None:
-    """`load` every chunk at once (a lone one without a nursery); a failure
-    of several fails as a one-chunk read does."""
-    if len(chunks) == 1:
-        await load(chunks[0])
+    """`load` every chunk at once (a lone one without a nursery, none
+    without anything: the common case of a read served from memory); a
+    failure of several fails as a one-chunk read does."""
+    if len(chunks) <= 1:
+        for n in chunks:
+            await load(n)
         return
     try:
         async with trio.open_nursery() as nursery:
