@@ -15,6 +15,7 @@ tier exactly as before.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -269,6 +270,10 @@ class Difference:
     change: str  # "changed", "deleted" or "added"
     pinned: ObjectVersion | None
     now: ObjectVersion | None
+    # A changed or deleted key pinned by VersionId: whether that version
+    # can still be read (so mounts of the manifest still serve it); None
+    # when not known (no VersionId, or not asked).
+    pinned_readable: bool | None = None
 
     def describe(self, bucket: str) -> str:
         url = f"s3://{bucket}/{self.key}"
@@ -278,12 +283,19 @@ class Difference:
         assert self.pinned is not None
         was = f"ETag {self.pinned.etag or '-'}, {self.pinned.size} bytes"
         if self.change == "deleted":
-            return f"deleted  {url} (was {was})"
+            return f"deleted  {url} (was {was})" + self._readability()
         assert self.now is not None
         return (
             f"changed  {url} (manifest: {was}; now: ETag {self.now.etag or '-'}, "
-            f"{self.now.size} bytes)"
+            f"{self.now.size} bytes)" + self._readability()
         )
+
+    def _readability(self) -> str:
+        if self.pinned_readable is None:
+            return ""
+        if self.pinned_readable:
+            return "; the pinned version is still readable: mounts of the manifest serve it"
+        return "; the pinned version is GONE: mounts of the manifest fail on this file"
 
 
 def _same(pinned: ObjectVersion, now: ObjectVersion) -> bool:
@@ -308,6 +320,19 @@ def differences(manifest: Snapshot, now: Snapshot) -> list[Difference]:
         elif not _same(p, n):
             out.append(Difference(key, "changed", p, n))
     return out
+
+
+def with_readability(
+    diffs: list[Difference], has_version: Callable[[str, str], bool]
+) -> list[Difference]:
+    """The differences, each changed or deleted key pinned by VersionId
+    told whether its pinned version can still be read."""
+    return [
+        dataclasses.replace(d, pinned_readable=has_version(d.key, d.pinned.version_id))
+        if d.pinned is not None and d.pinned.version_id and d.change != "added"
+        else d
+        for d in diffs
+    ]
 
 
 # -- a snapshot mount's pins -------------------------------------------------

@@ -256,4 +256,10 @@ def _difference_json(d: Difference) -> dict[str, Any]:
             return None
         return {"etag": v.etag, "size": v.size, "version_id": v.version_id}
 
-    return {"key": d.key, "change": d.change, "manifest": version(d.pinned), "now": version(d.now)}
+    return {
+        "key": d.key,
+        "change": d.change,
+        "manifest": version(d.pinned),
+        "now": version(d.now),
+        "pinned_readable": d.pinned_readable,
+    }

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         store = S3Store(cfg.origin_settings(pool=1), cfg.source.bucket)
         store.probe(cfg.source.prefix)
         diffs = snapshot.differences(pinned, snapshot.take(store, cfg.source))
+        diffs = snapshot.with_readability(diffs, store.has_version)
         return render.snapshot_check(pinned, diffs, args.json)
     if args.json:
         raise UsageError("--json goes with --check; a manifest is JSON already")

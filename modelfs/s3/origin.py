@@ -42,7 +42,7 @@ from ..store import (
     epoch_ns,
 )
 from . import client as s3client
-from .errors import classify, label, not_s3, translate
+from .errors import classify, label, not_s3, status_and_code, translate
 from .settings import S3Settings
 
 log = logging.getLogger(__name__)
@@ -319,6 +319,19 @@ class S3Store:
             origin=f"{self.bucket}/{key}",
             version_id=None if vid in (None, "", "null") else vid,
         )
+
+    def has_version(self, key: str, version_id: str) -> bool:
+        """Whether that version of the key can still be read (a HEAD by
+        VersionId: a version removed since answers 404)."""
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key, VersionId=version_id)
+            return True
+        except Exception as exc:
+            # A HEAD's 404 has no body to say NoSuchVersion (and some
+            # servers send an HTML one): the status is the answer.
+            if status_and_code(exc)[0] == 404:
+                return False
+            raise self._translate(exc, f"s3://{self.bucket}/{key} version {version_id}") from None
 
     def read_document(self, bucket: str, key: str, limit: int) -> bytes:
         """A small object read whole (a manifest), refused above `limit` bytes."""

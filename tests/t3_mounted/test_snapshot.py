@@ -137,6 +137,7 @@ def test_versioned_manifest_mount_reads_the_old_bytes_by_version_id(
     rc, out = _check(bucket, manifest)
     assert rc == 1
     assert sorted(line.split()[0] for line in out.splitlines()) == ["changed"] * 4 + ["deleted"]
+    assert all("the pinned version is still readable" in line for line in out.splitlines())
     rc, out = _check(bucket, manifest, "--json")
     assert rc == 1
     diffs = {d["key"]: d for d in json.loads(out)}
@@ -184,6 +185,17 @@ def test_versioned_manifest_mount_reads_the_old_bytes_by_version_id(
     assert proc.returncode == 0, proc.stderr
     copied = {k: v for k, v in _tree(dest).items() if not k.startswith(".cache")}
     assert copied == {k.removeprefix("m/"): v for k, v in old.items()}
+
+    # A pinned version removed for good (a lifecycle rule, a user): the check
+    # says so for that key, by name.
+    config = doc["objects"][0]
+    bucket.client.delete_object(
+        Bucket=bucket.name, Key=config["key"], VersionId=config["version_id"]
+    )
+    rc, out = _check(bucket, manifest, "--json")
+    readable = {d["key"]: d["pinned_readable"] for d in json.loads(out)}
+    assert rc == 1 and readable.pop("m/config.json") is False
+    assert set(readable.values()) == {True}
 
 
 @pytest.mark.mount
