@@ -31,6 +31,7 @@ import trio
 from .cache import CachedObject, ChunkCache
 from .config import MountConfig
 from .errors import ModelfsError
+from .files import write_atomically
 from .namespace import level
 from .process import raise_fd_limit, tune_malloc
 from .s3.origin import S3Store
@@ -91,17 +92,6 @@ def _temp_prefix(name: str) -> str:
     return "." + raw.decode("utf-8", "ignore") + "."
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 async def _copy(
     cache: ChunkCache, obj: CachedObject, fd: int, on_bytes: Callable[[int], None], concurrency: int
 ) -> None:
@@ -156,7 +146,8 @@ async def _pull_one(
     if len(meta.name.encode("utf-8", "surrogateescape")) > 255:
         return  # no room for AIBrix's ".metadata" name: the next pull copies it again
     if info.version.etag:
-        _atomic_write_text(meta, info.version.etag)
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(meta, info.version.etag.encode(), prefix=_temp_prefix(meta.name))
     else:
         meta.unlink(missing_ok=True)
 

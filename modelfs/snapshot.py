@@ -19,8 +19,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ import trio
 
 from .config import MiB, S3Location, parse_s3_url
 from .errors import ConfigError, EmptySource, StoreError
+from .files import write_atomically
 from .stats import SnapshotStats
 from .store import Listing, ObjectInfo, ObjectStore, ObjectVersion, epoch_ns
 
@@ -250,17 +249,7 @@ def write(snapshot: Snapshot, dest: Path | None) -> None:
     if dest is None:
         print(text, end="")
         return
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-        os.fchmod(fd, 0o644)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, dest)
+    write_atomically(dest, text.encode(), prefix=f".{dest.name}.", mode=0o644)
 
 
 # -- comparing with the bucket -----------------------------------------------

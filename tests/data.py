@@ -54,3 +54,22 @@ def put_shards(bucket: Any, seed: int, n: int, size: int, step: int) -> dict[str
     for key, value in files.items():
         bucket.put(key, value)
     return files
+
+
+def manifest_doc() -> dict[str, Any]:
+    """A valid one-object manifest of s3://bkt/m/, for tests to spoil."""
+    return {
+        "format": "modelfs-manifest/1",
+        "bucket": "bkt",
+        "prefix": "m/",
+        "taken": "2026-12-02T00:00:00Z",
+        "objects": [
+            {
+                "key": "m/a",
+                "size": 3,
+                "etag": '"x"',
+                "version_id": None,
+                "last_modified": "2026-12-01T10:00:00.000000Z",
+            }
+        ],
+    }

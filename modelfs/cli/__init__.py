@@ -18,7 +18,7 @@ import sys
 from ..config import MountConfig
 from ..errors import ConfigError, ModelfsError
 from ..mountopts import helper_argv
-from . import render, sources
+from . import render
 from .options import UsageError
 from .parser import build_parser, normalize_argv
 
@@ -28,6 +28,8 @@ __all__ = ["build_parser", "config_from_args", "main", "mount_helper", "normaliz
 def config_from_args(args: argparse.Namespace) -> MountConfig:
     """The MountConfig of parsed ``modelfs mount`` arguments (the manifest,
     if any, not read yet)."""
+    from . import sources
+
     return sources.resolve(args, "mountpoint", "mountpoint")
 
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import cache_admin
 from ..config import default_cache_dir, parse_size
 from ..errors import CacheError
 from ..progress import byte_bar
 from . import render
-from .options import _checked
+from .options import argparse_type
 
 ACTIONS = {
     "ls": "cached objects: key, ETag, cached bytes of the size, last access",
@@ -41,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         if name == "gc":
             a.add_argument(
                 "size",
-                type=_checked(lambda t: parse_size(t, "SIZE")),
+                type=argparse_type(lambda t: parse_size(t, "SIZE")),
                 metavar="SIZE",
                 help="e.g. 10G",
             )
@@ -58,6 +57,8 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import cache_admin
+
     action = args.cache_command
     if action in ("pin", "unpin"):
         render.cache_pins(cache_admin.pin_paths(args.paths, action == "pin"), action == "pin")
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _verify(root: Path, repair: bool, as_json: bool) -> int:
+    from .. import cache_admin
+
     if as_json:
         checked, bad = cache_admin.verify(root)
     else:

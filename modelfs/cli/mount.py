@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..cache import directory as cache_dir
 from ..config import MountConfig
 from ..mounts import check_mountpoint, clear_stale_mount
-from ..snapshot import Snapshot
-from . import daemonize, render, sources
+from . import render
 from .logs import setup_logging
 from .options import MOUNT_GROUPS, add_options
+
+if TYPE_CHECKING:
+    from ..snapshot import Snapshot
 
 log = logging.getLogger("modelfs")
 
@@ -36,13 +38,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import sources
+
     cfg = sources.resolve(args, "mountpoint", "mountpoint")
     snap = sources.with_manifest(cfg, named_source=args.source is not None)
     return mount(cfg, snap)
 
 
 def mount(cfg: MountConfig, snap: Snapshot | None = None) -> int:
+    from ..cache import directory as cache_dir
     from ..daemon import serve
+    from . import daemonize
 
     # A dead modelfs mount left by a crashed daemon is cleared, so that
     # mounting again is all the recovery it takes.

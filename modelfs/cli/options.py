@@ -73,7 +73,7 @@ class Option:
 _FIELDS = {f.name: f for f in dataclasses.fields(MountConfig)}
 
 
-def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """A parser whose ConfigError argparse reports as a usage error."""
 
     def run(text: str) -> Any:
@@ -345,7 +345,7 @@ def add_options(parser: argparse.ArgumentParser, groups: Iterable[Group]) -> Non
         parser.add_argument(
             *names,
             dest=o.dest,
-            type=_checked(o.parse),
+            type=argparse_type(o.parse),
             default=o.default,
             metavar=o.metavar,
             choices=o.choices,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import pull as pulling
 from ..progress import files_progress
-from . import render, sources
+from . import render
 from .logs import setup_logging
 from .options import PULL_GROUPS, add_options
 
@@ -36,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import pull as pulling
+    from . import sources
+
     cfg = sources.resolve(args, "dest", "DIR")
     snap = sources.with_manifest(cfg, named_source=args.source is not None)
     setup_logging(cfg.debug)

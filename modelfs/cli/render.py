@@ -12,17 +12,21 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..cache.index import ObjectEntry
-from ..cache_admin import CorruptChunk, Usage, object_url
 from ..config import format_size
 from ..humane import escape, for_humans
 from ..progress import percent
-from ..pull import PullResult
-from ..snapshot import Difference, Snapshot
 from ..stats import MountStats, SnapshotStats, TierStats
-from ..warm import WarmResult
+
+if TYPE_CHECKING:
+    # Types only: importing the layers (trio, lmdb) would slow every
+    # command's start, `warm --check` as a readiness probe above all.
+    from ..cache.index import ObjectEntry
+    from ..cache_admin import CorruptChunk, Usage
+    from ..pull import PullResult
+    from ..snapshot import Difference, Snapshot
+    from ..warm import WarmResult
 
 
 def _json(value: Any) -> None:
@@ -108,29 +112,33 @@ def _tier_line(t: TierStats) -> str:
 
 # -- pull and warm ----------------------------------------------------------------
 def pull(result: PullResult, as_json: bool) -> int:
-    if as_json:
-        _json(dataclasses.asdict(result))
-        return 1 if result.failed else 0
-    print(
+    summary = (
         f"{len(result.written)} files written ({format_size(result.bytes_written)}), "
         f"{len(result.skipped)} up to date, {len(result.failed)} failed"
     )
-    for rel, err in result.failed.items():
-        error(f"{rel}: {err}")
-    return 1 if result.failed else 0
+    return _files_done(result, summary, list(result.failed.items()), as_json)
 
 
 def warm(result: WarmResult, as_json: bool) -> int:
-    if as_json:
-        _json(dataclasses.asdict(result))
-        return 1 if result.failed else 0
-    print(
+    summary = (
         f"{result.files} files: {result.already_cached} were cached already, "
         f"{format_size(result.bytes_read)} read into the cache, {len(result.failed)} failed"
     )
-    for name, err in sorted(result.failed.items()):
-        error(f"{name}: {err}")
-    return 1 if result.failed else 0
+    return _files_done(result, summary, sorted(result.failed.items()), as_json)
+
+
+def _files_done(
+    result: PullResult | WarmResult, summary: str, failed: list[tuple[str, str]], as_json: bool
+) -> int:
+    """The result as JSON, or the summary and one error line per failed
+    file; exit status 1 if any failed."""
+    if as_json:
+        _json(dataclasses.asdict(result))
+    else:
+        print(summary)
+        for name, err in failed:
+            error(f"{name}: {err}")
+    return 1 if failed else 0
 
 
 def warm_check(state: dict[str, Any], as_json: bool) -> int:
@@ -149,6 +157,8 @@ def warm_check(state: dict[str, Any], as_json: bool) -> int:
 
 # -- cache --------------------------------------------------------------------------
 def cache_ls(entries: list[ObjectEntry], as_json: bool) -> None:
+    from ..cache_admin import object_url
+
     if as_json:
         _json([_entry_json(e) for e in entries])
         return
@@ -165,6 +175,8 @@ def cache_ls(entries: list[ObjectEntry], as_json: bool) -> None:
 
 
 def _entry_json(e: ObjectEntry) -> dict[str, object]:
+    from ..cache_admin import object_url
+
     return {
         "url": object_url(e.meta),
         "key": e.meta.get("key"),

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import snapshot
 from ..errors import ModelfsError
-from ..s3.origin import S3Store
-from . import render, sources
+from . import render
 from .logs import setup_logging
 from .options import SNAPSHOT_GROUPS, UsageError, add_options
 
@@ -36,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import snapshot
+    from ..s3.origin import S3Store
+    from . import sources
+
     cfg = sources.resolve(args, None)
     setup_logging(cfg.debug)
     if args.check:

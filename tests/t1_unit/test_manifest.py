@@ -12,6 +12,8 @@ from modelfs.config import S3Location
 from modelfs.snapshot import FORMAT, ManifestError, differences, parse, take
 from modelfs.testing.memory import MemoryStore
 
+from ..data import manifest_doc
+
 MODEL = {
     "m/config.json": b"{}",
     "m/model-00001-of-00002.safetensors": b"x" * 1000,
@@ -63,49 +65,36 @@ def test_differences_name_changed_deleted_and_added_keys() -> None:
     assert differences(before, before) == []
 
 
-def _good_doc() -> dict:
-    return {
-        "format": FORMAT,
-        "bucket": "bkt",
-        "prefix": "m/",
-        "taken": "2026-12-02T00:00:00Z",
-        "objects": [
-            {
-                "key": "m/a",
-                "size": 3,
-                "etag": '"x"',
-                "version_id": None,
-                "last_modified": "2026-12-01T10:00:00.000000Z",
-            }
-        ],
-    }
-
-
 BAD_MANIFESTS = {
     "not json": (b"{oops", "not JSON"),
     "foreign json": (b'{"model": "llama"}', "not a modelfs manifest"),
     "a list": (b"[1, 2]", "not a modelfs manifest"),
     "newer format": (
-        json.dumps(dict(_good_doc(), format="modelfs-manifest/9")).encode(),
+        json.dumps(dict(manifest_doc(), format="modelfs-manifest/9")).encode(),
         "modelfs-manifest/9",
     ),
     "key outside the prefix": (
         json.dumps(
-            dict(_good_doc(), objects=[dict(_good_doc()["objects"][0], key="other/a")])
+            dict(manifest_doc(), objects=[dict(manifest_doc()["objects"][0], key="other/a")])
         ).encode(),
         "not under s3://bkt/m/",
     ),
     "negative size": (
-        json.dumps(dict(_good_doc(), objects=[dict(_good_doc()["objects"][0], size=-1)])).encode(),
+        json.dumps(
+            dict(manifest_doc(), objects=[dict(manifest_doc()["objects"][0], size=-1)])
+        ).encode(),
         "objects[0].size",
     ),
     "duplicate key": (
-        json.dumps(dict(_good_doc(), objects=_good_doc()["objects"] * 2)).encode(),
+        json.dumps(dict(manifest_doc(), objects=manifest_doc()["objects"] * 2)).encode(),
         "listed twice",
     ),
     "bad time": (
         json.dumps(
-            dict(_good_doc(), objects=[dict(_good_doc()["objects"][0], last_modified="yesterday")])
+            dict(
+                manifest_doc(),
+                objects=[dict(manifest_doc()["objects"][0], last_modified="yesterday")],
+            )
         ).encode(),
         "last_modified",
     ),

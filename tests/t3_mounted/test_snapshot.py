@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from modelfs.mounts import find_mount
-from modelfs.snapshot import FORMAT
 from modelfs.testing.proxy import CountingProxy
 from modelfs.testing.s3server import MotoServer, free_port
 
 from ..conftest import Bucket, Mounter, modelfs_daemons, mount_fails, run_modelfs
+from ..data import manifest_doc
 
 MiB = 1 << 20
 CHUNK = "1M"
@@ -96,24 +96,6 @@ def _check(bucket: Bucket, manifest: Path, *extra: str) -> tuple[int, str]:
 def _tree(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
-
-
-def _good_doc() -> dict:
-    return {
-        "format": FORMAT,
-        "bucket": "bkt",
-        "prefix": "m/",
-        "taken": "2026-12-02T00:00:00Z",
-        "objects": [
-            {
-                "key": "m/a",
-                "size": 3,
-                "etag": '"x"',
-                "version_id": None,
-                "last_modified": "2026-12-01T10:00:00.000000Z",
-            }
-        ],
     }
 
 
@@ -322,7 +304,7 @@ def test_bad_or_foreign_manifest_is_one_line_and_nothing_mounted(
     msg = mount_fails(tmp_path, bucket, "--manifest", str(missing), source=f"s3://{bucket.name}/m")
     assert "cannot read the manifest" in msg and "No such file" in msg
 
-    good = dict(_good_doc(), bucket="another-bucket")
+    good = dict(manifest_doc(), bucket="another-bucket")
     other = tmp_path / "other.json"
     other.write_text(json.dumps(good))
     msg = mount_fails(tmp_path, bucket, "--manifest", str(other), source=f"s3://{bucket.name}/m")
