@@ -53,7 +53,14 @@ test: system $(VENV)/.installed-extra-test $(VENV)/.installed-extra-loaders
 	MODELFS_SOAK_SECONDS=$${MODELFS_SOAK_SECONDS:-30} MODELFS_REQUIRE_LOADERS=1 \
 	  $(PY) -m pytest -q tests
 
+# Only the project's own sources and docs are tracked: no wheels, archives
+# or build output committed by accident.
+TRACKED_OK := ^(modelfs|tests|scripts|docs|\.ci)/|^(Makefile|README\.md|pyproject\.toml|\.gitignore)$$
+
 lint: system $(VENV)/.installed-extra-lint
+	@stray=$$(git ls-files | grep -Ev '$(TRACKED_OK)'); \
+	if [ -n "$$stray" ]; then echo "tracked files outside the project's sources:"; \
+	  echo "$$stray"; exit 1; fi
 	$(VENV)/bin/ruff check modelfs tests scripts
 	$(VENV)/bin/ruff format --check modelfs tests scripts
 
