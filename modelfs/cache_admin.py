@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from .cache import ChunkCache, disk
-from .cache.directory import FORMAT_FILE
+from .cache.directory import FORMAT_FILE, refuse_links
 from .cache.index import CacheIndex, ObjectEntry, Victim
 from .cache.payload import PayloadFile, PayloadStore
 from .config import DEFAULT_CHUNK_SIZE
@@ -41,6 +41,7 @@ from .store import Listing, ObjectVersion, StoreCounters, Tree
 def _require_cache(root: Path) -> None:
     if not (root / FORMAT_FILE).exists():
         raise CacheError(f"{root} is not a modelfs cache directory (no {FORMAT_FILE})")
+    refuse_links(root)
 
 
 def _index(root: Path) -> CacheIndex:
@@ -72,8 +73,12 @@ def du(root: Path) -> Usage:
         st = index.stats()
     finally:
         index.close()
-    payload = sum(p.stat().st_blocks * 512 for p in (root / "data").rglob("*") if p.is_file())
-    idx = sum(p.stat().st_blocks * 512 for p in (root / "index").iterdir())
+    files = PayloadStore(root)
+    try:
+        payload = sum(blocks * 512 for _, blocks in files.files())
+    finally:
+        files.close_all()
+    idx = sum(p.lstat().st_blocks * 512 for p in (root / "index").iterdir())
     return Usage(
         st["used_bytes"],
         st["chunks"],
@@ -175,12 +180,14 @@ def _remove_orphans(root: Path, index: CacheIndex) -> int:
     emptied while another process used the cache). Only while no other
     process uses the cache: one may be about to store into such a file."""
     known = {e.obj_id.hex() for e in index.objects()}
-    removed = 0
-    for path in (root / "data").glob("*/*"):
-        if path.name not in known:
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    payload = PayloadStore(root)
+    try:
+        orphans = [name for name, _ in payload.files() if name not in known]
+        for name in orphans:
+            payload.remove_name(name)
+    finally:
+        payload.close_all()
+    return len(orphans)
 
 
 def repair(root: Path, bad: list[Victim]) -> None:

@@ -273,6 +273,9 @@ class ChunkCache:
         self.tier = tier
         self.counters = CacheCounters()
         self._objects: dict[bytes, CachedObject] = {}
+        # Objects whose chunks in memory were cut at a size other than the
+        # pool's slab size (see `_recut`).
+        self._cuts: dict[bytes, int] = {}
         self._flights: dict[ChunkKey, _Flight] = {}
         # Chunks a coalesced GET handed out whose payload write is running:
         # readers take them from here, not from the origin a second time.
@@ -363,6 +366,7 @@ class ChunkCache:
                     "origin": version.origin,
                 }
             ).encode()
+            self._recut(obj_id, chunk_size)
             pf = self.payload.acquire(obj_id)
             if pf.error is not None:
                 self._storage_failed(pf.error)
@@ -370,6 +374,21 @@ class ChunkCache:
             self._objects[obj_id] = obj
         obj.handles += 1
         return obj
+
+    def _recut(self, obj_id: bytes, chunk_size: int) -> None:
+        """Memory keys a chunk by (object, chunk number): an object opened
+        at another chunk size than its chunks in memory were cut at (its
+        records were cleared or evicted meanwhile, so the mount's own size
+        now applies) must not find those slabs, or chunk 1 at 1 MiB would
+        be served the bytes of chunk 1 at 256 KiB. Only objects cut at a
+        size other than the pool's are remembered, so this stays small."""
+        was = self._cuts.get(obj_id, self.pool.slab_size)
+        if was != chunk_size:
+            self.pool.forget_object(obj_id)
+        if chunk_size == self.pool.slab_size:
+            self._cuts.pop(obj_id, None)
+        else:
+            self._cuts[obj_id] = chunk_size
 
     def retain(self, obj: CachedObject) -> None:
         obj.handles += 1

@@ -82,6 +82,7 @@ def vet(root: Path) -> bool:
     except OSError as exc:
         raise CacheError(f"cannot use cache directory {root}: {_reason(exc)}") from None
     if FORMAT_FILE in names:
+        refuse_links(root)
         return True
     if names - FIRST_START_LEFTOVERS:
         raise CacheError(
@@ -89,6 +90,43 @@ def vet(root: Path) -> bool:
             "use an empty or new directory"
         )
     return False
+
+
+# The parts of a cache directory modelfs writes, truncates or deletes.
+_OWN_PARTS = (
+    "data",
+    "index",
+    "index/data.mdb",
+    "index/lock.mdb",
+    "lock",
+    "modelfs.log",
+    FORMAT_FILE,
+)
+
+
+def refuse_links(root: Path) -> None:
+    """Refuse a cache directory whose parts are symbolic links (or
+    ``data/<xx>`` entries that are): modelfs would write, truncate or delete
+    through them, outside the cache. One CacheError naming the first link.
+    The directory itself may be a link: that is the path the user gave."""
+    found = [part for part in _OWN_PARTS if os.path.islink(root / part)]
+    data = root / "data"
+    if not found and data.is_dir():
+        with os.scandir(data) as subs:
+            for sub in subs:
+                if sub.is_symlink():
+                    found.append(f"data/{sub.name}")
+                elif sub.is_dir(follow_symlinks=False):
+                    with os.scandir(sub.path) as entries:
+                        found += [f"data/{sub.name}/{e.name}" for e in entries if e.is_symlink()]
+                if found:
+                    break
+    if found:
+        raise CacheError(
+            f"cache directory {root}: {found[0]} is a symbolic link; modelfs never writes "
+            "through links inside its cache (to put the cache on another disk, give that "
+            "disk's directory as --cache-dir)"
+        )
 
 
 def claim(root: Path) -> None:
@@ -176,7 +214,7 @@ def check_format(root: Path) -> None:
             f"{root} is not empty and is not a modelfs cache; use another --cache-dir"
         )
     tmp = root / (FORMAT_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps({"format": CACHE_FORMAT}) + "\n")
     os.replace(tmp, fmt_path)
@@ -191,7 +229,9 @@ class Membership:
 
     def __init__(self, root: Path) -> None:
         try:
-            fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
             raise CacheError(f"cannot open {root / 'lock'}: {exc.strerror}") from None
         try:

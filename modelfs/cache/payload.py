@@ -20,13 +20,16 @@ and the kernel drops them when a process dies, so a crash leaves no lock.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,9 @@ def ofd_conflict(fd: int, start: int, length: int) -> bool:
         fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
     )
     return bool(_FLOCK.unpack(raw)[0] != fcntl.F_UNLCK)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def payload_path(cache_root: Path, obj_id: bytes) -> Path:
@@ -163,7 +169,12 @@ class PayloadFile:
         with _direct_lock:
             if self.dfd is None and _direct_ok:
                 try:
-                    self.dfd = os.open(self.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+                    # Reopened through the descriptor, not the path: the
+                    # path may have been swapped for a link since.
+                    self.dfd = os.open(
+                        f"/proc/self/fd/{self._require_fd()}",
+                        os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC,
+                    )
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
@@ -185,15 +196,54 @@ class PayloadFile:
 
 
 class PayloadStore:
+    """The payload files under ``data/``, reached only through directory
+    descriptors opened with O_NOFOLLOW: a link put in place of ``data``, a
+    ``data/<xx>`` directory or a payload file (by an operator or an
+    attacker, before or after start) fails the open with ELOOP or
+    ENOTDIR, so modelfs never writes, truncates or deletes through a link
+    it did not make."""
+
     def __init__(self, root: Path) -> None:
         self.root = root / "data"
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.mkdir(self.root, 0o700)
+        except FileExistsError:
+            pass
         self._open: dict[bytes, PayloadFile] = {}
         self._lock = threading.Lock()
         self._punch_supported = True
 
     def path_of(self, obj_id: bytes) -> Path:
         return payload_path(self.root.parent, obj_id)
+
+    @contextlib.contextmanager
+    def _subdir(self, name: str, create: bool) -> Iterator[int]:
+        """A descriptor of ``data/<name>``, reached without following a link.
+        Opened afresh each time (once per object opened, not per read), so
+        whatever is mounted at the cache's path now (a read-only bind mount
+        laid over it) is what is written to."""
+        top = os.open(self.root, _DIR_FLAGS)
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=top)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=top)
+        finally:
+            os.close(top)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_file(self, obj_id: bytes, create: bool) -> int:
+        name = obj_id.hex()
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        with self._subdir(name[:2], create) as sub:
+            fd = os.open(name, flags, 0o600, dir_fd=sub)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", str(self.path_of(obj_id)))
+        return fd
 
     def acquire(self, obj_id: bytes, create: bool = True) -> PayloadFile:
         """Open (or share) an object's file; FileNotFoundError if absent and not `create`.
@@ -207,13 +257,11 @@ class PayloadStore:
                 path = self.path_of(obj_id)
                 if create:
                     try:
-                        path.parent.mkdir(mode=0o700, exist_ok=True)
-                        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                        pf = PayloadFile(path, fd)
+                        pf = PayloadFile(path, self._open_file(obj_id, True))
                     except OSError as exc:
                         pf = PayloadFile(path, None, exc)
                 else:
-                    pf = PayloadFile(path, os.open(path, os.O_RDWR | os.O_CLOEXEC))
+                    pf = PayloadFile(path, self._open_file(obj_id, False))
                 self._open[obj_id] = pf
             pf.refs += 1
             return pf
@@ -247,11 +295,45 @@ class PayloadStore:
         with self._lock:
             if obj_id in self._open:
                 return False
-            try:
-                self.path_of(obj_id).unlink()
-            except FileNotFoundError:
-                pass
+            self._unlink(obj_id.hex())
             return True
+
+    def _unlink(self, name: str) -> None:
+        try:
+            with self._subdir(name[:2], False) as sub:
+                os.unlink(name, dir_fd=sub)
+        except FileNotFoundError:
+            pass
+
+    def files(self) -> Iterator[tuple[str, int]]:
+        """(name, size in blocks) of every payload file; links and other
+        odd entries are skipped, never followed."""
+        top = os.open(self.root, _DIR_FLAGS)
+        try:
+            with os.scandir(top) as subs:
+                names = [e.name for e in subs if e.is_dir(follow_symlinks=False)]
+            for sub in names:
+                try:
+                    fd = os.open(sub, _DIR_FLAGS, dir_fd=top)
+                except OSError:
+                    continue  # replaced by a link or removed meanwhile
+                try:
+                    with os.scandir(fd) as entries:
+                        found = [
+                            (e.name, e.stat(follow_symlinks=False).st_blocks)
+                            for e in entries
+                            if e.is_file(follow_symlinks=False)
+                        ]
+                finally:
+                    os.close(fd)
+                yield from found
+        finally:
+            os.close(top)
+
+    def remove_name(self, name: str) -> None:
+        """Unlink one payload file by name (``files``), never through a link."""
+        with self._lock:
+            self._unlink(name)
 
     def close_all(self) -> None:
         with self._lock:

@@ -130,6 +130,11 @@ class BufferPool:
             if slab.refs == 0:
                 self._give_back(slab)
 
+    def forget_object(self, obj_id: bytes) -> None:
+        """Forget every chunk of one object (keys are (object, chunk))."""
+        for key in [k for k in self._lru if isinstance(k, tuple) and k[0] == obj_id]:
+            self.forget(key)
+
     def clear(self) -> None:
         """Forget every chunk held in memory (readers' holds stay valid)."""
         for key in list(self._lru):

@@ -83,7 +83,10 @@ def _detach_output(cfg: MountConfig) -> None:
         return
     if cfg.log_file is None:
         cache_dir.claim(cfg.resolved_cache_dir)  # vetted: empty or a cache
-    setup_logging(cfg.debug, path=cfg.log_file or cfg.resolved_cache_dir / "modelfs.log")
+    if cfg.log_file is not None:
+        setup_logging(cfg.debug, path=cfg.log_file)
+    else:
+        setup_logging(cfg.debug, path=cfg.resolved_cache_dir / "modelfs.log", follow=False)
 
 
 def _wait(pid: int, read_fd: int, mountpoint: Path) -> int:

@@ -3,6 +3,7 @@ file that survives logrotate and cannot fill the disk with --debug."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
@@ -36,14 +37,13 @@ class LogFile(logging.handlers.WatchedFileHandler):
     deletes it, created owner-only (it names keys and byte ranges), and,
     given a `cap`, rolled over to ``FILE.1`` when it grows past it."""
 
-    def __init__(self, path: Path, cap: int | None = None) -> None:
+    def __init__(self, path: Path, cap: int | None = None, *, follow: bool = True) -> None:
         self.cap = cap
+        self.flags = _log_flags(follow)
         super().__init__(path, delay=False)
 
     def _open(self) -> Any:
-        fd = os.open(
-            self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-        )
+        fd = os.open(self.baseFilename, self.flags, 0o600)
         return open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -58,9 +58,16 @@ class LogFile(logging.handlers.WatchedFileHandler):
             self._statstream()
 
 
-def _create_log_file(path: Path) -> None:
+def _log_flags(follow: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    return flags if follow else flags | os.O_NOFOLLOW
+
+
+def _create_log_file(path: Path, follow: bool) -> None:
     """The log file, owner-only (it names keys and ranges), with the
-    directories above it; a ConfigError naming the path if it cannot be."""
+    directories above it; a ConfigError naming the path if it cannot be.
+    Without `follow` (the default log inside the cache directory) a link in
+    its place is refused: it would make the daemon append to its target."""
     try:
         for above in (path.parent, *path.parent.parents):
             if os.path.lexists(above):
@@ -70,18 +77,25 @@ def _create_log_file(path: Path) -> None:
                     )
                 break
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        os.close(os.open(path, _log_flags(follow), 0o600))
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"cannot write the log file {path}: it is a symbolic link, and modelfs "
+                "never writes through a link inside its cache directory"
+            ) from None
         raise ConfigError(f"cannot write the log file {path}: {exc.strerror or exc}") from None
 
 
-def setup_logging(debug: bool, path: Path | None = None) -> None:
-    """Log to `path`, or to stderr (shorter lines when it is the journal)."""
+def setup_logging(debug: bool, path: Path | None = None, *, follow: bool = True) -> None:
+    """Log to `path`, or to stderr (shorter lines when it is the journal).
+    `follow`: whether `path` may be a symbolic link (a --log-file the user
+    named may; the default one inside the cache directory may not)."""
     handler: logging.Handler
     fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     if path is not None:
-        _create_log_file(path)
-        handler = LogFile(path, cap=DEBUG_LOG_CAP if debug else None)
+        _create_log_file(path, follow)
+        handler = LogFile(path, cap=DEBUG_LOG_CAP if debug else None, follow=follow)
     else:
         handler = logging.StreamHandler(sys.stderr)
         if journal_stderr():

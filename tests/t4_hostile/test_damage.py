@@ -4,6 +4,7 @@ cache is survived; paths through symlinks name what they point to."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -168,3 +169,91 @@ def test_cache_clear_works_on_a_damaged_index(
     assert proc.returncode == 0, proc.stderr
     assert "damaged" in proc.stderr  # the one warning
     assert run_modelfs("cache", "du", "--cache-dir", str(cache)).returncode == 0
+
+
+# -- round 2, 7: links inside the cache directory ---------------------------------
+def _tree(d: Path) -> dict[str, bytes]:
+    """Every file under `d` (links not followed) with its bytes."""
+    return {
+        str(p.relative_to(d)): p.read_bytes()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _link_in(cache: Path, part: str, victim: Path) -> None:
+    """Replace `part` of a real cache with a link to `victim` (a copy of the
+    part's own contents, so a write or delete through it would show)."""
+    first = next((cache / "data").iterdir())  # data/<xx>
+    payload = next(first.iterdir())  # data/<xx>/<id>
+    where = {
+        "data": cache / "data",
+        "data/xx": first,
+        "data/xx/id": payload,
+        "index": cache / "index",
+        "modelfs.log": cache / "modelfs.log",
+    }[part]
+    if where.is_dir():
+        shutil.copytree(where, victim)
+        shutil.rmtree(where)
+    else:
+        victim.write_bytes(b"the operator's own file\n" * 1000)
+        where.unlink()
+    where.symlink_to(victim)
+
+
+@pytest.mark.parametrize("part", ["data", "data/xx", "data/xx/id", "index", "modelfs.log"])
+def test_links_in_the_cache_are_refused_and_never_followed(
+    bucket: Bucket, tmp_path: Path, part: str
+) -> None:
+    data = pattern(61, 0, 3 << 20)
+    bucket.put("w.bin", data)
+    cache = tmp_path / "c"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    args = ("--endpoint-url", bucket.endpoint_url, "--cache-dir", str(cache))
+    # A real cache, its default log inside it.
+    proc = run_modelfs("pull", f"s3://{bucket.name}", str(tmp_path / "out"), *args, env=bucket.env)
+    assert proc.returncode == 0, proc.stderr
+    (cache / "modelfs.log").write_text("")
+    victim = tmp_path / "victim"
+    _link_in(cache, part, victim)
+    before = _tree(victim) if victim.is_dir() else {"": victim.read_bytes()}
+    assert before
+
+    for command in (("cache", "gc", "0"), ("cache", "clear"), ("cache", "verify", "--repair")):
+        proc = run_modelfs(*command, "--cache-dir", str(cache))
+        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "symbolic link" in proc.stderr, proc.stderr
+    proc = run_modelfs("mount", f"s3://{bucket.name}", str(mnt), *args, env=bucket.env)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "symbolic link" in proc.stderr
+    assert find_mount(mnt) is None
+    proc = run_modelfs("pull", f"s3://{bucket.name}", str(tmp_path / "o2"), *args, env=bucket.env)
+    assert proc.returncode == 1 and "symbolic link" in proc.stderr, proc.stderr
+
+    after = _tree(victim) if victim.is_dir() else {"": victim.read_bytes()}
+    assert after == before, "modelfs changed files outside its cache directory"
+
+
+def test_payload_link_made_while_mounted_is_never_written(
+    bucket: Bucket, mounter: Mounter, tmp_path: Path
+) -> None:
+    """A link planted after the mount started, where the payload file of
+    an object not yet opened will go: the open refuses to follow it, and
+    the object is served uncached (the storage warning), byte-exact."""
+    from modelfs.store import ObjectVersion
+
+    data = pattern(62, 0, 2 << 20)
+    etag = bucket.put("w.bin", data)
+    m = mounter(
+        bucket, args=("--prefetch-on-open", "none"), allow_log=["cannot write to the cache"]
+    )
+    obj_id = ObjectVersion(etag=etag, size=len(data), mtime_ns=0).identity().hex()
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me\n")
+    (m.cache_dir / "data" / obj_id[:2]).mkdir(parents=True, exist_ok=True)
+    (m.cache_dir / "data" / obj_id[:2] / obj_id).symlink_to(victim)
+    assert (m.path / "w.bin").read_bytes() == data
+    m.settle()
+    assert victim.read_bytes() == b"keep me\n"

@@ -19,7 +19,7 @@ import pytest
 
 from modelfs.testing.fakes3 import FakeS3
 
-from ..conftest import Bucket, Mounter
+from ..conftest import Bucket, Mounter, run_modelfs
 from ..data import pattern
 
 pytestmark = pytest.mark.mount
@@ -215,3 +215,34 @@ def test_object_shrunk_mid_read_is_estale(bucket: Bucket, mounter: Mounter) -> N
         with pytest.raises(OSError) as info:
             f.read(MiB)
         assert info.value.errno == errno.ESTALE
+
+
+# -- round 2, 1: memory slabs cut at another chunk size ------------------------
+@pytest.mark.parametrize("remover", ["clear", "gc"])
+def test_memory_cut_at_another_chunk_size_is_not_served(
+    bucket: Bucket, mounter: Mounter, tmp_path: Path, remover: str
+) -> None:
+    """An object cached at 256K, read by a 1M mount at the recorded 256K;
+    its records are then removed by another process: the next open cuts it
+    at 1M, and must not find the 256K slabs still in its memory."""
+    data = pattern(51, 0, 3 * MiB + 77)
+    bucket.put("c.bin", data)
+    cache = tmp_path / "cache"
+    quiet = ("--prefetch-on-open", "none", "--prefetch-window", "0")
+    small = mounter(bucket, cache_dir=cache, args=("--chunk-size", "256K", *quiet))
+    assert (small.path / "c.bin").read_bytes() == data
+    small.settle()
+    small.umount()
+    m = mounter(bucket, cache_dir=cache, args=("--chunk-size", "1M", *quiet))
+    assert (m.path / "c.bin").read_bytes() == data  # at the recorded 256K
+    args = ("clear",) if remover == "clear" else ("gc", "0")
+    proc = run_modelfs("cache", *args, "--cache-dir", str(cache))
+    assert proc.returncode == 0, proc.stderr
+    fd = os.open(m.path / "c.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the kernel's copy
+        assert os.pread(fd, 4096, MiB) == data[MiB : MiB + 4096]
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert _read_at(fd, 0, len(data)) == data
+    finally:
+        os.close(fd)
