@@ -82,7 +82,6 @@ def check_response(
     ETag, the pinned Last-Modified second. A changed object raises
     ObjectChanged (ESTALE); anything else malformed raises BadResponse."""
     status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    length = resp.get("ContentLength")
     crange = resp.get("ContentRange")
     if status == 206 and crange:
         m = _CONTENT_RANGE.match(str(crange).strip())
@@ -104,12 +103,7 @@ def check_response(
         )
     else:
         raise BadResponse(f"{what}: unexpected HTTP {status} without a Content-Range")
-    if length is not None and int(length) != end - start:
-        if status == 200:
-            raise ObjectChanged(
-                f"{what}: object changed since it was opened (size {length}, was {version.size})"
-            )
-        raise BadResponse(f"{what}: {length} bytes announced for a {end - start}-byte range")
+    _check_length(what, version, status, end - start, resp)
     got_etag = resp.get("ETag")
     if version.etag and got_etag and got_etag != version.etag:
         # A server that ignores If-Match hands us another version.
@@ -117,13 +111,50 @@ def check_response(
     got_vid = resp.get("VersionId")
     if version.version_id and got_vid and got_vid != version.version_id:
         raise BadResponse(f"{what}: the endpoint sent version {got_vid} instead")
-    modified = resp.get("LastModified")
+    if not got_etag:
+        _check_modified(what, version, resp.get("LastModified"))
+
+
+def _check_length(
+    what: str, version: ObjectVersion, status: Any, want: int, resp: dict[str, Any]
+) -> None:
+    """The body's announced length is the range's: never a chunked body
+    (every S3 GET names its length; a proxy or server compressing on the
+    fly does not) or a compressed one."""
+    length = resp.get("ContentLength")
+    encoding = resp.get("ContentEncoding")
+    compressed = bool(encoding) and str(encoding).lower() != "identity"
+    if length is None:
+        raise BadResponse(
+            f"{what}: no Content-Length"
+            + (f" (Content-Encoding {encoding}: the endpoint compressed it)" if compressed else "")
+        )
+    if int(length) == want:
+        return  # a stored Content-Encoding (object metadata) with the stored bytes is fine
+    if compressed:
+        raise BadResponse(
+            f"{what}: {length} bytes with Content-Encoding {encoding} for a "
+            f"{want}-byte range: the endpoint compressed the body"
+        )
+    if status == 200:
+        raise ObjectChanged(
+            f"{what}: object changed since it was opened (size {length}, was {version.size})"
+        )
+    raise BadResponse(f"{what}: {length} bytes announced for a {want}-byte range")
+
+
+def _check_modified(what: str, version: ObjectVersion, modified: Any) -> None:
+    """A response without an ETag is tied to the pinned version by its
+    Last-Modified (and, checked before, the total size in Content-Range): a
+    server that ignores If-Match and sends no ETag on GETs must not mix two
+    versions in one handle. Without either it cannot be tied: refused."""
+    if modified is None:
+        raise BadResponse(
+            f"{what}: the endpoint sent neither an ETag nor a Last-Modified; "
+            "cannot tell which version of the object this is"
+        )
     # HTTP dates carry whole seconds; listings may carry milliseconds.
-    if (
-        not version.etag
-        and modified is not None
-        and epoch_ns(modified) // 10**9 != version.mtime_ns // 10**9
-    ):
+    if epoch_ns(modified) // 10**9 != version.mtime_ns // 10**9:
         raise ObjectChanged(f"{what}: object changed since it was opened (Last-Modified)")
 
 
@@ -367,7 +398,8 @@ class S3Store:
         start, end = sink.start, sink.end
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         t0 = time.monotonic()
-        deadline = t0 + self.retry_timeout
+        deadline = sink.deadline = t0 + self.retry_timeout
+        sink.what = what
         self.counters.start_get()
         attempts = 0
         error: StoreError | None = None
@@ -461,6 +493,10 @@ class _Sink:
         self.bufs, self.deliver = bufs, deliver
         self.start, self.end = start, start + sum(len(b) for b in bufs)
         self.received = 0
+        # --retry-timeout holds for the whole body, not per recv: a body
+        # that trickles in a byte at a time never trips the read timeout.
+        self.deadline = math.inf
+        self.what = "GET"
         self._i = 0  # the buffer being filled
         self._off = 0  # bytes of it filled
 
@@ -471,6 +507,13 @@ class _Sink:
         if self._i == len(self.bufs):
             return memoryview(b"")
         return self.bufs[self._i][self._off :]
+
+    def check_deadline(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise RetriesExhausted(
+                f"{self.what}: the body was still arriving when --retry-timeout ran out "
+                f"({self.received} of {self.end - self.start} bytes received)"
+            )
 
     def filled(self, n: int) -> None:
         self.received += n
@@ -491,16 +534,30 @@ def _receive(body: Any, sink: _Sink) -> None:
     the pool. Anything unexpected (another HTTP stack) falls back to
     `read()` pieces, copied in."""
     import http.client
+    import io
 
     raw = getattr(body, "_raw_stream", None)
     fp = getattr(raw, "_fp", None)
-    if raw is not None and isinstance(fp, http.client.HTTPResponse):
+    if (
+        raw is not None
+        and isinstance(fp, http.client.HTTPResponse)
+        and not fp.chunked
+        and fp.length is not None
+        and isinstance(fp.fp, io.BufferedReader)
+    ):
         try:
-            while space := sink.space():
-                got = fp.readinto(space)
+            while (space := sink.space()) and fp.length:
+                # One recv at most per call (readinto1): a readinto of the
+                # whole buffer loops inside C until it is full, so a body
+                # that trickles in would never reach the deadline check.
+                got = fp.fp.readinto1(space[: fp.length])
                 if not got:
                     break
+                fp.length -= got
                 sink.filled(got)
+                sink.check_deadline()
+            if not fp.length:
+                fp.read()  # the body is read to its length: hand the connection back
         except BaseException:
             raw.close()  # a half-read connection must not be reused
             raise
@@ -515,3 +572,4 @@ def _receive(body: Any, sink: _Sink) -> None:
             break
         space[: len(piece)] = piece
         sink.filled(len(piece))
+        sink.check_deadline()

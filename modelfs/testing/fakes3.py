@@ -10,12 +10,20 @@ ranged GET with If-Match), and can be told to misbehave:
 ``etags``         False: send no ETag anywhere (If-Match is then ignored);
 ``html``          answer everything with an HTML page of this status, as a
                   web server or captive portal at the wrong URL would;
-``stall``         seconds to wait before answering any request.
+``stall``         seconds to wait before answering any request;
+``gzip``          answer ranged GETs with the range gzip-compressed,
+                  ``Content-Encoding: gzip`` and chunked transfer encoding
+                  (no Content-Length), whatever Accept-Encoding said;
+``trickle``       send a GET's headers at once, then its body one byte
+                  every this many seconds;
+``get_etags``     False: GETs carry no ETag and ignore If-Match, while
+                  listings still carry ETags.
 """
 
 from __future__ import annotations
 
 import email.utils
+import gzip
 import hashlib
 import re
 import threading
@@ -81,11 +89,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "NoSuchKey")
             return
         match = self.headers.get("If-Match")
-        if fake.etags and match and match != obj.etag:
+        on_get = fake.etags and fake.get_etags
+        if on_get and match and match != obj.etag:
             self._error(412, "PreconditionFailed")
             return
         headers = {"Last-Modified": email.utils.formatdate(obj.mtime, usegmt=True)}
-        if fake.etags:
+        if on_get:
             headers["ETag"] = obj.etag
         m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range") or "")
         if m is None or fake.ignore_range:
@@ -97,7 +106,44 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(416, "InvalidRange")
             return
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(obj.data)}"
-        self._send(206, obj.data[start:end], headers)
+        if fake.gzip:
+            self._send_chunked(206, gzip.compress(obj.data[start:end]), headers)
+        elif fake.trickle:
+            self._send_trickle(206, obj.data[start:end], headers, fake.trickle)
+        else:
+            self._send(206, obj.data[start:end], headers)
+
+    def _send_chunked(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(0, len(body), 4096):
+                piece = body[i : i + 4096]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
+
+    def _send_trickle(
+        self, status: int, body: bytes, headers: dict[str, str], pause: float
+    ) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for i in range(len(body)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(pause)
+        except OSError:
+            pass  # the client gave up, as it should
 
     do_HEAD = do_GET
 
@@ -153,6 +199,9 @@ class FakeS3:
         self.etags = True
         self.html: int | None = None
         self.stall = 0.0
+        self.gzip = False
+        self.trickle = 0.0
+        self.get_etags = True
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
         self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"

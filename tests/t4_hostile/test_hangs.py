@@ -137,3 +137,35 @@ def test_html_endpoint_is_refused_in_one_line(fake: FakeS3, tmp_path: Path, stat
     assert proc.returncode == 1
     assert "did not answer like S3" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert find_mount(mnt) is None
+
+
+# -- round 2, 5: a body that trickles in ---------------------------------------------
+def test_trickling_body_is_bounded_by_the_retry_timeout(
+    fake: FakeS3, fake_bucket: Bucket, mounter: Mounter
+) -> None:
+    """Headers at once, then a byte every 0.5 s: every recv returns within
+    the read timeout, so only a deadline over the whole body ends it."""
+    fake.put("t.bin", b"t" * (1 << 20))
+    m = mounter(
+        fake_bucket,
+        args=("--prefetch-on-open", "none", "--retry-timeout", "4", "--read-timeout", "2"),
+        allow_log=["retry-timeout|gave up"],
+    )
+    fake.trickle = 0.5
+    reader = subprocess.Popen(
+        [sys.executable, "-c", f"open({str(m.path / 't.bin')!r}, 'rb').read()"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The documented bound: --retry-timeout (4 s), then EIO. Before the
+        # fix the read was still blocked after 60 s.
+        _, err = reader.communicate(timeout=40)
+        assert reader.returncode != 0
+        assert "Input/output error" in err, err
+        assert "still arriving" in m.log_file.read_text()
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        fake.trickle = 0.0

@@ -246,3 +246,42 @@ def test_memory_cut_at_another_chunk_size_is_not_served(
         assert _read_at(fd, 0, len(data)) == data
     finally:
         os.close(fd)
+
+
+# -- round 2, 2: a compressed body -----------------------------------------------
+def test_gzip_chunked_body_is_refused(
+    fake: FakeS3, fake_bucket: Bucket, mounter: Mounter, tmp_path: Path
+) -> None:
+    """206, the right Content-Range, `Content-Encoding: gzip`, chunked, no
+    Content-Length: the gzip stream is not the object's bytes."""
+    data = pattern(71, 0, 2 * MiB + 3)
+    fake.put("z.bin", data)
+    fake.gzip = True
+    cache = tmp_path / "c"
+    m = mounter(fake_bucket, cache_dir=cache, args=QUIET, allow_log=["Content-Length"])
+    with pytest.raises(OSError) as info:
+        (m.path / "z.bin").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert "compressed" in m.log_file.read_text()
+    assert os.getxattr(m.path / "z.bin", "user.modelfs.cached") == b"0"
+    fake.gzip = False  # the server mends its ways
+    assert (m.path / "z.bin").read_bytes() == data
+
+
+# -- round 2, 3: no ETag on GETs, If-Match ignored ---------------------------------
+def test_server_without_etag_on_gets_never_mixes_versions(
+    fake: FakeS3, fake_bucket: Bucket, mounter: Mounter
+) -> None:
+    """Listings carry ETags; GETs carry none and ignore If-Match. A handle
+    pinned to version 1 must not be served version 2's chunk 1."""
+    fake.get_etags = False
+    fake.put("v.bin", pattern(72, 0, 3 * MiB), mtime=1_790_000_000.0)
+    m = mounter(fake_bucket, args=QUIET, allow_log=["changed since it was opened"])
+    with open(m.path / "v.bin", "rb", buffering=0) as f:
+        _no_readahead(f)
+        assert f.read(MiB) == pattern(72, 0, MiB)
+        # Same size, a later Last-Modified: only the date tells them apart.
+        fake.put("v.bin", pattern(73, 0, 3 * MiB), mtime=1_790_000_007.0)
+        with pytest.raises(OSError) as info:
+            f.read(MiB)
+        assert info.value.errno == errno.ESTALE
