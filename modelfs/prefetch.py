@@ -263,23 +263,57 @@ def _runs(order: list[int], longest: int, stored: Callable[[int], bool]) -> Iter
 SAFETENSORS_MAX_HEADER = 100 << 20  # what the safetensors format itself allows
 
 
-def safetensors_order(header: bytes, data_start: int) -> list[tuple[int, int]]:
+def safetensors_order(header: bytes, data_start: int, size: int) -> list[tuple[int, int]]:
     """Byte ranges of a safetensors file in the order loaders touch them.
 
     vLLM and `safe_open` users call `get_tensor` for keys in sorted order, so
     the tensors come in name order, not file order. Returns (start, end)
-    absolute offsets; malformed headers give [] (the caller falls back to
-    sequential order).
+    absolute offsets. The header is input from the bucket: a malformed one,
+    or one naming bytes outside the object's `size`, gives [] (the caller
+    falls back to sequential order).
     """
     try:
         meta = json.loads(header)
         spans = []
         for name in sorted(k for k in meta if k != "__metadata__"):
             begin, end = meta[name]["data_offsets"]
-            spans.append((data_start + int(begin), data_start + int(end)))
+            if type(begin) is not int or type(end) is not int:
+                return []  # 1e18 is a float; offsets are integers
+            if not 0 <= begin <= end or data_start + end > size:
+                return []
+            spans.append((data_start + begin, data_start + end))
         return spans
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return []
+
+
+def chunk_order(spans: list[tuple[int, int]], chunk_size: int, size: int) -> list[int]:
+    """Every chunk of an object of `size` bytes, once each: first those under
+    `spans`, in span order, then the rest in file order. Linear in spans
+    plus chunks however the spans overlap: each chunk is visited once
+    (`skip` jumps over runs already placed)."""
+    nchunks = -(-size // chunk_size)
+    skip = list(range(nchunks + 1))  # skip[n]: the first chunk >= n not yet placed
+
+    def next_free(n: int) -> int:
+        root = n
+        while skip[root] != root:
+            root = skip[root]
+        while skip[n] != root:  # path compression
+            skip[n], n = root, skip[n]
+        return root
+
+    order: list[int] = []
+    for start, end in spans:
+        first = min(start // chunk_size, nchunks - 1)
+        last = min((max(end, start + 1) - 1) // chunk_size, nchunks - 1)
+        n = next_free(first)
+        while n <= last:
+            order.append(n)
+            skip[n] = n + 1
+            n = next_free(n + 1)
+    order += (n for n in range(nchunks) if skip[n] == n)
+    return order
 
 
 class OpenPrefetch:
@@ -359,20 +393,22 @@ class OpenPrefetch:
             limit.release()
 
     async def _order(self, obj: CachedObject, name: str) -> list[int]:
-        cs = obj.chunk_size
-        nchunks = -(-obj.size // cs)
-        spans: list[tuple[int, int]] = []
+        header = b""
         if name.endswith(".safetensors") and obj.size >= 8:
             (hlen,) = struct.unpack(
                 "<Q", await self.cache.read(obj, 0, 8, priority=Priority.BACKGROUND)
             )
             if hlen <= min(SAFETENSORS_MAX_HEADER, obj.size - 8):
-                header = await self.cache.read(obj, 8, hlen, priority=Priority.BACKGROUND)
-                spans = [(0, 8 + hlen), *safetensors_order(bytes(header), 8 + hlen)]
-        order: dict[int, None] = {}
-        for start, end in spans:
-            for n in range(start // cs, (max(end, start + 1) - 1) // cs + 1):
-                order.setdefault(min(n, nchunks - 1))
-        for n in range(nchunks):
-            order.setdefault(n)
-        return list(order)
+                header = bytes(await self.cache.read(obj, 8, hlen, priority=Priority.BACKGROUND))
+        # Parsing up to 100 MiB of JSON and ordering every chunk of the
+        # object must not stall the trio thread, which answers every FUSE
+        # request of the mount.
+        return await trio.to_thread.run_sync(_open_order, header, obj.size, obj.chunk_size)
+
+
+def _open_order(header: bytes, size: int, chunk_size: int) -> list[int]:
+    spans: list[tuple[int, int]] = []
+    if header:
+        data_start = 8 + len(header)
+        spans = [(0, data_start), *safetensors_order(header, data_start, size)]
+    return chunk_order(spans, chunk_size, size)

@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from modelfs.cache import ChunkCache
 from modelfs.errors import StoreError
-from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead, safetensors_order
+from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead, chunk_order, safetensors_order
 from modelfs.reader import OpenFile
 from modelfs.store import ObjectVersion
 from modelfs.testing.memory import MemoryStore, SlowStore
@@ -245,9 +247,51 @@ def test_safetensors_order_is_by_name() -> None:
             "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
         }
     ).encode()
-    assert safetensors_order(header, 100) == [(108, 116), (100, 108)]
-    assert safetensors_order(b"not json", 100) == []
-    assert safetensors_order(b'{"a": {"data_offsets": "x"}}', 100) == []
+    assert safetensors_order(header, 100, 116) == [(108, 116), (100, 108)]
+    assert safetensors_order(b"not json", 100, 116) == []
+    assert safetensors_order(b'{"a": {"data_offsets": "x"}}', 100, 116) == []
+
+
+def test_safetensors_order_refuses_offsets_outside_the_object() -> None:
+    """A header is input from the bucket: offsets past the object, negative,
+    reversed, floats or absurd numbers give no order (sequential then)."""
+    for offsets in ([0, 1e18], [0, 10**18], [0, 17], [-8, 8], [8, 0], [0.0, 8.0], [True, 8]):
+        header = json.dumps({"a": {"data_offsets": offsets}}).encode()
+        assert safetensors_order(header, 100, 116) == [], offsets
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert safetensors_order(deep, 100, 116) == []
+    assert safetensors_order(b'{"a": {"data_offsets": [0, ' + b"9" * 5000 + b"]}}", 100, 116) == []
+
+
+def _naive_order(spans: list[tuple[int, int]], cs: int, size: int) -> list[int]:
+    nchunks = -(-size // cs)
+    order: dict[int, None] = {}
+    for start, end in spans:
+        for n in range(start // cs, (max(end, start + 1) - 1) // cs + 1):
+            order.setdefault(min(n, nchunks - 1))
+    for n in range(nchunks):
+        order.setdefault(n)
+    return list(order)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 800)), max_size=30),
+    st.integers(1, 700),
+    st.integers(1, 6000),
+)
+def test_chunk_order_matches_the_plain_definition(
+    raw: list[tuple[int, int]], cs: int, size: int
+) -> None:
+    spans = [(min(s, size - 1), min(s + n, size)) for s, n in raw]
+    assert chunk_order(spans, cs, size) == _naive_order(spans, cs, size)
+
+
+def test_chunk_order_visits_each_chunk_once_however_spans_overlap() -> None:
+    # 100,000 tensors each naming the whole of a 10 GiB object of 8 MiB
+    # chunks: 1.28e8 chunk visits the plain way; here each chunk once.
+    size, cs = 10 << 30, 8 << 20
+    order = chunk_order([(0, size)] * 100_000 + [(size - 1, size), (5 * cs, 5 * cs)], cs, size)
+    assert order == list(range(size // cs))
 
 
 def test_a_reader_waiting_on_data_goes_before_background_fetches(tmp_path: Path) -> None:

@@ -169,3 +169,36 @@ def test_trickling_body_is_bounded_by_the_retry_timeout(
             reader.kill()
             reader.wait()
         fake.trickle = 0.0
+
+
+# -- round 2, 6: a hostile safetensors header ------------------------------------------
+def test_hostile_safetensors_header_never_freezes_the_mount(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """A 151-byte file whose header names 10^18 bytes of tensor data, opened
+    with the default prefetch on open: before the fix the trio thread looped
+    over ~10^11 chunk numbers, and nothing else was answered."""
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e18]}}).encode()
+    evil = struct.pack("<Q", len(header)) + header
+    evil += b"\0" * (151 - len(evil))
+    bucket.put("evil.safetensors", evil)
+    bucket.put("good.bin", b"g" * 4096)
+    m = mounter(bucket)
+
+    def run(code: str) -> subprocess.CompletedProcess[str]:
+        # A frozen mount blocks these forever; 30 s is the bound the issue saw broken.
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+        )
+
+    assert (m.path / "evil.safetensors").read_bytes() == evil
+    assert run(f"print(sorted(__import__('os').listdir({str(m.path)!r})))").stdout.strip() == (
+        "['evil.safetensors', 'good.bin']"
+    )
+    got = run(f"print(len(open({str(m.path / 'good.bin')!r}, 'rb').read()))")
+    assert got.stdout.strip() == "4096", got.stderr
+    assert run_modelfs("stats", str(m.path), timeout=30).returncode == 0
+    m.umount()
