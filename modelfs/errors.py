@@ -87,3 +87,20 @@ class IndexDamaged(CacheError):
 
 class MountError(ModelfsError):
     """The mountpoint cannot be used or the kernel refused the mount."""
+
+
+
+def single_domain_error(
+    group: BaseExceptionGroup, kinds: tuple[type[Exception], ...] = (ModelfsError,)
+) -> Exception | None:
+    """The first error of a group holding only errors of `kinds` (domain
+    errors by default), so work over several chunks fails as one chunk
+    does (ObjectChanged stays ESTALE); None when the group holds anything
+    else."""
+    errors, rest = group.split(kinds)
+    if errors is None or rest is not None:
+        return None
+    leaf: BaseException = errors
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, Exception) else None

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import NoSuchName, NoSuchObject, VersionReplaced
-from .store import Listing, ObjectInfo, ObjectStore, ObjectVersion
+from .store import MAX_OBJECT_SIZE, Listing, ObjectInfo, ObjectStore, ObjectVersion
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def level(dir_key: str, listing: Listing) -> Level:
             continue  # the directory marker of this directory
         if not valid_name(name):
             out.hidden.append((name, "not a valid file name"))
+        elif not 0 <= obj.version.size <= MAX_OBJECT_SIZE:
+            out.hidden.append((name, f"its listed size {obj.version.size} is not a real size"))
         elif name in out.dirs:
             out.hidden.append((name, "also a prefix; the directory is shown"))
         else:

@@ -30,7 +30,7 @@ import trio
 
 from .cache import CachedObject, ChunkCache
 from .config import MountConfig
-from .errors import ModelfsError
+from .errors import ModelfsError, single_domain_error
 from .files import write_atomically
 from .namespace import level
 from .process import raise_fd_limit, tune_malloc
@@ -72,6 +72,16 @@ def walk(list_dir: Callable[[str], Listing], prefix: str) -> list[tuple[str, Obj
     return sorted(out, key=lambda item: item[0])
 
 
+def collides(rel: str) -> bool:
+    """Whether a file at `rel` would take the place of pull's own metadata
+    (``.cache/s3/download/...``, or ``.cache``, ``.cache/s3`` and
+    ``.cache/s3/download`` themselves): such a key is not copied, and is
+    reported as not copied."""
+    parts = Path(rel).parts
+    own = METADATA_DIR.parts
+    return parts[: len(own)] == own or parts == own[: len(parts)]
+
+
 def up_to_date(dest: Path, rel: str, obj: ObjectInfo) -> bool:
     """Size and ETag match what is on disk (the AIBrix downloader's test)."""
     etag = obj.version.etag
@@ -106,9 +116,17 @@ async def _copy(
                 await trio.to_thread.run_sync(os.pwrite, fd, data, start)
             on_bytes(end - start)
 
-    async with trio.open_nursery() as nursery:
-        for n in range(nchunks):
-            nursery.start_soon(one, n)
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(nchunks):
+                nursery.start_soon(one, n)
+    except BaseExceptionGroup as group:
+        # Chunks fail together (403, 404, 412, the retry bound): one error
+        # for the file, as a one-chunk copy would give, never a group.
+        leaf = single_domain_error(group, (ModelfsError, OSError))
+        if leaf is None:
+            raise
+        raise leaf from None
 
 
 async def _pull_one(
@@ -172,7 +190,12 @@ def pull(
     result = PullResult()
     todo = []
     for rel, info in files:
-        if not force and up_to_date(dest, rel, info):
+        if collides(rel):
+            result.failed[rel] = (
+                f"not copied: {METADATA_DIR} is where pull keeps each file's ETag, "
+                "and this key would take its place"
+            )
+        elif not force and up_to_date(dest, rel, info):
             result.skipped.append(rel)
         else:
             todo.append((rel, info))

@@ -30,7 +30,7 @@ from .config import MiB, S3Location, parse_s3_url
 from .errors import ConfigError, EmptySource, StoreError
 from .files import write_atomically
 from .stats import SnapshotStats
-from .store import Listing, ObjectInfo, ObjectStore, ObjectVersion, epoch_ns
+from .store import MAX_OBJECT_SIZE, Listing, ObjectInfo, ObjectStore, ObjectVersion, epoch_ns
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,10 @@ def parse(raw: bytes, where: str) -> Snapshot:
         raise ManifestError(
             f"{where} is not a modelfs manifest (not JSON: {exc.msg} at line {exc.lineno})"
         ) from None
+    except RecursionError:
+        raise ManifestError(f"{where} is not a modelfs manifest (JSON nested too deep)") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise ManifestError(f"{where} is not a modelfs manifest ({exc})") from None
     fmt = doc.get("format") if isinstance(doc, dict) else None
     if not isinstance(fmt, str) or not fmt.startswith("modelfs-manifest/"):
         raise ManifestError(f'{where} is not a modelfs manifest (no "format": "{FORMAT}")')
@@ -207,11 +211,17 @@ def _object(bad: _Complaint, name: str, entry: Any, source: S3Location) -> Objec
     if not isinstance(entry, dict):
         raise bad(f"{name} must be an object")
     key = bad.check(entry.get("key"), str, f"{name}.key")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{name}.key {key!r} is not valid UTF-8 (a lone surrogate)") from None
     if not key.startswith(source.prefix) or key == source.prefix:
         raise bad(f"{name}.key {key!r} is not under {source}")
     size = entry.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise bad(f"{name}.size must be a non-negative integer")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_OBJECT_SIZE:
+        raise bad(
+            f"{name}.size of {key!r} must be an integer from 0 to {MAX_OBJECT_SIZE} (1 PiB)"
+        )
     etag, vid = entry.get("etag"), entry.get("version_id")
     for field_name, value in (("etag", etag), ("version_id", vid)):
         if value is not None and (not isinstance(value, str) or not value):

@@ -17,6 +17,11 @@ from typing import Any, Protocol
 
 from .stats import LATENCY_BUCKETS, StoreStats
 
+# The largest object modelfs serves: 1 PiB, twenty times S3's own limit
+# (50 TB). A size above it (from a manifest or a hostile listing) is input
+# that would overflow the kernel's file size (2^63) or make per-chunk work
+# without bound; such an object is refused, never served.
+MAX_OBJECT_SIZE = 1 << 50
 
 @dataclass(frozen=True)
 class ObjectVersion:

@@ -65,7 +65,7 @@ from ..config import (
     MountConfig,
     format_size,
 )
-from ..errors import CacheError, ModelfsError
+from ..errors import CacheError, single_domain_error
 from ..s3.tier_bucket import S3Tier
 from ..stats import CacheStats
 from ..store import ObjectStore, ObjectVersion
@@ -204,23 +204,10 @@ async def _all_at_once(load: Callable[[int], Awaitable[None]], chunks: list[int]
             for n in chunks:
                 nursery.start_soon(load, n)
     except BaseExceptionGroup as group:
-        leaf = _single_domain_error(group)
+        leaf = single_domain_error(group)
         if leaf is None:
             raise
         raise leaf from None
-
-
-def _single_domain_error(group: BaseExceptionGroup) -> ModelfsError | None:
-    """The first error of a group holding only domain errors, so a read over
-    several chunks fails as a one-chunk read does (ObjectChanged stays
-    ESTALE); None when the group holds anything else."""
-    errors, rest = group.split(ModelfsError)
-    if errors is None or rest is not None:
-        return None
-    leaf: BaseException = errors
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf if isinstance(leaf, ModelfsError) else None
 
 
 class ChunkCache:

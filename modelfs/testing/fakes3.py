@@ -166,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
             etag = f"<ETag>{escape(obj.etag)}</ETag>" if fake.etags else ""
             contents.append(
                 f"<Contents><Key>{escape(key)}</Key><LastModified>{when}</LastModified>"
-                f"{etag}<Size>{len(obj.data)}</Size></Contents>"
+                f"{etag}<Size>{fake.listed_sizes.get(key, len(obj.data))}</Size></Contents>"
             )
         common = "".join(
             f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>"
@@ -202,6 +202,7 @@ class FakeS3:
         self.gzip = False
         self.trickle = 0.0
         self.get_etags = True
+        self.listed_sizes: dict[str, int] = {}  # key -> size a listing claims
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
         self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"

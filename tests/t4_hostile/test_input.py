@@ -4,6 +4,7 @@ Each case ends in one line naming the cause, with nothing left mounted."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import time
@@ -14,8 +15,10 @@ import pytest
 
 from modelfs.mounts import find_mount
 from modelfs.testing.fakes3 import FakeS3
+from modelfs.testing.proxy import CountingProxy, Fault
 
 from ..conftest import Bucket, Mounter, mount_fails, run_modelfs
+from ..data import manifest_doc, pattern
 
 pytestmark = pytest.mark.mount
 
@@ -229,3 +232,113 @@ def _mount_with_fd(mounter: Mounter, bucket: Bucket, fd: int):  # type: ignore[n
     m = Mount(mnt, mounter.tmp_path / "cache", log_file, int(os.getxattr(mnt, "user.modelfs.pid")))
     mounter.mounts.append(m)
     return m
+
+
+# -- round 2, 9 and 10: manifests that break the parser or the mount ---------------------
+def _spoiled_manifest(bucket: Bucket, spoil: str) -> str:
+    doc = manifest_doc()
+    doc["bucket"] = bucket.name
+    entry = doc["objects"][0]
+    if spoil == "deep":
+        return "[" * 100_000 + "]" * 100_000
+    if spoil == "digits":
+        return json.dumps(doc).replace('"size": 3', '"size": ' + "7" * 5000)
+    if spoil == "size_1e30":
+        entry["size"] = 10**30
+    elif spoil == "size_2_63":
+        entry["size"] = 2**63
+    elif spoil == "surrogate":
+        entry["key"] = "m/\ud800"
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize("spoil", ["deep", "digits", "size_1e30", "size_2_63", "surrogate"])
+def test_hostile_manifest_is_refused_in_one_line(
+    bucket: Bucket, tmp_path: Path, spoil: str
+) -> None:
+    bucket.put("m/a", b"abc")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(_spoiled_manifest(bucket, spoil))
+    line = mount_fails(tmp_path, bucket, "--manifest", str(manifest), source="")
+    assert "manifest" in line, line
+    if spoil.startswith("size") or spoil == "surrogate":
+        assert "m/" in line, line  # names the key
+    for command in (
+        ("snapshot", "--check", str(manifest)),
+        ("pull", "--manifest", str(manifest), str(tmp_path / "out")),
+    ):
+        proc = run_modelfs(*command, "--endpoint-url", bucket.endpoint_url, env=bucket.env)
+        assert proc.returncode != 0, command
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "manifest" in proc.stderr, proc.stderr
+
+
+def test_absurd_listed_size_hides_only_that_name(
+    fake: FakeS3, fake_bucket: Bucket, mounter: Mounter
+) -> None:
+    """A listing entry with a size past any real object (2^63) hides that
+    name; the directory and the other files stay readable."""
+    fake.put("good.bin", b"good")
+    fake.put("huge.bin", b"x")
+    fake.listed_sizes["huge.bin"] = 2**63
+    m = mounter(fake_bucket, allow_log=["is not a real size"])
+    assert sorted(os.listdir(m.path)) == ["good.bin"]
+    assert (m.path / "good.bin").read_bytes() == b"good"
+
+
+# -- round 2, 4 and 8: pull ----------------------------------------------------------
+def _pull(bucket: Bucket, dest: Path, *extra: str, endpoint: str | None = None):  # type: ignore[no-untyped-def]
+    return run_modelfs(
+        "pull",
+        f"s3://{bucket.name}/m",
+        str(dest),
+        "--endpoint-url",
+        endpoint or bucket.endpoint_url,
+        "--cache-dir",
+        str(dest.parent / "cache"),
+        *extra,
+        env=bucket.env,
+    )
+
+
+@pytest.mark.parametrize("key", [".cache/s3/download/a.bin.metadata", ".cache"])
+def test_pull_key_in_place_of_its_metadata_is_reported_not_copied(
+    bucket: Bucket, tmp_path: Path, key: str
+) -> None:
+    data = pattern(81, 0, 5000)
+    etag = bucket.put("m/a.bin", data)
+    bucket.put("m/b.bin", b"bee")
+    bucket.put(f"m/{key}", b"hostile bytes")
+    dest = tmp_path / "out"
+    proc = _pull(bucket, dest)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"{key}: not copied" in proc.stderr, proc.stderr
+    assert (dest / "a.bin").read_bytes() == data
+    assert (dest / "b.bin").read_bytes() == b"bee"
+    assert (dest / ".cache/s3/download/a.bin.metadata").read_text() == etag
+
+
+@pytest.mark.parametrize("status", [403, 404, 412, 503])
+def test_pull_chunk_failure_is_one_line_per_file(
+    bucket: Bucket, proxy: CountingProxy, tmp_path: Path, status: int
+) -> None:
+    bucket.put("m/a.bin", pattern(82, 0, 3 << 20))
+    codes = {403: "AccessDenied", 404: "NoSuchKey", 412: "PreconditionFailed", 503: "SlowDown"}
+    proxy.fault = lambda method, path, rng: (
+        Fault(status=status, code=codes[status]) if method == "GET" and rng else None
+    )
+    proc = _pull(
+        bucket,
+        tmp_path / "out",
+        "--chunk-size",
+        "1M",
+        "--retry-timeout",
+        "2",
+        endpoint=proxy.endpoint_url,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "ExceptionGroup" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelfs: error: a.bin:"), proc.stderr
+    assert not (tmp_path / "out" / "a.bin").exists()
