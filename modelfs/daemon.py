@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 Notify = Callable[[str | None], None]
 
+# Signals whose default action would kill the daemon mid-serve; ignored.
+# (SIGTERM, SIGINT and SIGHUP unmount cleanly: `_stop_on_signal`.)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM)
 # Seconds requests in progress get to finish after a stop signal.
 SHUTDOWN_GRACE = 2.0
 # Seconds fetched chunks get to reach the disk at unmount.
@@ -78,6 +81,10 @@ def serve(
     read; with --snapshot and none, the prefix is snapshotted here."""
     tune_malloc()
     raise_fd_limit()
+    # Their default action ends the process and leaves a dead mount; a
+    # stray `kill -USR1` (log-rotation scripts send it) must not.
+    for stray in IGNORED_SIGNALS:
+        signal.signal(stray, signal.SIG_IGN)
     mnt = check_mountpoint(cfg.mountpoint, nonempty=cfg.nonempty)
     store = store or build_store(cfg)
     # A manifest's objects may all be gone from the listing, and a versioned

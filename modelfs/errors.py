@@ -89,7 +89,6 @@ class MountError(ModelfsError):
     """The mountpoint cannot be used or the kernel refused the mount."""
 
 
-
 def single_domain_error(
     group: BaseExceptionGroup, kinds: tuple[type[Exception], ...] = (ModelfsError,)
 ) -> Exception | None:

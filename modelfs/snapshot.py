@@ -219,9 +219,7 @@ def _object(bad: _Complaint, name: str, entry: Any, source: S3Location) -> Objec
         raise bad(f"{name}.key {key!r} is not under {source}")
     size = entry.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_OBJECT_SIZE:
-        raise bad(
-            f"{name}.size of {key!r} must be an integer from 0 to {MAX_OBJECT_SIZE} (1 PiB)"
-        )
+        raise bad(f"{name}.size of {key!r} must be an integer from 0 to {MAX_OBJECT_SIZE} (1 PiB)")
     etag, vid = entry.get("etag"), entry.get("version_id")
     for field_name, value in (("etag", etag), ("version_id", vid)):
         if value is not None and (not isinstance(value, str) or not value):

@@ -23,6 +23,7 @@ from .stats import LATENCY_BUCKETS, StoreStats
 # without bound; such an object is refused, never served.
 MAX_OBJECT_SIZE = 1 << 50
 
+
 @dataclass(frozen=True)
 class ObjectVersion:
     """What pins one version of an object: ETag and size (mtime as fallback).

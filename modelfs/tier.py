@@ -163,6 +163,7 @@ class SharedTier:
         self._queue: list[_Upload] = []
         self._queued_bytes = 0
         self._queue_limit = upload_queue_bytes
+        self._drop_warned = False  # the first dropped upload is logged
         self._workers = trio.lowlevel.ParkingLot()
         self._active = 0  # uploads being sent
         self._limiter = trio.CapacityLimiter(UPLOAD_WORKERS + 16)
@@ -355,7 +356,20 @@ class SharedTier:
         """Queue a chunk for the tier; never blocks. A full queue drops it
         (and its lease, so waiting nodes stop waiting)."""
         if not self.available() or self._queued_bytes + len(data) > self._queue_limit:
+            # The policy: the tier is best effort. A node that fetches
+            # faster than it can upload drops what does not fit (its lease
+            # goes back, so waiting nodes fetch at once rather than wait out
+            # the lease); other nodes fetch those chunks from the origin.
+            # RAM stays bounded; the first drop of a mount says so.
             self.counters.uploads_dropped += 1
+            if self.available() and not self._drop_warned:
+                self._drop_warned = True
+                log.warning(
+                    "shared cache: the upload queue is full (%d MiB); chunks this node "
+                    "fetches faster than it uploads are not shared (counted as dropped "
+                    "uploads in 'modelfs stats'); other nodes fetch them from the origin",
+                    self._queue_limit >> 20,
+                )
             if lease_key is not None:
                 self.abandon(lease_key)
             return

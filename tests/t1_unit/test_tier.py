@@ -275,3 +275,32 @@ def test_a_node_that_wins_a_lease_looks_at_the_tier_again(tmp_path: Path) -> Non
     _run_nodes([a, b], body)
     assert store.get_log == []
     assert b.tier is not None and b.tier.counters.leases_won == NCHUNKS
+
+
+@pytest.mark.allow_log("the upload queue is full")
+def test_a_full_upload_queue_is_logged_once_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, tier = MemoryStore(), MemoryTier()
+    v = store.put("m/a.bin", pattern(9, 0, SIZE))
+    # Room for two framed chunks: the other five of one read are dropped.
+    shared = SharedTier(tier, "tier/p", "origin", upload_queue_bytes=2 * (CS + HEADER_SIZE))
+    node = ChunkCache(tmp_path / "n", store, chunk_size=CS, capacity=1 << 30, tier=shared)
+
+    async def body() -> None:
+        assert await _read(node, "m/a.bin", v) == pattern(9, 0, SIZE)
+
+    async def main() -> None:
+        await body()  # nothing uploads yet: the queue fills
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.run_background)
+            await shared.drain()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    node.close()
+    stats = shared.snapshot()
+    assert stats.uploads_dropped == NCHUNKS - 2
+    assert stats.uploads == 2
+    warned = [r for r in caplog.records if "upload queue is full" in r.getMessage()]
+    assert len(warned) == 1

@@ -202,3 +202,17 @@ def test_hostile_safetensors_header_never_freezes_the_mount(
     assert got.stdout.strip() == "4096", got.stderr
     assert run_modelfs("stats", str(m.path), timeout=30).returncode == 0
     m.umount()
+
+
+# -- round 2, minor: stray signals ----------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM])
+def test_stray_signals_leave_the_mount_serving(
+    bucket: Bucket, mounter: Mounter, sig: signal.Signals
+) -> None:
+    bucket.put("f.bin", b"still here")
+    m = mounter(bucket)
+    os.kill(m.pid, sig)
+    time.sleep(0.5)
+    assert process_alive(m.pid), f"{sig.name} killed the daemon"
+    assert (m.path / "f.bin").read_bytes() == b"still here"
+    m.umount()
