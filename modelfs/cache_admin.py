@@ -28,14 +28,13 @@ from typing import Any
 
 import trio
 
-from .cache import ChunkCache, disk
+from .cache import disk
 from .cache.directory import FORMAT_FILE, refuse_links
 from .cache.index import CacheIndex, ObjectEntry, Victim
+from .cache.maintenance import Maintenance, open_for_eviction
 from .cache.payload import PayloadFile, PayloadStore
-from .config import DEFAULT_CHUNK_SIZE
-from .errors import CacheError, StoreError
+from .errors import CacheError
 from .mounts import files_under, read_stats
-from .store import Listing, ObjectVersion, StoreCounters, Tree
 
 
 def _require_cache(root: Path) -> None:
@@ -132,41 +131,17 @@ def _open_payload(
     return pf, int(meta["chunk_size"])  # type: ignore[call-overload]
 
 
-class _NoOrigin:
-    """The store of an offline cache: cache changes never need the origin."""
-
-    counters = StoreCounters()
-
-    def list_dir(self, prefix: str) -> Listing:
-        raise StoreError("offline")
-
-    def list_tree(self, prefix: str) -> Tree:
-        raise StoreError("offline")
-
-    def current(self, key: str) -> ObjectVersion | None:
-        raise StoreError("offline")
-
-    def get_into(self, *args: Any, **kwargs: Any) -> None:
-        raise StoreError("offline")
-
-    def probe(self, prefix: str, *, allow_empty: bool = True) -> None:
-        return None
-
-
-def _with_cache(root: Path, work: Callable[[ChunkCache], Any]) -> Any:
-    cache = ChunkCache(root, _NoOrigin(), memory_cache=DEFAULT_CHUNK_SIZE)  # reads nothing
-    try:
+def _with_cache(root: Path, work: Callable[[Maintenance], Any]) -> Any:
+    with open_for_eviction(root) as cache:
         return trio.run(work, cache)
-    finally:
-        cache.close()
 
 
 def gc(root: Path, target: int) -> tuple[int, int]:
     """Evict least-recently-used chunks down to `target` bytes: (chunks, bytes)."""
     _require_cache(root)
 
-    async def work(cache: ChunkCache) -> tuple[int, int]:
-        result = await cache.shrink_to(target)
+    async def work(cache: Maintenance) -> tuple[int, int]:
+        result = await cache.space.shrink_to(target)
         if cache.alone():
             _remove_orphans(root, cache.index)
         return result
@@ -195,8 +170,8 @@ def repair(root: Path, bad: list[Victim]) -> None:
     if not bad:
         return
 
-    async def work(cache: ChunkCache) -> None:
-        await cache.drop(bad)
+    async def work(cache: Maintenance) -> None:
+        await cache.space.drop(bad)
 
     _with_cache(root, work)
 

@@ -21,6 +21,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import assemble
 from .cache import ChunkCache
 from .config import INDEFINITE, MountConfig, parse_addr
 from .errors import MountError
@@ -38,6 +39,7 @@ from .snapshot import Pins, Snapshot
 from .snapshot import take as take_snapshot
 from .stats import StatsSource
 from .store import ObjectStore
+from .tier import SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def serve(
     store.probe(cfg.source.prefix, allow_empty=cfg.allow_empty or snapshot is not None)
     pins = _pins(cfg, store, snapshot)
     ttl = INDEFINITE if pins is not None else cfg.metadata_ttl
-    cache = ChunkCache.for_config(cfg, store)
+    cache, tier = assemble.chunk_cache(cfg, store)
     metrics_server = None
     try:
         ns = Namespace(
@@ -121,6 +123,7 @@ def serve(
             store,
             cache,
             info=MountInfo(str(cfg.source), str(mnt), str(cache.root), os.getpid(), time.time()),
+            tier=tier,
             pins=pins,
             readahead=readahead,
             open_prefetch=open_prefetch,
@@ -146,7 +149,7 @@ def serve(
         except RuntimeError as exc:
             raise MountError(f"the kernel refused to mount {mnt}: {exc}") from None
         try:
-            trio.run(_main, spawn, report, cache, cfg, mnt, notify)
+            trio.run(_main, spawn, report, cache, tier, cfg, mnt, notify)
         finally:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mnt)
@@ -203,6 +206,7 @@ async def _main(
     spawn: _Spawner,
     report: MountReport,
     cache: ChunkCache,
+    tier: SharedTier | None,
     cfg: MountConfig,
     mnt: Path,
     notify: Notify,
@@ -219,10 +223,10 @@ async def _main(
         # Chunks served before their payload write finished: a few seconds
         # to store them, so a remount does not fetch them again.
         await cache.settle(SETTLE_TIMEOUT)
-        if cache.tier is not None:
+        if tier is not None:
             # Chunks other nodes may wait for: a few seconds to send them.
             with trio.move_on_after(10):
-                await cache.tier.drain()
+                await tier.drain()
         nursery.cancel_scope.cancel()
 
 

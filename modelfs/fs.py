@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from .cache import Buffer, ChunkCache
 from .config import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, KERNEL_TTL_CAP
@@ -334,7 +335,7 @@ class Operations(pyfuse3.Operations):
         return {
             XATTR_KEY: lambda: node.key.encode(),
             XATTR_ETAG: lambda: (version.etag or "").encode(),
-            XATTR_CACHED: lambda: str(self.cache.index.cached_bytes(version.identity())).encode(),
+            XATTR_CACHED: lambda: str(self.cache.version_cached_bytes(version)).encode(),
             XATTR_OBJECT: lambda: version.identity().hex().encode(),
         }
 
@@ -343,6 +344,11 @@ class Operations(pyfuse3.Operations):
         getter = self._xattrs(self.ns.get(inode)).get(name)
         if getter is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
+        if name == XATTR_CACHED:
+            # A scan of the object's records in LMDB, as long as the object
+            # is big: never on the thread that answers every request.
+            got: bytes = await trio.to_thread.run_sync(getter)
+            return got
         return getter()
 
     @_fuse_errors

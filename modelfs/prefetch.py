@@ -45,7 +45,8 @@ class ChunkSource(Protocol):
     """All that read-ahead and prefetch on open use of the chunk cache
     (`ChunkCache` provides it): they never reach into its members."""
 
-    capacity: int
+    @property
+    def capacity(self) -> int: ...
 
     @property
     def memory_bytes(self) -> int: ...
@@ -83,6 +84,10 @@ class _Stream:
     progress: int = 0  # bytes consumed since the window last grew
 
 
+# Prefetchers kept before those of closed objects are dropped.
+PRUNE_AT = 64
+
+
 class PrefetchBudget:
     """Chunks in flight for read-ahead, across every object of the mount."""
 
@@ -109,12 +114,19 @@ class ReadAhead:
         self.budget = PrefetchBudget(max_chunks_in_flight)
         self.initial_window = initial_window
         self.max_window = max_window
+        # One Prefetcher per open object version, shared by its handles;
+        # kept here (not on the cache's object), dropped once the object
+        # has no handle left.
+        self._prefetchers: dict[bytes, Prefetcher] = {}
 
     def on_read(self, obj: CachedObject, off: int, size: int) -> None:
         if self.max_window <= 0:
             return
-        if obj.prefetcher is None:
-            obj.prefetcher = Prefetcher(
+        p = self._prefetchers.get(obj.obj_id)
+        if p is None or p.obj is not obj:
+            if len(self._prefetchers) >= PRUNE_AT:
+                self._prune()
+            p = self._prefetchers[obj.obj_id] = Prefetcher(
                 obj,
                 self.cache,
                 self.spawn,
@@ -122,7 +134,20 @@ class ReadAhead:
                 initial_window=self.initial_window,
                 max_window=self.max_window,
             )
-        obj.prefetcher.on_read(off, size)
+        p.on_read(off, size)
+
+    def _prune(self) -> None:
+        for obj_id, p in list(self._prefetchers.items()):
+            if p.obj.handles <= 0:
+                del self._prefetchers[obj_id]
+
+    def streams(self, obj: CachedObject) -> list[tuple[int, int]]:
+        """(next offset, window) of each read stream of `obj` (for tests
+        and debugging)."""
+        p = self._prefetchers.get(obj.obj_id)
+        if p is None or p.obj is not obj:
+            return []
+        return [(s.next_off, s.window) for s in p.streams]
 
 
 class Prefetcher:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import trio
 
+from . import assemble
 from .cache import CachedObject, ChunkCache
 from .config import MountConfig
 from .errors import ModelfsError, single_domain_error
@@ -203,7 +204,7 @@ def pull(
     dest.mkdir(parents=True, exist_ok=True)
     for part in dest.rglob(f".*{PART_SUFFIX}"):  # left by a pull that was killed
         part.unlink(missing_ok=True)
-    cache = ChunkCache.for_config(cfg, store)
+    cache, tier = assemble.chunk_cache(cfg, store)
 
     def count(n: int) -> None:
         result.bytes_written += n
@@ -225,8 +226,8 @@ def pull(
                     log.debug("pulling %s failed: %s", rel, exc)
                     result.failed[rel] = str(exc)
             await cache.settle(60)  # chunks written behind the copy reach the cache
-            if cache.tier is not None:
-                await cache.tier.drain()  # what this node fetched, others can read
+            if tier is not None:
+                await tier.drain()  # what this node fetched, others can read
             nursery.cancel_scope.cancel()
 
     try:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .prefetch import OpenPrefetch, ReadAhead
     from .snapshot import Pins
     from .store import ObjectStore
+    from .tier import SharedTier
 
 
 @dataclass(frozen=True)
@@ -42,26 +43,27 @@ class MountReport:
         cache: ChunkCache,
         *,
         info: MountInfo | None = None,
+        tier: SharedTier | None = None,
         pins: Pins | None = None,
         readahead: ReadAhead | None = None,
         open_prefetch: OpenPrefetch | None = None,
     ) -> None:
         self.store, self.cache, self.info, self.pins = store, cache, info, pins
+        self.tier = tier
         self.readahead, self.open_prefetch = readahead, open_prefetch
         self.rates = RecentRates()
 
     def sample(self) -> None:
-        c = self.cache.counters
         self.rates.sample(
             {
                 "origin_bytes_per_s": self.store.counters.get_bytes,
-                "served_bytes_per_s": c.hit_bytes + c.miss_bytes,
+                "served_bytes_per_s": self.cache.served_bytes,
             }
         )
 
     def snapshot(self, fs: FsStats) -> MountStats:
         info = dataclasses.asdict(self.info) if self.info is not None else {}
-        tier = self.cache.tier
+        tier = self.tier
         return MountStats(
             **info,
             store=self.store.counters.snapshot(),

@@ -382,6 +382,11 @@ class SharedTier:
         self._queued_bytes += len(item.body)
         self._workers.unpark()
 
+    async def give_back(self, lease_key: str) -> None:
+        """Delete a lease now (a fetch or store that will not upload, even
+        one being cancelled: its caller shields this)."""
+        await self._drop_lease(lease_key)
+
     def abandon(self, lease_key: str) -> None:
         """Give up a lease without uploading (the origin fetch failed)."""
         self._queue.insert(0, _Upload(lease_key, b"", lease_key))

@@ -42,11 +42,11 @@ class FetchSlots:
     @contextlib.asynccontextmanager
     async def held(self, ticket: Ticket) -> AsyncIterator[None]:
         """Hold a slot for the block (waiting for one in `ticket`'s queue)."""
-        await self._acquire(ticket)
+        await self.acquire(ticket)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
     def promote(self, ticket: Ticket) -> None:
         """A reader now waits for this fetch: it queues as DEMAND."""
@@ -58,7 +58,8 @@ class FetchSlots:
             queue.remove(ticket)
             self._queues[Priority.DEMAND].append(ticket)
 
-    async def _acquire(self, ticket: Ticket) -> None:
+    async def acquire(self, ticket: Ticket) -> None:
+        """Take a slot, waiting in `ticket`'s queue; `release` gives it back."""
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.free > 0:
             self.free -= 1
@@ -69,12 +70,12 @@ class FetchSlots:
             await ticket.event.wait()  # set by `_release`, which hands its slot over
         except BaseException:
             if ticket.granted:
-                self._release()  # handed over as we were cancelled: pass it on
+                self.release()  # handed over as we were cancelled: pass it on
             else:
                 self._queues[ticket.priority].remove(ticket)
             raise
 
-    def _release(self) -> None:
+    def release(self) -> None:
         for priority in Priority:
             queue = self._queues[priority]
             if queue:

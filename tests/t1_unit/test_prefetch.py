@@ -50,9 +50,9 @@ def _read_through(
                 assert await h.read(off, n) == pattern(seed, off, min(size, off + n))
                 await trio.sleep(0.001)  # let read-ahead run, as between FUSE requests
             await trio.sleep(0.1)
-            out["streams"] = len(obj.prefetcher.streams) if obj.prefetcher else 0
-            streams = obj.prefetcher.streams if obj.prefetcher else []
-            out["window"] = max((s.window for s in streams), default=0)
+            streams = ra.streams(obj)
+            out["streams"] = len(streams)
+            out["window"] = max((window for _, window in streams), default=0)
             out["issued"] = ra.budget.issued_chunks
             h.close()
 
