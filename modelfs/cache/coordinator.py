@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -37,24 +36,17 @@ from ..config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_FETCH_CONCURRENCY,
     DEFAULT_MEMORY_CACHE,
-    format_size,
 )
 from ..errors import CacheError, single_domain_error
 from ..stats import CacheStats
 from ..store import ObjectStore, ObjectVersion
-from . import directory
-from .chunks import DiskChunks, Hook
-from .counters import CacheCounters, PrefetchLedger, StorageWarning
-from .fetcher import Fetcher, Tier, TierShare
-from .index import Victim, open_index
-from .objects import CachedObject, ObjectTable
-from .payload import PayloadStore
-from .pool import BufferPool, Slab
-from .runs import Runs
-from .slots import FetchSlots, Priority, Ticket
-from .space import SpaceBudget
-from .states import ChunkStates
-from .writer import IndexWriter
+from .chunks import Hook
+from .fetcher import Tier, TierShare
+from .index import Victim
+from .objects import CachedObject
+from .parts import CacheParts, open_parts
+from .pool import Slab
+from .slots import Priority, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -116,86 +108,24 @@ class ChunkCache:
         tier: Tier | None = None,
         before_commit: Hook | None = None,
     ) -> None:
-        self.root = root
-        self.store = store
-        self.tier = tier
-        directory.claim(root)
-        fs_size = shutil.disk_usage(root).total
-        if min_free and min_free >= fs_size:
-            raise CacheError(
-                f"--min-free-space {format_size(min_free)} is more than the filesystem of "
-                f"{root} holds ({format_size(fs_size)})"
-            )
-        self._member = directory.Membership(root)
-        try:
-            directory.check_format(root)
-            index = open_index(root, self._member.alone)
-            self.payload = PayloadStore(root)
-        except OSError as exc:
-            self._member.close()
-            raise CacheError(f"cannot use cache directory {root}: {exc.strerror or exc}") from None
-        except BaseException:
-            self._member.close()
-            raise
-        finally:
-            self._member.set_up()
-        self.index = index
-        self.counters = CacheCounters()
-        self.ledger = PrefetchLedger(self.counters)
-        self.warn = StorageWarning(root)
-        self.writer = IndexWriter(index, self.counters)
-        min_free = min_free if min_free is not None else directory.default_min_free(root)
-        if capacity is None:
-            capacity = directory.default_capacity(root, self.writer.used, min_free)
-        # Slabs are cut at the mount's chunk size; an object cached earlier
-        # with a larger one is read through overflow slabs.
-        self.pool = BufferPool(memory_cache, chunk_size)
-        # Slabs background work leaves idle, so readers find one at once.
-        reserve = min(4, len(self.pool.slabs) // 4)
-        self.slots = FetchSlots(fetch_concurrency)
-        self.states = ChunkStates(self.pool, self.slots)
-        self.space = SpaceBudget(
+        self.root, self.store, self.tier = root, store, tier
+        p = open_parts(
             root,
-            self.writer,
-            self.payload,
-            self._member.alone,
-            self.counters,
+            store,
             capacity=capacity,
             min_free=min_free,
-            states=self.states,
-            pool=self.pool,
-            ledger=self.ledger,
-        )
-        self.chunks = DiskChunks(
-            self.pool,
-            index,
-            self.writer,
-            self.space,
-            self.counters,
-            self.warn,
+            fetch_concurrency=fetch_concurrency,
             disk_concurrency=disk_concurrency,
+            memory_cache=memory_cache,
+            chunk_size=chunk_size,
+            tier=tier,
             before_commit=before_commit,
         )
-        self.objects = ObjectTable(index, self.payload, self.pool, self.warn)
-        self.fetcher = Fetcher(
-            store, self.pool, self.counters, tier=tier, fetch_concurrency=fetch_concurrency
-        )
-        self.runs = Runs(
-            self.states,
-            self.pool,
-            self.slots,
-            self.fetcher,
-            self.chunks,
-            self.counters,
-            self.ledger,
-            fetch_concurrency=fetch_concurrency,
-            reserve=reserve,
-        )
-        self._reserve = reserve
-        self._fetch_concurrency = fetch_concurrency
-        # Where stores of fetched chunks run after their readers got the
-        # bytes; set while `run_background` runs (else they run inline).
-        self._behind: trio.Nursery | None = None
+        self._member, self.index, self.payload = p.member, p.index, p.payload
+        self.counters, self.ledger, self.warn, self.writer = p.counters, p.ledger, p.warn, p.writer
+        self.pool, self.slots, self.states, self.space = p.pool, p.slots, p.states, p.space
+        self.chunks, self.objects, self.fetcher, self.runs = p.chunks, p.objects, p.fetcher, p.runs
+        self._miss = MissPath(p, fetch_concurrency)
 
     def close(self) -> None:
         try:
@@ -297,7 +227,7 @@ class ChunkCache:
         fetched: set[int] = set()
 
         async def load(n: int) -> None:
-            slab, from_origin = await self._get(obj, n, priority)
+            slab, from_origin = await self._miss.get(obj, n, priority)
             held[n] = slab
             if from_origin:
                 fetched.add(n)
@@ -350,7 +280,7 @@ class ChunkCache:
         With a shared tier, chunk by chunk (the tier is read per chunk)."""
         if self.tier is not None or len(chunks) == 1 or obj.chunk_size > self.pool.slab_size:
             return sum([await self.ensure(obj, n) for n in chunks])
-        return await self.runs.ensure_run(obj, chunks, self.ensure, self._store_run_chunk)
+        return await self.runs.ensure_run(obj, chunks, self.ensure, self._miss.store_run_chunk)
 
     async def ensure(
         self, obj: CachedObject, n: int, *, priority: Priority = Priority.BACKGROUND
@@ -361,17 +291,97 @@ class ChunkCache:
         slot, unless a reader starts waiting for it."""
         if self.is_ready(obj, n):
             return False
-        slab, from_origin = await self._get(obj, n, priority)
+        slab, from_origin = await self._miss.get(obj, n, priority)
         self.pool.release(slab)
         return from_origin
 
-    # -- the miss path ---------------------------------------------------
-    async def _get(self, obj: CachedObject, n: int, priority: Priority) -> tuple[Slab, bool]:
+    # -- eviction, for `modelfs cache` and tests -------------------------
+    async def shrink_to(self, target: int) -> tuple[int, int]:
+        return await self.space.shrink_to(target)
+
+    async def drop(self, victims: list[Victim]) -> None:
+        await self.space.drop(victims)
+
+    # -- lifetime ----------------------------------------------------------
+    async def settle(self, timeout: float) -> None:
+        """Let coalesced GETs in progress finish and store what they
+        fetched (readers got those chunks before they were on disk), for at
+        most `timeout` seconds; start no new ones. Called at unmount, so a
+        remount finds on disk everything this mount served."""
+        self.runs.settling = True
+        with trio.move_on_after(timeout):
+            await self.stored()
+
+    async def stored(self) -> None:
+        """Return once no chunk that was fetched waits for its payload write
+        and index commit."""
+        while self.runs.running or self.states.storing_count:
+            await trio.sleep(0.01)
+
+    async def run_background(self, *, write_behind: bool = True) -> None:
+        """Periodic chores and write-behind stores; runs until cancelled
+        (call `settle` first). Without `write_behind` a reader waits for its
+        chunk's write (`pull`: a Ctrl-C must not lose chunks already
+        fetched). The shared tier's upload workers run here too."""
+        async with trio.open_nursery() as nursery:
+            self._miss.behind = nursery if write_behind else None
+            try:
+                if self.tier is not None:
+                    nursery.start_soon(self.tier.run_uploads)
+                while True:
+                    await trio.sleep(TOUCH_FLUSH_INTERVAL)
+                    try:
+                        await self.writer.flush_touches()
+                    except (OSError, lmdb.Error) as exc:
+                        self.warn(exc)
+                    except Exception:
+                        log.exception("cannot record chunk recency in the index")
+            finally:
+                self._miss.behind = None
+
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            **self.index.stats(),
+            capacity_bytes=self.capacity,
+            prefetch_pending_bytes=self.ledger.pending_bytes,
+            open_objects=len(self.objects),
+            # Chunks fetched (or claimed by a coalesced GET) whose payload
+            # write and index commit have not finished: 0 once everything a
+            # reader got is on disk. Each chunk counts once.
+            pending_writes=self.states.storing_count + self.runs.claimed,
+            memory_bytes=self.pool.size,
+            memory_cached_bytes=self.pool.cached_bytes,
+            memory_overflow_chunks=self.pool.overflow_chunks,
+            **vars(self.counters),
+        )
+
+
+class MissPath:
+    """The miss path of one chunk, in one direction (memory → disk → range
+    lock → disk → tier or origin → store), and the write-behind task that
+    stores what was fetched after its readers have it. `ChunkCache` is its
+    only caller; it calls only the parts below it."""
+
+    def __init__(self, p: CacheParts, fetch_concurrency: int) -> None:
+        self.states, self.pool, self.slots, self.chunks = p.states, p.pool, p.slots, p.chunks
+        self.fetcher, self.objects, self.counters, self.ledger = (
+            p.fetcher,
+            p.objects,
+            p.counters,
+            p.ledger,
+        )
+        self.reserve = p.reserve
+        self.fetch_concurrency = fetch_concurrency
+        # Where stores of fetched chunks run after their readers got the
+        # bytes; set while `ChunkCache.run_background` runs (else inline).
+        self.behind: trio.Nursery | None = None
+
+    async def get(self, obj: CachedObject, n: int, priority: Priority) -> tuple[Slab, bool]:
         """Chunk `n`'s slab, held for the caller, and whether its bytes came
         from the origin. Background work that has to load the chunk first
         waits for an idle slab, so readers always find one."""
-        if priority == Priority.BACKGROUND and not self.is_ready(obj, n):
-            await self.pool.wait_idle(self._reserve)
+        if priority == Priority.BACKGROUND and not self.states.ready((obj.obj_id, n)):
+            await self.pool.wait_idle(self.reserve)
         key = (obj.obj_id, n)
         while True:
             slab = self.states.in_memory(key)
@@ -429,8 +439,8 @@ class ChunkCache:
             # Write-behind: the reader gets the bytes now. The backlog is
             # bounded: past it, the reader waits for the write as before (a
             # slow disk slows reads, not RAM).
-            if self._behind is not None and self.states.storing_count <= self._fetch_concurrency:
-                self._behind.start_soon(self._store, obj, n, slab, digest, share, locked)
+            if self.behind is not None and self.states.storing_count <= self.fetch_concurrency:
+                self.behind.start_soon(self._store, obj, n, slab, digest, share, locked)
             else:
                 try:
                     await self._store(obj, n, slab, digest, share, locked)
@@ -442,13 +452,13 @@ class ChunkCache:
             if locked and not handed_over:
                 self.chunks.unlock(obj, n)
 
-    def _store_run_chunk(
+    def store_run_chunk(
         self, obj: CachedObject, n: int, slab: Slab, digest: int, fallback: trio.Nursery
     ) -> None:
         """A chunk of a coalesced GET arrived (runs.py has begun its store
         and hands over its slab hold and range lock): store it behind."""
         self.objects.retain(obj)
-        (self._behind or fallback).start_soon(self._store, obj, n, slab, digest, None, True)
+        (self.behind or fallback).start_soon(self._store, obj, n, slab, digest, None, True)
 
     async def _store(
         self,
@@ -483,63 +493,3 @@ class ChunkCache:
             if locked:
                 self.chunks.unlock(obj, n)
             self.objects.close(obj)
-
-    # -- eviction, for `modelfs cache` and tests -------------------------
-    async def shrink_to(self, target: int) -> tuple[int, int]:
-        return await self.space.shrink_to(target)
-
-    async def drop(self, victims: list[Victim]) -> None:
-        await self.space.drop(victims)
-
-    # -- lifetime ----------------------------------------------------------
-    async def settle(self, timeout: float) -> None:
-        """Let coalesced GETs in progress finish and store what they
-        fetched (readers got those chunks before they were on disk), for at
-        most `timeout` seconds; start no new ones. Called at unmount, so a
-        remount finds on disk everything this mount served."""
-        self.runs.settling = True
-        with trio.move_on_after(timeout):
-            await self.stored()
-
-    async def stored(self) -> None:
-        """Return once no chunk that was fetched waits for its payload write
-        and index commit."""
-        while self.runs.running or self.states.storing_count:
-            await trio.sleep(0.01)
-
-    async def run_background(self, *, write_behind: bool = True) -> None:
-        """Periodic chores and write-behind stores; runs until cancelled
-        (call `settle` first). Without `write_behind` a reader waits for its
-        chunk's write (`pull`: a Ctrl-C must not lose chunks already
-        fetched). The shared tier's upload workers run here too."""
-        async with trio.open_nursery() as nursery:
-            self._behind = nursery if write_behind else None
-            try:
-                if self.tier is not None:
-                    nursery.start_soon(self.tier.run_uploads)
-                while True:
-                    await trio.sleep(TOUCH_FLUSH_INTERVAL)
-                    try:
-                        await self.writer.flush_touches()
-                    except (OSError, lmdb.Error) as exc:
-                        self.warn(exc)
-                    except Exception:
-                        log.exception("cannot record chunk recency in the index")
-            finally:
-                self._behind = None
-
-    def stats(self) -> CacheStats:
-        return CacheStats(
-            **self.index.stats(),
-            capacity_bytes=self.capacity,
-            prefetch_pending_bytes=self.ledger.pending_bytes,
-            open_objects=len(self.objects),
-            # Chunks fetched (or claimed by a coalesced GET) whose payload
-            # write and index commit have not finished: 0 once everything a
-            # reader got is on disk. Each chunk counts once.
-            pending_writes=self.states.storing_count + self.runs.claimed,
-            memory_bytes=self.pool.size,
-            memory_cached_bytes=self.pool.cached_bytes,
-            memory_overflow_chunks=self.pool.overflow_chunks,
-            **vars(self.counters),
-        )
