@@ -302,8 +302,11 @@ class PayloadStore:
         try:
             with self._subdir(name[:2], False) as sub:
                 os.unlink(name, dir_fd=sub)
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # gone, or its directory replaced by a link: nothing of ours to unlink
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
 
     def files(self) -> Iterator[tuple[str, int]]:
         """(name, size in blocks) of every payload file; links and other

@@ -143,7 +143,7 @@ def test_warm_read_ahead_loads_each_chunk_from_disk_once(tmp_path: Path) -> None
             tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=memory
         )
         _read_through(cache, v, 2, reads)
-        counts.append(cache.counters.verified_chunks)
+        counts.append(cache.stats().verified_chunks)
         cache.close()
 
     one_pass(2 * SIZE)  # cold: everything fetched and stored

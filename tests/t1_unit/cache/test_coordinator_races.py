@@ -19,7 +19,7 @@ from modelfs.store import ObjectVersion
 from modelfs.testing.memory import MemoryStore, MemoryTier
 from modelfs.tier import SharedTier
 
-from ..data import pattern
+from ...data import pattern
 
 CS = 64 * 1024
 

@@ -18,7 +18,7 @@ from modelfs.errors import CacheFormatError, ObjectChanged, StoreError
 from modelfs.store import ObjectVersion
 from modelfs.testing.memory import MemoryStore, SlowStore
 
-from ..data import pattern
+from ...data import pattern
 
 CS = 64 * 1024  # chunk size for these tests
 
@@ -113,7 +113,8 @@ def _filled_and_reopened(
     v = store.put("k", data)
     cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30)
     assert _read(cache, "k", v, 0, len(data)) == data
-    path = cache.payload.path_of(v.identity())
+    ident = v.identity().hex()
+    path = tmp_path / "c" / "data" / ident[:2] / ident  # the on-disk layout
     cache.close()
     if damage is not None:
         damage(path)
@@ -125,7 +126,7 @@ def test_reopened_cache_fetches_nothing(tmp_path: Path) -> None:
     store, v, data, cache = _filled_and_reopened(tmp_path, 4, 5)
     assert _read(cache, "k", v, 0, len(data)) == data
     assert store.get_log == []
-    assert cache.counters.verified_chunks == 5
+    assert cache.stats().verified_chunks == 5
     cache.close()
 
 
@@ -144,8 +145,8 @@ def test_damaged_payload_is_detected_and_refetched(tmp_path: Path, damage: str) 
 
     store, v, data, cache = _filled_and_reopened(tmp_path, 5, 3, harm)
     assert _read(cache, "k", v, 0, len(data)) == data
-    assert cache.counters.corrupt_chunks == (1 if damage == "flip" else 2)
-    assert len(store.get_log) == cache.counters.corrupt_chunks
+    assert cache.stats().corrupt_chunks == (1 if damage == "flip" else 2)
+    assert len(store.get_log) == cache.stats().corrupt_chunks
     cache.close()
 
 
@@ -155,8 +156,8 @@ def test_eviction_keeps_disk_use_under_capacity(tmp_path: Path) -> None:
     cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=4 * CS)
     for key, v in versions.items():
         assert _read(cache, key, v, 0, 3 * CS) == pattern(int(key[1:]) + 10, 0, 3 * CS)
-        assert cache.index.used() <= 4 * CS
-    assert cache.counters.evicted_chunks >= 11
+        assert cache.stats().used_bytes <= 4 * CS
+    assert cache.stats().evicted_chunks >= 11
     disk = sum(
         p.stat().st_blocks * 512 for p in (tmp_path / "c" / "data").rglob("*") if p.is_file()
     )
@@ -197,7 +198,7 @@ def test_new_version_gets_new_chunks(tmp_path: Path) -> None:
     with pytest.raises(ObjectChanged):
         _read(cache, "k", v1, CS, 10)
     assert _read(cache, "k", v2, 0, 2 * CS) == pattern(8, 0, 2 * CS)
-    assert cache.index.stats()["objects"] == 2  # the old version waits for eviction
+    assert cache.stats().objects == 2  # the old version waits for eviction
     cache.close()
 
 
@@ -282,7 +283,7 @@ def test_corruption_during_a_mount_is_caught_on_the_next_disk_read(tmp_path: Pat
         f.write(bytes([data[5] ^ 1]))
     assert _read(cache, "k", v, 2 * CS, 10) == data[2 * CS : 2 * CS + 10]  # pushes chunk 0 out
     assert _read(cache, "k", v, 0, 10) == data[:10]
-    assert cache.counters.corrupt_chunks == 1
+    assert cache.stats().corrupt_chunks == 1
     assert store.get_log[4:] == [("k", 0, CS)]
     cache.close()
 
@@ -394,7 +395,7 @@ def test_a_demand_miss_is_served_before_its_write_lands(
             await trio.sleep(0)
             obj = cache.open_object("k", v, CS)
             assert bytes(await cache.read(obj, 0, 100)) == data[:100]  # while the write waits
-            out["recorded_while_held"] = cache.index.get(obj.obj_id, 0)
+            out["recorded_while_held"] = cache.on_disk(obj, 0)
             # Pushed out of the one-chunk memory cache by chunk 1, still
             # unwritten: served from the pending write, not fetched again.
             assert bytes(await cache.read(obj, CS, 100)) == data[CS : CS + 100]
@@ -402,15 +403,15 @@ def test_a_demand_miss_is_served_before_its_write_lands(
             out["gets_while_held"] = len(store.get_log)
             gate.set()
             await cache.stored()
-            out["recorded_after"] = cache.index.get(obj.obj_id, 0)
+            out["recorded_after"] = cache.on_disk(obj, 0)
             cache.close_object(obj)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
     cache.close()
-    assert out["recorded_while_held"] is None
+    assert out["recorded_while_held"] is False
     assert out["gets_while_held"] == 2
-    assert out["recorded_after"] is not None
+    assert out["recorded_after"] is True
 
 
 def test_chunks_stored_together_share_one_index_commit(tmp_path: Path) -> None:
@@ -431,8 +432,8 @@ def test_chunks_stored_together_share_one_index_commit(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    assert cache.index.cached_bytes(v.identity()) == len(data)
-    assert 1 <= cache.counters.index_commits <= 16
+    assert cache.version_cached_bytes(v) == len(data)
+    assert 1 <= cache.stats().index_commits <= 16
     cache.close()
 
 

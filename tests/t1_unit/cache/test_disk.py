@@ -10,7 +10,7 @@ import xxhash
 
 from modelfs.cache import disk
 
-from ..data import pattern
+from ...data import pattern
 
 
 def test_checksum_matches_the_xxhash_module_for_every_kind_of_buffer() -> None:
