@@ -237,6 +237,7 @@ class MountConfig:
     # Freeze the listing at mount (--snapshot), or mount the one a manifest
     # holds (--manifest PATH or s3:// URL; implies a snapshot mount).
     snapshot: bool = False
+    preload: bool = False
     manifest: str | None = None
 
     def validate(self) -> None:

@@ -31,6 +31,7 @@ from .metrics import make_registry
 from .mounts import FSTYPE, check_mountpoint
 from .namespace import Namespace
 from .prefetch import OpenPrefetch, ReadAhead
+from .preload import Preload
 from .process import raise_fd_limit, tune_malloc
 from .report import MountInfo, MountReport
 from .s3.origin import S3Store
@@ -119,6 +120,13 @@ def serve(
             # not starve the others; demand reads are served first anyway.
             concurrency=max(1, cfg.fetch_concurrency // 2),
         )
+        preload = (
+            Preload(
+                ns, cache, open_prefetch, chunk_size=cfg.chunk_size, patterns=cfg.prefetch_on_open
+            )
+            if cfg.preload and cfg.prefetch_on_open
+            else None
+        )
         report = MountReport(
             store,
             cache,
@@ -127,6 +135,7 @@ def serve(
             pins=pins,
             readahead=readahead,
             open_prefetch=open_prefetch,
+            preload=preload,
         )
         ops = Operations(
             ns,
@@ -149,7 +158,7 @@ def serve(
         except RuntimeError as exc:
             raise MountError(f"the kernel refused to mount {mnt}: {exc}") from None
         try:
-            trio.run(_main, spawn, report, cache, tier, cfg, mnt, notify)
+            trio.run(_main, spawn, report, cache, tier, preload, cfg, mnt, notify)
         finally:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mnt)
@@ -207,6 +216,7 @@ async def _main(
     report: MountReport,
     cache: ChunkCache,
     tier: SharedTier | None,
+    preload: Preload | None,
     cfg: MountConfig,
     mnt: Path,
     notify: Notify,
@@ -217,7 +227,7 @@ async def _main(
         nursery.start_soon(_sample_rates, report)
         serving = trio.CancelScope()
         nursery.start_soon(_stop_on_signal, serving)
-        nursery.start_soon(_announce_ready, mnt, cfg, notify)
+        nursery.start_soon(_announce_ready, mnt, cfg, notify, preload)
         with serving:
             await pyfuse3.main()
         # Chunks served before their payload write finished: a few seconds
@@ -254,7 +264,9 @@ async def _stop_on_signal(serving: trio.CancelScope) -> None:
         serving.cancel()
 
 
-async def _announce_ready(mnt: Path, cfg: MountConfig, notify: Notify) -> None:
+async def _announce_ready(
+    mnt: Path, cfg: MountConfig, notify: Notify, preload: Preload | None
+) -> None:
     try:
         await trio.to_thread.run_sync(os.stat, mnt)
     except OSError as exc:
@@ -267,3 +279,7 @@ async def _announce_ready(mnt: Path, cfg: MountConfig, notify: Notify) -> None:
     # MAINPID: with a forking `modelfs mount` the daemon is not the process
     # systemd started; with --foreground it is, and the line is harmless.
     sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.source} on {mnt}")
+    if preload is not None:
+        # Right after the mount answers: the download runs while the model
+        # server starts, behind every read it makes.
+        await preload.run()

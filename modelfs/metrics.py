@@ -112,6 +112,14 @@ class ModelfsCollector(Collector):
         yield gauge("open_files", "Files open through the mount", s.open_files)
         yield from _shared_tier(s.shared)
         yield gauge("origin_requests_in_flight", "GETs in progress", store.in_flight)
+        pre = s.preload
+        if pre is not None:
+            yield gauge("preload_bytes", "Bytes --preload is to fetch", pre.bytes)
+            yield gauge(
+                "preload_done_bytes", "Bytes of files --preload has finished", pre.bytes_done
+            )
+            yield gauge("preload_files", "Files --preload is to fetch", pre.files)
+            yield gauge("preload_done_files", "Files --preload has finished", pre.files_done)
         snap = s.snapshot
         if snap is not None:
             yield gauge("snapshot_objects", "Objects pinned by the mount's snapshot", snap.objects)

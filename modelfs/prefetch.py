@@ -55,7 +55,9 @@ class ChunkSource(Protocol):
 
     def run_length(self, obj: CachedObject) -> int: ...
 
-    async def ensure_run(self, obj: CachedObject, chunks: list[int]) -> int:
+    async def ensure_run(
+        self, obj: CachedObject, chunks: list[int], priority: Priority = ...
+    ) -> int:
         """Load consecutive chunks as background work."""
         ...
 
@@ -365,27 +367,49 @@ class OpenPrefetch:
         self.spawn = spawn
         self.patterns = patterns
         self.concurrency = max(1, concurrency)
-        self._running: set[bytes] = set()
+        # Files being fetched whole, with the priority their fetches take
+        # now (a cell: a loader opening a file --preload is fetching raises
+        # it to BACKGROUND, ahead of the rest of the preload).
+        self._running: dict[bytes, list[Priority]] = {}
         self.started_files = 0
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 
     def on_open(self, obj: CachedObject, name: str) -> None:
+        running = self._running.get(obj.obj_id)
+        if running is not None:
+            running[0] = min(running[0], Priority.BACKGROUND)
+            return
         if (
             not self.patterns
-            or obj.obj_id in self._running
             or obj.size == 0
             or obj.size > self.cache.capacity // 2
             or not self.matches(name)
         ):
             return
-        self._running.add(obj.obj_id)
+        self._running[obj.obj_id] = [Priority.BACKGROUND]
         self.started_files += 1
         self.cache.retain(obj)  # the background fetch outlives the handle
         self.spawn(self._run, obj, name)
 
+    def is_running(self, obj: CachedObject) -> bool:
+        """Whether a whole-file fetch of `obj` is running."""
+        return obj.obj_id in self._running
+
+    async def fetch_file(self, obj: CachedObject, name: str, priority: Priority) -> bool:
+        """Fetch a whole file now, at `priority` (--preload), in the same
+        order and single flight as prefetch on open; False if a fetch of
+        it is running already (that one finishes it)."""
+        if obj.obj_id in self._running:
+            return False
+        self._running[obj.obj_id] = [priority]
+        self.cache.retain(obj)
+        await self._run(obj, name)
+        return True
+
     async def _run(self, obj: CachedObject, name: str) -> None:
+        priority = self._running[obj.obj_id]
         try:
             if await trio.to_thread.run_sync(self.cache.cached_bytes, obj) >= obj.size:
                 return
@@ -397,21 +421,23 @@ class OpenPrefetch:
                 stored = lambda n: self.cache.chunk_state(obj, n) is not ChunkState.MISSING  # noqa: E731
                 for run in _runs(order, longest, stored):
                     await limit.acquire()
-                    nursery.start_soon(self._one, obj, run, limit)
-            log.debug("prefetched %s on open (%d chunks)", obj.key, len(order))
+                    nursery.start_soon(self._one, obj, run, limit, priority)
+            log.debug("prefetched %s whole (%d chunks)", obj.key, len(order))
         except ModelfsError as exc:
-            log.debug("prefetch on open of %s stopped: %s", obj.key, exc)
+            log.debug("prefetch of %s stopped: %s", obj.key, exc)
         except Exception:
-            log.exception("prefetch on open of %s failed", obj.key)
+            log.exception("prefetch of %s failed", obj.key)
         finally:
-            self._running.discard(obj.obj_id)
+            del self._running[obj.obj_id]
             self.cache.close_object(obj)
 
-    async def _one(self, obj: CachedObject, run: list[int], limit: trio.Semaphore) -> None:
+    async def _one(
+        self, obj: CachedObject, run: list[int], limit: trio.Semaphore, priority: list[Priority]
+    ) -> None:
         # A failed chunk never ends the mount: a reader that needs it fetches
         # it again and gets the error itself.
         try:
-            await self.cache.ensure_run(obj, run)
+            await self.cache.ensure_run(obj, run, priority[0])
         except ModelfsError as exc:
             log.debug("prefetch on open of chunks %s of %s failed: %s", run, obj.key, exc)
         finally:

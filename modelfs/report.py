@@ -17,6 +17,7 @@ from .stats import FsStats, MountStats, RecentRates
 if TYPE_CHECKING:
     from .cache import ChunkCache
     from .prefetch import OpenPrefetch, ReadAhead
+    from .preload import Preload
     from .snapshot import Pins
     from .store import ObjectStore
     from .tier import SharedTier
@@ -47,9 +48,11 @@ class MountReport:
         pins: Pins | None = None,
         readahead: ReadAhead | None = None,
         open_prefetch: OpenPrefetch | None = None,
+        preload: Preload | None = None,
     ) -> None:
         self.store, self.cache, self.info, self.pins = store, cache, info, pins
         self.tier = tier
+        self.preload = preload
         self.readahead, self.open_prefetch = readahead, open_prefetch
         self.rates = RecentRates()
 
@@ -70,6 +73,7 @@ class MountReport:
             cache=self.cache.stats(),
             shared=tier.snapshot() if tier is not None else None,
             snapshot=self.pins.stats() if self.pins is not None else None,
+            preload=self.preload.stats() if self.preload is not None else None,
             **dataclasses.asdict(fs),
             readahead_chunks=self.readahead.budget.issued_chunks if self.readahead else 0,
             prefetched_on_open=self.open_prefetch.started_files if self.open_prefetch else 0,

@@ -109,6 +109,19 @@ class SnapshotStats:
 
 
 @dataclass(frozen=True)
+class PreloadStats:
+    """--preload: the files a loader will read, fetched after mount."""
+
+    state: str = "off"  # waiting, listing, running, done, failed
+    files: int = 0
+    files_done: int = 0
+    files_skipped: int = 0  # left out: the cache cannot hold them
+    bytes: int = 0
+    bytes_done: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class FsStats:
     """The FUSE operations' own counts."""
 
@@ -131,6 +144,7 @@ class MountStats:
     cache: CacheStats = field(default_factory=CacheStats)
     shared: TierStats | None = None
     snapshot: SnapshotStats | None = None
+    preload: PreloadStats | None = None
     open_files: int = 0
     lookups: int = 0
     negative_lookups: int = 0
@@ -151,6 +165,7 @@ class MountStats:
             "cache": CacheStats,
             "shared": TierStats,
             "snapshot": SnapshotStats,
+            "preload": PreloadStats,
         }
         values = {
             k: _known(nested[k], v) if k in nested and isinstance(v, dict) else v

@@ -274,13 +274,21 @@ class ChunkCache:
         """How many chunks of `obj` one coalesced GET fetches at most."""
         return self.runs.run_length(obj)
 
-    async def ensure_run(self, obj: CachedObject, chunks: list[int]) -> int:
+    async def ensure_run(
+        self, obj: CachedObject, chunks: list[int], priority: Priority = Priority.BACKGROUND
+    ) -> int:
         """Background work: load consecutive `chunks`, the missing ones in
         coalesced GETs (see runs.py). Returns how many came from the origin.
         With a shared tier, chunk by chunk (the tier is read per chunk)."""
         if self.tier is not None or len(chunks) == 1 or obj.chunk_size > self.pool.slab_size:
-            return sum([await self.ensure(obj, n) for n in chunks])
-        return await self.runs.ensure_run(obj, chunks, self.ensure, self._miss.store_run_chunk)
+            return sum([await self.ensure(obj, n, priority=priority) for n in chunks])
+
+        async def one(obj: CachedObject, n: int) -> bool:
+            return await self.ensure(obj, n, priority=priority)
+
+        return await self.runs.ensure_run(
+            obj, chunks, one, self._miss.store_run_chunk, priority=priority
+        )
 
     async def ensure(
         self, obj: CachedObject, n: int, *, priority: Priority = Priority.BACKGROUND
@@ -380,7 +388,7 @@ class MissPath:
         """Chunk `n`'s slab, held for the caller, and whether its bytes came
         from the origin. Background work that has to load the chunk first
         waits for an idle slab, so readers always find one."""
-        if priority == Priority.BACKGROUND and not self.states.ready((obj.obj_id, n)):
+        if priority != Priority.DEMAND and not self.states.ready((obj.obj_id, n)):
             await self.pool.wait_idle(self.reserve)
         key = (obj.obj_id, n)
         while True:
@@ -429,7 +437,7 @@ class MissPath:
             async with self.slots.held(ticket):
                 slab, digest, share = await self.fetcher.fetch(obj, n)
             self.counters.fetched_chunks += 1
-            if ticket.priority == Priority.BACKGROUND:  # no reader waited for it
+            if ticket.priority != Priority.DEMAND:  # no reader waited for it
                 self.ledger.fetched(key, end - start)
             self.pool.publish(key, slab, end - start)
             self.states.begin_store(key, slab)

@@ -73,6 +73,8 @@ class Runs:
         chunks: list[int],
         ensure_one: EnsureOne,
         store_behind: StoreBehind,
+        *,
+        priority: Priority = Priority.BACKGROUND,
     ) -> int:
         """Load consecutive `chunks`, fetching those missing everywhere in
         runs; chunks on disk (or that cannot be claimed) go one by one
@@ -80,7 +82,7 @@ class Runs:
         fetched, i = 0, 0
         while i < len(chunks):
             await self.pool.wait_idle(self.reserve)
-            ticket = Ticket(Priority.BACKGROUND)
+            ticket = Ticket(priority)
             await self.slots.acquire(ticket)
             try:
                 segment, slabs = self._claim(obj, chunks[i:])

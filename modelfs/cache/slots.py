@@ -2,11 +2,12 @@
 
 Every fetch has a `Priority`, decided where the work starts: a reader
 blocked on the bytes is `DEMAND`; read-ahead and prefetch on open are
-`BACKGROUND`. A released slot goes to the longest-waiting demand fetch, then
-to background ones, and is handed over directly, so it cannot be taken in
-between. A background fetch that a reader starts waiting for is promoted
-(`promote`): a reader never waits behind other readers' fetches for bytes
-that were only queued as background work.
+`BACKGROUND`, and `--preload` is `PRELOAD`. A released slot goes to the
+longest-waiting demand fetch, then to background ones, then to preload,
+and is handed over directly, so it cannot be taken in between. A
+background fetch that a reader starts waiting for is promoted
+(`promote`): a reader never waits behind other readers' fetches for
+bytes that were only queued as background work.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import trio
 class Priority(enum.IntEnum):
     DEMAND = 0  # a reader is blocked on it
     BACKGROUND = 1  # read-ahead, prefetch on open
+    PRELOAD = 2  # --preload: whatever nobody has asked for yet
 
 
 @dataclass(eq=False)

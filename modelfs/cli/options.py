@@ -302,6 +302,12 @@ OPTIONS: tuple[Option, ...] = (
         show=",".join,
     ),
     Option(
+        "--preload",
+        Group.MOUNT,
+        "as soon as the mount answers, fetch every file --prefetch-on-open matches "
+        "(in loader order, within the cache's size) in the background, behind reads",
+    ),
+    Option(
         "--metrics-addr",
         Group.MOUNT,
         "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",

@@ -85,6 +85,13 @@ def render_stats(s: MountStats) -> str:
     ]
     if s.snapshot is not None:
         lines.append(_snapshot_line(s.snapshot))
+    if s.preload is not None:
+        p = s.preload
+        lines.append(
+            f"preload    {p.state}: {p.files_done} of {p.files} files, "
+            f"{format_size(p.bytes_done)} of {format_size(p.bytes)} in {p.seconds:.1f} s"
+            + (f"; {p.files_skipped} left out (cache too small)" if p.files_skipped else "")
+        )
     if s.shared is not None:
         lines.insert(3, _tier_line(s.shared))
     return "\n".join(lines)
