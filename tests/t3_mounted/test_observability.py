@@ -333,7 +333,7 @@ def test_logs_go_to_the_journal_under_systemd(tmp_path: Path, bucket: Bucket) ->
         assert run_modelfs("umount", str(mnt)).returncode == 0
     text = journal.read_text()
     assert "INFO modelfs.daemon: serving on" in text
-    assert "DEBUG modelfs.s3.origin: GET f bytes=0-0 etag=" in text  # per-request, with --debug
+    assert "DEBUG modelfs.s3.ranged: GET f bytes=0-0 etag=" in text  # per-request, with --debug
     assert not text.startswith("20")  # no timestamp: journald adds its own
     assert not (cache / "modelfs.log").exists()
 
