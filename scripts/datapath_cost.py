@@ -101,6 +101,11 @@ def measure(
             "faults_per_mib": (d_flt2 - d_flt) / (total / MiB),
             "peak_rss_mib": proc_hwm(pid) / MiB,
         }
+        cache_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["cache"]
+        # Chunks read back from the disk cache: on a cold read, chunks fetched
+        # ahead of the reader and dropped from memory before it got there.
+        out[phase]["disk_chunks"] = cache_stats["verified_chunks"]
+        out[phase]["fetched_chunks"] = cache_stats["fetched_chunks"]
         _umount(mnt)
     return out
 
@@ -175,7 +180,8 @@ def main() -> int:
                 f"daemon {m['daemon_cpu_s_per_gib']:.2f} CPU s/GiB, "
                 f"server {m['server_cpu_s_per_gib']:.2f}, "
                 f"machine {m['machine_cpu_s_per_gib']:.2f} CPU s/GiB, "
-                f"{m['faults_per_mib']:.0f} faults/MiB, peak RSS {m['peak_rss_mib']:.0f} MiB"
+                f"{m['faults_per_mib']:.0f} faults/MiB, peak RSS {m['peak_rss_mib']:.0f} MiB, "
+                f"{m['disk_chunks']:.0f} chunks read from disk, {m['fetched_chunks']:.0f} fetched"
             )
     return 0
 
