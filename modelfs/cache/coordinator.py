@@ -421,7 +421,9 @@ class MissPath:
         joining the flight raise."""
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
-        slab = await self.chunks.load(obj, n, corrupt_is_news=True)
+        slab = await self.chunks.load(
+            obj, n, corrupt_is_news=True, ahead=ticket.priority == Priority.BACKGROUND
+        )
         if slab is not None:
             return slab, False
         self.counters.misses += 1
@@ -439,7 +441,7 @@ class MissPath:
             self.counters.fetched_chunks += 1
             if ticket.priority != Priority.DEMAND:  # no reader waited for it
                 self.ledger.fetched(key, end - start)
-            self.pool.publish(key, slab, end - start)
+            self.pool.publish(key, slab, end - start, ahead=ticket.priority == Priority.BACKGROUND)
             self.states.begin_store(key, slab)
             self.pool.hold(slab)  # the store's hold
             self.objects.retain(obj)

@@ -108,6 +108,11 @@ def test_metrics_match_the_bytes_on_the_wire(
     assert met["modelfs_origin_received_bytes_total"] == 0
     assert met["modelfs_cache_hit_bytes_total"] == TOTAL
     assert met["modelfs_cache_miss_bytes_total"] == 0
+    # The kernel sends FUSE's release after close() has returned: wait for it.
+    deadline = time.monotonic() + 10
+    while met["modelfs_open_files"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        met = _scrape(port2)
     assert met["modelfs_open_files"] == 0
 
 

@@ -447,3 +447,43 @@ def test_the_default_size_is_what_the_disk_holds_above_the_free_space_guard(
     expected = shutil.disk_usage(tmp_path).free - (1 << 30)
     assert abs(cache.capacity - expected) < 64 << 20
     cache.close()
+
+
+def test_a_cold_sequential_read_with_read_ahead_reads_nothing_back_from_disk(
+    tmp_path: Path,
+) -> None:
+    """Chunks fetched ahead of the reader stay in memory until it reads
+    them, however far ahead the window would go: a cold read of a file 4x
+    the memory cache reads no chunk back from disk (it read about a third
+    of them back before)."""
+    from modelfs.prefetch import ReadAhead
+    from modelfs.reader import OpenFile
+
+    store = MemoryStore()
+    size = 64 * CS
+    v = store.put("k", pattern(5, 0, size))
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.run_background)
+            ra = ReadAhead(
+                cache,
+                nursery.start_soon,
+                max_chunks_in_flight=14,
+                initial_window=2 * CS,
+                max_window=size,  # a window 4x the memory cache
+            )
+            h = OpenFile(1, 2, cache.open_object("k", v, CS), cache, ra)
+            for off in range(0, size, CS // 2):
+                assert bytes(await h.read(off, CS // 2)) == pattern(5, off, off + CS // 2)
+                await trio.sleep(0.002)  # the reader is slower than the fetches
+            h.close()
+            await cache.stored()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    stats = cache.stats()
+    cache.close()
+    assert stats.fetched_chunks == 64
+    assert stats.verified_chunks == 0

@@ -84,3 +84,41 @@ def test_wait_idle_returns_when_a_holder_lets_go() -> None:
 def test_a_slab_size_must_be_whole_pages() -> None:
     with pytest.raises(ValueError):
         BufferPool(SLAB, SLAB + 1)
+
+
+def test_chunks_fetched_ahead_are_kept_from_background_work_until_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read-ahead runs no further ahead than memory holds: a chunk fetched
+    ahead and not read yet is not taken back by other background work
+    (its reader would read it back from disk); readers may take it, and
+    after AHEAD_HOLD it is an ordinary cached chunk again."""
+    from modelfs.cache import pool as pool_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(pool_mod.time, "monotonic", lambda: now[0])
+    pool = BufferPool(3 * SLAB, SLAB)
+    for n in range(3):
+        s = pool.take(background=True)
+        assert s is not None
+        pool.publish(("o", n), s, 1, ahead=True)
+        pool.release(s)
+    assert pool.idle == 3 and pool.idle_for_background == 0
+    assert pool.take(background=True) is None
+    # Its reader comes for chunk 1: that one may now be reused.
+    got = pool.get(("o", 1))
+    assert got is not None
+    pool.release(got)
+    again = pool.take(background=True)
+    assert again is not None and ("o", 1) not in pool and ("o", 0) in pool
+    assert pool.take(background=True) is None  # 0 and 2 are still held ahead
+    # A reader that must not wait takes an unread one rather than overflow:
+    # the one fetched farthest ahead, which its reader needs last.
+    demand = pool.take_or_overflow(SLAB)
+    assert not demand.overflow and ("o", 2) not in pool and ("o", 0) in pool
+    pool.release(demand)
+    pool.release(again)
+    # Chunk 0 was never read: after AHEAD_HOLD it is an ordinary cached chunk.
+    assert pool.idle_for_background == pool.idle - 1
+    now[0] += pool_mod.AHEAD_HOLD + 1
+    assert pool.idle_for_background == pool.idle == 3
