@@ -99,7 +99,7 @@ class Bucket:
         return str(self.client.put_object(Bucket=self.name, Key=key, Body=data)["ETag"])
 
 
-def _make_bucket(server: Any) -> Bucket:
+def make_bucket(server: Any) -> Bucket:
     client = server.client()
     name = f"t{os.getpid()}-{next(_bucket_ids)}"
     client.create_bucket(Bucket=name)
@@ -108,12 +108,12 @@ def _make_bucket(server: Any) -> Bucket:
 
 @pytest.fixture
 def bucket(juicefs: JuiceFSGateway) -> Bucket:
-    return _make_bucket(juicefs)
+    return make_bucket(juicefs)
 
 
 @pytest.fixture
 def moto_bucket(moto: MotoServer) -> Bucket:
-    return _make_bucket(moto)
+    return make_bucket(moto)
 
 
 @pytest.fixture

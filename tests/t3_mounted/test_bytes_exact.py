@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from modelfs.testing.s3server import JuiceFSGateway
 
-from ..conftest import Mount, Mounter, _make_bucket
+from ..conftest import Mount, Mounter, make_bucket
 from ..data import pattern, upload_large
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
@@ -39,7 +39,7 @@ class Fixture:
 
 @pytest.fixture(scope="module")
 def exact(juicefs: JuiceFSGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
-    bucket = _make_bucket(juicefs)
+    bucket = make_bucket(juicefs)
     for name, (seed, size) in FILES.items():
         if size > 64 * MiB:
             upload_large(bucket.client, bucket.name, name, seed, size)

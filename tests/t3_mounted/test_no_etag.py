@@ -11,7 +11,7 @@ import pytest
 from modelfs.testing.proxy import CountingProxy
 from modelfs.testing.s3server import JuiceFSGateway
 
-from ..conftest import Mounter, _make_bucket
+from ..conftest import Mounter, make_bucket
 from ..data import pattern
 
 pytestmark = pytest.mark.mount
@@ -26,7 +26,7 @@ def no_etag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JuiceFS
 def test_reads_are_exact_and_cached_without_etags(
     no_etag_server: JuiceFSGateway, mounter: Mounter, tmp_path: Path
 ) -> None:
-    bucket = _make_bucket(no_etag_server)
+    bucket = make_bucket(no_etag_server)
     data = pattern(5, 0, 3 << 20)
     bucket.put("w.bin", data)
     listed = bucket.client.list_objects_v2(Bucket=bucket.name)["Contents"][0]

@@ -31,7 +31,7 @@ FILES = {"big.safetensors": pattern(1, 0, 20 * MiB + 77), "small/b.bin": pattern
 TOTAL = sum(len(v) for v in FILES.values())
 
 
-def _scrape(port: int) -> dict[str, float]:
+def scrape_metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -62,7 +62,7 @@ def test_metrics_match_the_bytes_on_the_wire(
     _read_all(m)
     m.settle()  # chunks are served as they arrive and written just after
     with open(m.path / "big.safetensors", "rb") as held:
-        met = _scrape(port)
+        met = scrape_metrics(port)
         assert met["modelfs_open_files"] == 1
         held.read(1)
     wire_bytes, wire_gets = proxy.object_bytes(), len(proxy.object_gets())
@@ -103,7 +103,7 @@ def test_metrics_match_the_bytes_on_the_wire(
     )
     proxy.reset()
     _read_all(m2)
-    met = _scrape(port2)
+    met = scrape_metrics(port2)
     assert proxy.object_bytes() == 0
     assert met["modelfs_origin_received_bytes_total"] == 0
     assert met["modelfs_cache_hit_bytes_total"] == TOTAL
@@ -112,7 +112,7 @@ def test_metrics_match_the_bytes_on_the_wire(
     deadline = time.monotonic() + 10
     while met["modelfs_open_files"] and time.monotonic() < deadline:
         time.sleep(0.05)
-        met = _scrape(port2)
+        met = scrape_metrics(port2)
     assert met["modelfs_open_files"] == 0
 
 
@@ -128,13 +128,13 @@ def test_evicted_read_ahead_counts_as_wasted(bucket: Bucket, mounter: Mounter) -
     with open(m.path / "w.bin", "rb") as f:
         f.read(4 * MiB)  # starts a stream: chunks beyond are fetched ahead
         deadline = time.monotonic() + 30
-        while _scrape(port)["modelfs_prefetch_pending_bytes"] == 0:
+        while scrape_metrics(port)["modelfs_prefetch_pending_bytes"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         proc = run_modelfs("cache", "clear", "--cache-dir", str(m.cache_dir))
         assert proc.returncode == 0, proc.stderr
         assert f.read() == pattern(3, 4 * MiB, 64 * MiB)
-    met = _scrape(port)
+    met = scrape_metrics(port)
     assert met["modelfs_prefetch_wasted_bytes_total"] > 0
     # Every byte fetched ahead is used, evicted unused (wasted), or pending:
     # a fetch still queued during the clear lands afterwards, as pending.

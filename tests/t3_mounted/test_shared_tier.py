@@ -14,9 +14,9 @@ import pytest
 from modelfs.testing.proxy import CountingProxy, Fault
 from modelfs.testing.s3server import ACCESS_KEY, SECRET_KEY, JuiceFSGateway, MotoServer, free_port
 
-from ..conftest import Bucket, Mount, Mounter, _make_bucket, in_threads, run_modelfs
+from ..conftest import Bucket, Mount, Mounter, in_threads, make_bucket, run_modelfs
 from ..data import put_shards
-from .test_observability import _scrape
+from .test_observability import scrape_metrics
 
 pytestmark = pytest.mark.mount
 
@@ -91,14 +91,14 @@ def test_a_second_node_reads_the_model_from_the_tier(
     mounter: Mounter,
     tmp_path: Path,
 ) -> None:
-    tier = _make_bucket(juicefs)
+    tier = make_bucket(juicefs)
     files, a = _populated(bucket, tier, proxy, mounter, tmp_path / "a")
     proxy.reset()
     port = free_port()
     metrics = ("--metrics-addr", f"127.0.0.1:{port}")
     b = _node(mounter, bucket, proxy, tmp_path / "b", (*_tier_args(tier), *metrics))
     _read_all(b, files)
-    met = _scrape(port)
+    met = scrape_metrics(port)
     assert met["modelfs_shared_hit_bytes_total"] == sum(len(v) for v in files.values())
     assert met["modelfs_origin_received_bytes_total"] == 0
     stats = run_modelfs("stats", str(b.path))
@@ -122,7 +122,7 @@ def test_pull_reads_from_the_tier_too(
     mounter: Mounter,
     tmp_path: Path,
 ) -> None:
-    tier = _make_bucket(juicefs)
+    tier = make_bucket(juicefs)
     files, a = _populated(bucket, tier, proxy, mounter, tmp_path / "a")
     proxy.reset()
     dest = tmp_path / "pulled"
@@ -153,7 +153,7 @@ def test_a_node_failing_its_tier_writes_leaves_the_others_correct(
     tmp_path: Path,
 ) -> None:
     files = _model(bucket)
-    tier = _make_bucket(juicefs)
+    tier = make_bucket(juicefs)
     tier_proxy = CountingProxy(juicefs.endpoint_url).start()
     try:
         # Every chunk PUT of node A fails as a connection dropped mid-body would.
@@ -190,7 +190,7 @@ def test_a_corrupt_tier_object_costs_one_chunk_from_the_origin(
     mounter: Mounter,
     tmp_path: Path,
 ) -> None:
-    tier = _make_bucket(juicefs)
+    tier = make_bucket(juicefs)
     files, a = _populated(bucket, tier, proxy, mounter, tmp_path / "a")
     keys = sorted(
         o["Key"]
@@ -246,7 +246,7 @@ def test_nodes_starting_together_fetch_each_chunk_from_the_origin_once(
     tmp_path: Path,
 ) -> None:
     files = _model(moto_bucket, n=2, size=3 * MiB)
-    tier = _make_bucket(moto)
+    tier = make_bucket(moto)
     args = _tier_args(tier)
     nodes = [
         mounter(
@@ -275,7 +275,7 @@ def test_a_lease_left_by_a_killed_node_expires(
     tmp_path: Path,
 ) -> None:
     files = _model(moto_bucket, n=1, size=3 * MiB)
-    tier = _make_bucket(moto)
+    tier = make_bucket(moto)
     tier_proxy = CountingProxy(moto.endpoint_url).start()
     try:
         # Node A's uploads hang (and would then fail): it is killed meanwhile,
@@ -323,7 +323,7 @@ def test_the_tier_can_have_its_own_credentials(
     """--shared-cache-profile: the tier's keys from another profile of the
     same credentials file; wrong ones cost the tier, never a read."""
     files = _model(bucket)
-    tier = _make_bucket(juicefs)
+    tier = make_bucket(juicefs)
     creds = tmp_path / "credentials"
     creds.write_text(
         f"[models]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"

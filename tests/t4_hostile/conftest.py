@@ -9,7 +9,7 @@ import pytest
 from modelfs.testing.fakes3 import FakeS3
 from modelfs.testing.s3server import JuiceFSGateway
 
-from ..conftest import Bucket, _make_bucket
+from ..conftest import Bucket, make_bucket
 
 FAKE_ENV = {
     "AWS_ACCESS_KEY_ID": "fake",
@@ -40,4 +40,4 @@ def no_etag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JuiceFS
 
 @pytest.fixture
 def no_etag_gateway(no_etag_server: JuiceFSGateway) -> Bucket:
-    return _make_bucket(no_etag_server)
+    return make_bucket(no_etag_server)
