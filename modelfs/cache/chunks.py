@@ -74,9 +74,7 @@ class DiskChunks:
     def on_disk(self, obj: CachedObject, n: int) -> bool:
         return self.index.get(obj.obj_id, n) is not None
 
-    async def load(
-        self, obj: CachedObject, n: int, *, corrupt_is_news: bool, ahead: bool = False
-    ) -> Slab | None:
+    async def load(self, obj: CachedObject, n: int, *, corrupt_is_news: bool) -> Slab | None:
         """The chunk read from its payload file into a slab (held for the
         caller, and kept in memory) if the index records it and the bytes
         match its checksum; None otherwise."""
@@ -100,7 +98,7 @@ class DiskChunks:
             raise
         if got == rec.length and digest == rec.checksum:
             self.counters.verified_chunks += 1
-            self.pool.publish((obj.obj_id, n), slab, rec.length, ahead=ahead)
+            self.pool.publish((obj.obj_id, n), slab, rec.length)
             return slab
         self.pool.release(slab)
         # Evicted by another process while we read it (and maybe stored

@@ -421,9 +421,7 @@ class MissPath:
         joining the flight raise."""
         key = (obj.obj_id, n)
         start, end = obj.chunk_span(n)
-        slab = await self.chunks.load(
-            obj, n, corrupt_is_news=True, ahead=ticket.priority == Priority.BACKGROUND
-        )
+        slab = await self.chunks.load(obj, n, corrupt_is_news=True)
         if slab is not None:
             return slab, False
         self.counters.misses += 1
@@ -441,7 +439,7 @@ class MissPath:
             self.counters.fetched_chunks += 1
             if ticket.priority != Priority.DEMAND:  # no reader waited for it
                 self.ledger.fetched(key, end - start)
-            self.pool.publish(key, slab, end - start, ahead=ticket.priority == Priority.BACKGROUND)
+            self.pool.publish(key, slab, end - start)
             self.states.begin_store(key, slab)
             self.pool.hold(slab)  # the store's hold
             self.objects.retain(obj)

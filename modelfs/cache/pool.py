@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import time
 from collections import OrderedDict
 from collections.abc import Hashable
 
@@ -36,16 +35,12 @@ import trio
 PAGE = mmap.PAGESIZE
 # madvise(MADV_POPULATE_WRITE), Linux 5.14: fault every page in at once.
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-# A chunk fetched ahead of its reader is kept from other background work
-# this long, unless read first: the reader is expected within seconds, and
-# one that never comes must not stall read-ahead for good.
-AHEAD_HOLD = 10.0
 
 
 class Slab:
     """One chunk-sized, page-aligned buffer."""
 
-    __slots__ = ("view", "length", "refs", "key", "overflow", "ahead")
+    __slots__ = ("view", "length", "refs", "key", "overflow")
 
     def __init__(self, view: memoryview, overflow: bool = False) -> None:
         self.view = view
@@ -53,9 +48,6 @@ class Slab:
         self.refs = 0
         self.key: Hashable | None = None  # the chunk held (set once filled and verified)
         self.overflow = overflow
-        # When a chunk fetched ahead of its reader was published (0: not
-        # ahead, or read since): background work does not take it back.
-        self.ahead = 0.0
 
     @property
     def data(self) -> memoryview:
@@ -102,18 +94,6 @@ class BufferPool:
         """Slabs that can be taken now: free, or cached with no holder."""
         return len(self.slabs) - self._busy
 
-    def _held_ahead(self, slab: Slab, now: float) -> bool:
-        return slab.ahead > 0 and now - slab.ahead < AHEAD_HOLD
-
-    @property
-    def idle_for_background(self) -> int:
-        """Idle slabs background work may take: not those holding chunks
-        fetched ahead of a reader that has not read them yet (taking them
-        would read them back from disk when the reader comes)."""
-        now = time.monotonic()
-        held = sum(1 for s in self._lru.values() if s.refs == 0 and self._held_ahead(s, now))
-        return self.idle - held
-
     @property
     def cached_bytes(self) -> int:
         return sum(s.length for s in self._lru.values())
@@ -125,20 +105,17 @@ class BufferPool:
         if slab is not None:
             self._lru.move_to_end(key)
             self.hold(slab)
-            slab.ahead = 0.0  # its reader came
         return slab
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._lru
 
-    def publish(self, key: Hashable, slab: Slab, length: int, *, ahead: bool = False) -> None:
+    def publish(self, key: Hashable, slab: Slab, length: int) -> None:
         """A lent slab now holds the verified chunk `key` (`length` bytes):
         readers may find it. An older slab of the same chunk is dropped (it
-        could hold the chunk as cut with another chunk size). `ahead`: it
-        was fetched ahead of a reader that has not read it yet."""
+        could hold the chunk as cut with another chunk size)."""
         self.forget(key)
         slab.length = length
-        slab.ahead = time.monotonic() if ahead else 0.0
         if slab.overflow:
             return  # never cached: it goes away with its last holder
         slab.key = key
@@ -192,27 +169,19 @@ class BufferPool:
             self.release(slab)
 
     # -- taking -----------------------------------------------------------
-    def take(self, *, reserve: int = 0, background: bool = False) -> Slab | None:
+    def take(self, *, reserve: int = 0) -> Slab | None:
         """A slab to fill, held once by the caller, leaving at least
-        `reserve` slabs idle; None when there is none. Cached slabs are
-        taken back oldest first, chunks fetched ahead and not read yet
-        last (the newest of them first), and never by `background` work
-        while they are held ahead."""
+        `reserve` slabs idle; None when there is none."""
         self.settle_deferred()
-        if (self.idle_for_background if background else self.idle) <= reserve:
+        if self.idle <= reserve:
             return None
         if self._free:
             slab = self._free.pop()
         else:
-            now = time.monotonic()
-            idle = [s for s in self._lru.values() if s.refs == 0]
-            # Else the chunk fetched farthest ahead (the newest): its reader
-            # needs it last.
-            slab = next((s for s in idle if not self._held_ahead(s, now)), idle[-1])
+            slab = next(s for s in self._lru.values() if s.refs == 0)
             del self._lru[slab.key]
             slab.key = None
         slab.length = 0
-        slab.ahead = 0.0
         self.hold(slab)
         return slab
 
@@ -229,12 +198,10 @@ class BufferPool:
         return slab
 
     async def wait_idle(self, reserve: int = 0) -> None:
-        """Return once more than `reserve` slabs are idle for background
-        work: read-ahead runs no further ahead of its readers than memory
-        holds (for AHEAD_HOLD seconds at most)."""
+        """Return once more than `reserve` slabs are idle."""
         while True:
             self.settle_deferred()
-            if self.idle_for_background > reserve:
+            if self.idle > reserve:
                 return
             event = self._freed
             # Deferred releases are settled by a later step: look again soon

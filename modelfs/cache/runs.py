@@ -87,7 +87,7 @@ class Runs:
             try:
                 segment, slabs = self._claim(obj, chunks[i:])
                 if segment:
-                    fetched += await self._fetch(obj, segment, slabs, store_behind, priority)
+                    fetched += await self._fetch(obj, segment, slabs, store_behind)
             finally:
                 self.slots.release()
             if segment:
@@ -119,7 +119,7 @@ class Runs:
             key = (obj.obj_id, n)
             if self.states.ready(key) or self.chunks.on_disk(obj, n):
                 break
-            slab = self.pool.take(reserve=self.reserve, background=True)
+            slab = self.pool.take(reserve=self.reserve)
             if slab is None:
                 break
             start, end = obj.chunk_span(n)
@@ -135,12 +135,7 @@ class Runs:
         return segment, slabs
 
     async def _fetch(
-        self,
-        obj: CachedObject,
-        segment: list[int],
-        slabs: list[Slab],
-        store_behind: StoreBehind,
-        priority: Priority,
+        self, obj: CachedObject, segment: list[int], slabs: list[Slab], store_behind: StoreBehind
     ) -> int:
         """One GET for the claimed `segment`; each chunk is handed to its
         flight as it arrives and its store begins at once (under its range
@@ -155,9 +150,7 @@ class Runs:
             key = (obj.obj_id, n)
             left.discard(i)
             self.claimed -= 1
-            # Read-ahead's chunks stay in memory until their reader comes;
-            # --preload's go to disk and come back by design.
-            self.pool.publish(key, slab, lengths[i], ahead=priority == Priority.BACKGROUND)
+            self.pool.publish(key, slab, lengths[i])
             self.states.begin_store(key, slab)  # our hold goes with it
             self.states.end(key).land(self.pool, slab)
             self.ledger.fetched(key, lengths[i])
