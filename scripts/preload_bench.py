@@ -10,8 +10,10 @@ shard (vLLM: ~19 s on this machine, of which loading weights is 0.35 s).
 
 Each scenario starts from an empty cache and a dropped page cache; the
 median of --runs. With --delay/--rate the server sits behind the shaping
-proxy of `make bench` (first-byte delay per request, rate per connection).
-Needs root (drop_caches) and FUSE.
+proxy of `make bench` (first-byte delay per request, rate per connection);
+with --cap-gbit what the server sends is capped by an htb class on `lo`
+(docs/benchmarks.md; the qdisc is removed on the way out, also on failure).
+Needs root (drop_caches, tc) and FUSE.
 
     .venv/bin/python scripts/preload_bench.py --size-mib 1024 --start 2
 """
@@ -19,6 +21,7 @@ Needs root (drop_caches) and FUSE.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -82,6 +85,31 @@ def mounted(
         _modelfs("umount", str(mnt), env=env)
 
 
+class LinkCap:
+    """What the server on `port` sends through `lo`, capped at `gbit` with
+    htb (netem is not in this kernel); removed on exit whatever happens."""
+
+    def __init__(self, port: int, gbit: float) -> None:
+        self.port, self.gbit = port, gbit
+
+    def __enter__(self) -> LinkCap:
+        rate = f"{self.gbit:g}gbit"
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+        for cmd in (
+            "qdisc add dev lo root handle 1: htb default 10",
+            "class add dev lo parent 1: classid 1:10 htb rate 200gbit quantum 200000",
+            f"class add dev lo parent 1: classid 1:20 htb rate {rate} ceil {rate} "
+            "burst 4mb cburst 4mb quantum 200000",
+            f"filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport {self.port} "
+            "0xffff flowid 1:20",
+        ):
+            subprocess.run(["tc", *cmd.split()], check=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -90,6 +118,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--delay", type=float, default=0.0, help="proxy first-byte delay, seconds")
     ap.add_argument("--rate", type=float, default=0.0, help="proxy rate per connection, B/s")
+    ap.add_argument("--cap-gbit", type=float, default=0.0, help="cap the server's sending")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modelfs-preload-"))
@@ -115,14 +144,17 @@ def main() -> int:
                 shaper = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
                 assert shaper.stdout is not None
                 endpoint = shaper.stdout.readline().strip()
-            for _ in range(args.runs):  # the scenarios alternate
-                results["download"].append(download(endpoint, env, work / "dl", args.start))
-                results["cold mount"].append(
-                    mounted(endpoint, env, work, names, args.start, preload=False)
-                )
-                results["preload mount"].append(
-                    mounted(endpoint, env, work, names, args.start, preload=True)
-                )
+            port = int(srv.endpoint_url.rsplit(":", 1)[1])
+            cap = LinkCap(port, args.cap_gbit) if args.cap_gbit else contextlib.nullcontext()
+            with cap:
+                for _ in range(args.runs):  # the scenarios alternate
+                    results["download"].append(download(endpoint, env, work / "dl", args.start))
+                    results["cold mount"].append(
+                        mounted(endpoint, env, work, names, args.start, preload=False)
+                    )
+                    results["preload mount"].append(
+                        mounted(endpoint, env, work, names, args.start, preload=True)
+                    )
     finally:
         if shaper is not None:
             shaper.kill()
