@@ -19,8 +19,9 @@ verified on every disk read. One module per part (docs/chunk_cache.md):
 * ``coordinator`` `ChunkCache`, which walks the miss path.
 """
 
-from .coordinator import Buffer, ChunkCache, ChunkState
+from .coordinator import Buffer, ChunkCache
 from .objects import CachedObject
 from .slots import Priority
+from .states import ChunkState
 
 __all__ = ["Buffer", "CachedObject", "ChunkCache", "ChunkState", "Priority"]

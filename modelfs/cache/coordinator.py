@@ -24,7 +24,7 @@ capacity limiters.
 from __future__ import annotations
 
 import contextlib
-import enum
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -47,18 +47,13 @@ from .objects import CachedObject
 from .parts import CacheParts, open_parts
 from .pool import Slab
 from .slots import Priority, Ticket
+from .states import ChunkState
 
 log = logging.getLogger(__name__)
 
 TOUCH_FLUSH_INTERVAL = 2.0
 
 Buffer = bytes | bytearray | memoryview
-
-
-class ChunkState(enum.Enum):
-    READY = "ready"  # in memory, or being loaded: nothing to do
-    ON_DISK = "on disk"  # recorded in the index: a disk read away
-    MISSING = "missing"  # to be fetched
 
 
 async def _all_at_once(load: Callable[[int], Awaitable[None]], chunks: list[int]) -> None:
@@ -282,10 +277,7 @@ class ChunkCache:
         With a shared tier, chunk by chunk (the tier is read per chunk)."""
         if self.tier is not None or len(chunks) == 1 or obj.chunk_size > self.pool.slab_size:
             return sum([await self.ensure(obj, n, priority=priority) for n in chunks])
-
-        async def one(obj: CachedObject, n: int) -> bool:
-            return await self.ensure(obj, n, priority=priority)
-
+        one = functools.partial(self.ensure, priority=priority)
         return await self.runs.ensure_run(
             obj, chunks, one, self._miss.store_run_chunk, priority=priority
         )

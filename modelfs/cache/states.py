@@ -9,6 +9,7 @@ Touched only from the trio thread.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,14 @@ import trio
 from .counters import ChunkKey
 from .pool import BufferPool, Slab
 from .slots import FetchSlots, Priority, Ticket
+
+
+class ChunkState(enum.Enum):
+    """What read-ahead needs to know of a chunk (`ChunkCache.chunk_state`)."""
+
+    READY = "ready"  # in memory, or being loaded: nothing to do
+    ON_DISK = "on disk"  # recorded in the index: a disk read away
+    MISSING = "missing"  # to be fetched
 
 
 @dataclass
