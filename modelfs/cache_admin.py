@@ -72,7 +72,7 @@ def du(root: Path) -> Usage:
         st = index.stats()
     finally:
         index.close()
-    files = PayloadStore(root)
+    files = PayloadStore(root, create=False)
     try:
         payload = sum(blocks * 512 for _, blocks in files.files())
     finally:
@@ -94,7 +94,7 @@ def verify(root: Path, progress: Callable[[int], None] | None = None) -> tuple[i
     Returns (chunks checked, bad chunks). `progress` is called with the
     bytes of each chunk checked."""
     index = _index(root)
-    payload = PayloadStore(root)
+    payload = PayloadStore(root, create=False)
     # object id -> (payload file, chunk size), or None when the file is missing
     files: dict[bytes, tuple[PayloadFile, int] | None] = {}
     try:
@@ -143,25 +143,21 @@ def gc(root: Path, target: int) -> tuple[int, int]:
     async def work(cache: Maintenance) -> tuple[int, int]:
         result = await cache.space.shrink_to(target)
         if cache.alone():
-            _remove_orphans(root, cache.index)
+            _remove_orphans(cache.index, cache.payload)
         return result
 
     result: tuple[int, int] = _with_cache(root, work)
     return result
 
 
-def _remove_orphans(root: Path, index: CacheIndex) -> int:
+def _remove_orphans(index: CacheIndex, payload: PayloadStore) -> int:
     """Payload files no index record names (left by a crash mid-eviction, or
     emptied while another process used the cache). Only while no other
     process uses the cache: one may be about to store into such a file."""
     known = {e.obj_id.hex() for e in index.objects()}
-    payload = PayloadStore(root)
-    try:
-        orphans = [name for name, _ in payload.files() if name not in known]
-        for name in orphans:
-            payload.remove_name(name)
-    finally:
-        payload.close_all()
+    orphans = [name for name, _ in payload.files() if name not in known]
+    for name in orphans:
+        payload.remove_name(name)
     return len(orphans)
 
 

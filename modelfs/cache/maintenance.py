@@ -25,6 +25,7 @@ from .writer import IndexWriter
 @dataclass
 class Maintenance:
     index: CacheIndex
+    payload: PayloadStore
     space: SpaceBudget
     member: directory.Membership
 
@@ -52,7 +53,7 @@ def open_for_eviction(root: Path) -> Iterator[Maintenance]:
             space = SpaceBudget(
                 root, writer, payload, member.alone, counters, capacity=writer.used, min_free=0
             )
-            yield Maintenance(index, space, member)
+            yield Maintenance(index, payload, space, member)
         finally:
             payload.close_all()
             with contextlib.suppress(lmdb.Error):

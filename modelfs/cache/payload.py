@@ -203,12 +203,13 @@ class PayloadStore:
     ENOTDIR, so modelfs never writes, truncates or deletes through a link
     it did not make."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        """`create`: make ``data/`` if it is missing (read-only users of a
+        cache, `cache du` and `verify`, do not)."""
         self.root = root / "data"
-        try:
-            os.mkdir(self.root, 0o700)
-        except FileExistsError:
-            pass
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.root, 0o700)
         self._open: dict[bytes, PayloadFile] = {}
         self._lock = threading.Lock()
         self._punch_supported = True
@@ -311,7 +312,10 @@ class PayloadStore:
     def files(self) -> Iterator[tuple[str, int]]:
         """(name, size in blocks) of every payload file; links and other
         odd entries are skipped, never followed."""
-        top = os.open(self.root, _DIR_FLAGS)
+        try:
+            top = os.open(self.root, _DIR_FLAGS)
+        except FileNotFoundError:
+            return  # no payload file was ever written
         try:
             with os.scandir(top) as subs:
                 names = [e.name for e in subs if e.is_dir(follow_symlinks=False)]
