@@ -9,7 +9,9 @@ For each phase it prints, from /proc: MiB/s (the clock stops after a
 GiB (user + system), the gateway's, the whole machine's (every process and
 kernel thread: page-cache writeback is charged to no process), the daemon's page
 faults per MiB (minor + major) and its peak RSS (VmHWM); then the latency
-of 128 KiB reads at random offsets through a cold cache. Used for the
+of 128 KiB reads at random offsets through a cold cache. --cap-gbit caps
+what the server sends with htb on `lo` (the random reads are not capped).
+Used for the
 before/after numbers of data-path changes (docs/benchmarks.md). Needs root.
 
     .venv/bin/python scripts/datapath_cost.py --size-mib 1024 --shards 4 --rounds 3
@@ -18,6 +20,7 @@ before/after numbers of data-path changes (docs/benchmarks.md). Needs root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -30,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import drop_caches, generate_model, proc_hwm, read_files  # noqa: E402
+from bench import LinkCap, drop_caches, generate_model, proc_hwm, read_files  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway  # noqa: E402
 
@@ -140,6 +143,7 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cap-gbit", type=float, default=0.0, help="cap what the server sends (htb)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("extra", nargs="*", help="more `modelfs mount` options (after --)")
     args = ap.parse_args()
@@ -156,9 +160,12 @@ def main() -> int:
                 client.upload_file(str(f), "cost", f.name)
             shutil.rmtree(work / "model")
             names = [f.name for f in files]
-            runs = [
-                measure(srv, mnt, work / "cache", names, args.extra) for _ in range(args.rounds)
-            ]
+            port = int(srv.endpoint_url.rsplit(":", 1)[1])
+            cap = LinkCap(port, args.cap_gbit) if args.cap_gbit else contextlib.nullcontext()
+            with cap:
+                runs = [
+                    measure(srv, mnt, work / "cache", names, args.extra) for _ in range(args.rounds)
+                ]
             for r in runs:
                 r["random"] = {"ms_per_128k_read": random_reads(srv, mnt, work / "cache", names)}
     finally:

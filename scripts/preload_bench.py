@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import drop_caches, generate_model, read_files  # noqa: E402
+from bench import LinkCap, drop_caches, generate_model, read_files  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway  # noqa: E402
 
@@ -83,31 +83,6 @@ def mounted(
         return time.perf_counter() - t
     finally:
         _modelfs("umount", str(mnt), env=env)
-
-
-class LinkCap:
-    """What the server on `port` sends through `lo`, capped at `gbit` with
-    htb (netem is not in this kernel); removed on exit whatever happens."""
-
-    def __init__(self, port: int, gbit: float) -> None:
-        self.port, self.gbit = port, gbit
-
-    def __enter__(self) -> LinkCap:
-        rate = f"{self.gbit:g}gbit"
-        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
-        for cmd in (
-            "qdisc add dev lo root handle 1: htb default 10",
-            "class add dev lo parent 1: classid 1:10 htb rate 200gbit quantum 200000",
-            f"class add dev lo parent 1: classid 1:20 htb rate {rate} ceil {rate} "
-            "burst 4mb cburst 4mb quantum 200000",
-            f"filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport {self.port} "
-            "0xffff flowid 1:20",
-        ):
-            subprocess.run(["tc", *cmd.split()], check=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
 
 
 def main() -> int:
