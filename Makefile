@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.installed-base
 APT_PKGS := fuse3 libfuse3-dev pkg-config
 
-.PHONY: all system venv demo test bench lint typecheck clean
+.PHONY: all system venv demo test bench lint typecheck clean image test-container
 .PRECIOUS: $(VENV)/.installed-extra-%
 
 all: venv
@@ -51,7 +51,24 @@ bench: system $(VENV)/.installed-extra-test
 # torch is missing, so CI cannot pass without running them.
 test: system $(VENV)/.installed-extra-test $(VENV)/.installed-extra-loaders
 	MODELFS_SOAK_SECONDS=$${MODELFS_SOAK_SECONDS:-30} MODELFS_REQUIRE_LOADERS=1 \
-	  $(PY) -m pytest -q tests
+	  $(PY) -m pytest -q tests $(SEPARATE_TIERS)
+
+# Tiers with their own target, because they need more than the venv.
+SEPARATE_TIERS := --ignore=tests/t6_container
+
+# The container image (docs/deploy.md): podman (or a running docker), and
+# debootstrap to make a base from Debian packages where no registry answers.
+image: system
+	$(MAKE) system APT_PKGS="podman runc debootstrap"
+	bash scripts/build-image.sh
+
+# Real containers of that image against the test S3 server (tests/t6_container).
+CONTAINER_REPORT := build/container-report.json
+test-container: image $(VENV)/.installed-extra-test
+	mkdir -p build && rm -f $(CONTAINER_REPORT)
+	MODELFS_REQUIRE_CONTAINER=1 MODELFS_CONTAINER_REPORT=$(CURDIR)/$(CONTAINER_REPORT) \
+	  $(PY) -m pytest -q tests/t6_container
+	@cat $(CONTAINER_REPORT); echo
 
 # Only the project's own sources and docs are tracked: no wheels, archives
 # or build output committed by accident.
