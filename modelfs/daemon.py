@@ -110,7 +110,10 @@ def serve(
             spawn,
             max_chunks_in_flight=max(1, cfg.fetch_concurrency - 2),
             initial_window=2 * cfg.chunk_size,
-            max_window=cfg.prefetch_window,
+            # No further ahead than a quarter of memory (prefetch on open
+            # takes another quarter): a chunk read ahead and dropped from
+            # memory before its reader gets there is read twice.
+            max_window=min(cfg.prefetch_window, max(cfg.chunk_size, cfg.memory_cache // 4)),
         )
         open_prefetch = OpenPrefetch(
             cache,

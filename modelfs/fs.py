@@ -262,7 +262,7 @@ class Operations(pyfuse3.Operations):
         obj = self.cache.open_object(node.key, node.version, self.chunk_size)
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = OpenFile(fh, inode, obj, self.cache, self.readahead)
+        self._files[fh] = OpenFile(fh, inode, obj, self.cache, self.readahead, self.open_prefetch)
         if self.open_prefetch is not None:
             self.open_prefetch.on_open(obj, node.key.rsplit("/", 1)[-1])
         # An inode serves one version for its life (Namespace gives a new

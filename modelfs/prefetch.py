@@ -69,6 +69,13 @@ class ChunkSource(Protocol):
         """Bytes of `obj` on disk (blocking: an index read)."""
         ...
 
+    def hold(self, obj: CachedObject, n: int) -> Any:
+        """A hold on chunk `n` in memory (None if it is not there), which
+        keeps it from eviction until `let_go`."""
+        ...
+
+    def let_go(self, held: Any) -> None: ...
+
     def retain(self, obj: CachedObject) -> None: ...
 
     def close_object(self, obj: CachedObject) -> None: ...
@@ -288,6 +295,64 @@ def _runs(order: list[int], longest: int, stored: Callable[[int], bool]) -> Iter
 
 # -- prefetch on open ------------------------------------------------------
 SAFETENSORS_MAX_HEADER = 100 << 20  # what the safetensors format itself allows
+# A reader that reads nothing for this long while the whole-file fetch waits
+# for it has stopped or reads only part of the file: the fetch goes on
+# without a lead limit.
+LEAD_STALL_SECONDS = 2.0
+
+
+class _Lead:
+    """How far a whole-file fetch has run ahead of the file's readers.
+
+    Chunks fetched ahead of a reader are only worth their fetch if they are
+    still in memory when it gets there; past the memory cache they are
+    dropped after their disk write and read back from disk. So the fetch
+    holds each chunk it fetched in memory until a reader has read it, and
+    waits while more than `limit` of them are unread.
+    """
+
+    def __init__(self, cache: ChunkSource, obj: CachedObject) -> None:
+        self.cache, self.obj = cache, obj
+        self.limit = 0  # chunks; 0: no limit (not sized yet, or given up after a stall)
+        self.ahead: set[int] = set()  # fetched by the prefetch, not yet read
+        self.read: set[int] = set()  # touched by a reader
+        self.held: dict[int, Any] = {}  # ahead and in memory: kept there
+        self._moved = trio.Event()
+
+    def on_read(self, first: int, last: int) -> None:
+        for n in range(first, last + 1):
+            self.read.add(n)
+            self.ahead.discard(n)
+            held = self.held.pop(n, None)
+            if held is not None:
+                self.cache.let_go(held)
+        self._moved.set()
+        self._moved = trio.Event()
+
+    def fetching(self, run: list[int]) -> None:
+        self.ahead.update(n for n in run if n not in self.read)
+
+    def fetched(self, run: list[int]) -> None:
+        for n in run:
+            if n in self.ahead and n not in self.held:
+                held = self.cache.hold(self.obj, n)
+                if held is not None:
+                    self.held[n] = held
+
+    async def room(self, chunks: int) -> None:
+        """Wait until `chunks` more fit in the lead, or the reader stalls."""
+        while self.limit and len(self.ahead) + chunks > self.limit:
+            with trio.move_on_after(LEAD_STALL_SECONDS):
+                await self._moved.wait()
+                continue
+            self.stop()
+
+    def stop(self) -> None:
+        """No more limit, and nothing kept in memory for the reader."""
+        self.limit = 0
+        for held in self.held.values():
+            self.cache.let_go(held)
+        self.held.clear()
 
 
 def safetensors_order(header: bytes, data_start: int, size: int) -> list[tuple[int, int]]:
@@ -352,7 +417,11 @@ class OpenPrefetch:
     start. Fetches are background work (`ChunkSource.ensure_run`): a reader
     waiting on data always gets the next fetch slot first. One file is
     fetched at most once at a time, and a file larger than half the cache
-    is left to read-ahead rather than evicting itself.
+    is left to read-ahead rather than evicting itself. A file fetched
+    because it was opened runs at most a quarter of the memory cache (shared
+    by the files being fetched) ahead of its readers (`_Lead`), so what it
+    fetched is still in memory when they read it; a --preload fetch
+    (`fetch_file`) has no reader to wait for and fills the disk cache.
     """
 
     def __init__(
@@ -371,6 +440,7 @@ class OpenPrefetch:
         # now (a cell: a loader opening a file --preload is fetching raises
         # it to BACKGROUND, ahead of the rest of the preload).
         self._running: dict[bytes, list[Priority]] = {}
+        self._leads: dict[bytes, _Lead] = {}
         self.started_files = 0
 
     def matches(self, name: str) -> bool:
@@ -389,9 +459,22 @@ class OpenPrefetch:
         ):
             return
         self._running[obj.obj_id] = [Priority.BACKGROUND]
+        self._leads[obj.obj_id] = _Lead(self.cache, obj)  # sized once its order is known
         self.started_files += 1
         self.cache.retain(obj)  # the background fetch outlives the handle
         self.spawn(self._run, obj, name)
+
+    def on_read(self, obj: CachedObject, offset: int, size: int) -> bool:
+        """A reader read `size` bytes at `offset` of `obj`. True while a
+        whole-file fetch paced by its readers runs: it is their read-ahead,
+        in the loader's order, and a second one in file order would fetch
+        chunks that memory drops before the loader gets to them."""
+        lead = self._leads.get(obj.obj_id)
+        if lead is None:
+            return False
+        if size > 0:
+            lead.on_read(offset // obj.chunk_size, (offset + size - 1) // obj.chunk_size)
+        return lead.limit > 0
 
     def is_running(self, obj: CachedObject) -> bool:
         """Whether a whole-file fetch of `obj` is running."""
@@ -415,13 +498,24 @@ class OpenPrefetch:
                 return
             order = await self._order(obj, name)
             longest = self.cache.run_length(obj)
+            lead = self._leads.get(obj.obj_id)
+            if lead is not None:
+                in_memory = self.cache.memory_bytes // obj.chunk_size
+                # A quarter of memory, shared by the files being fetched;
+                # read-ahead takes another quarter (daemon.py).
+                lead.limit = max(1, in_memory // (4 * len(self._leads)))
+                longest = min(longest, lead.limit)
             # The concurrency is in chunks; a coalesced GET carries several.
             limit = trio.Semaphore(max(1, self.concurrency // longest))
             async with trio.open_nursery() as nursery:
                 stored = lambda n: self.cache.chunk_state(obj, n) is not ChunkState.MISSING  # noqa: E731
                 for run in _runs(order, longest, stored):
+                    if lead is not None:
+                        await lead.room(len(run))
                     await limit.acquire()
-                    nursery.start_soon(self._one, obj, run, limit, priority)
+                    if lead is not None:
+                        lead.fetching(run)
+                    nursery.start_soon(self._one, obj, run, limit, priority, lead)
             log.debug("prefetched %s whole (%d chunks)", obj.key, len(order))
         except ModelfsError as exc:
             log.debug("prefetch of %s stopped: %s", obj.key, exc)
@@ -429,15 +523,25 @@ class OpenPrefetch:
             log.exception("prefetch of %s failed", obj.key)
         finally:
             del self._running[obj.obj_id]
+            lead = self._leads.pop(obj.obj_id, None)
+            if lead is not None:
+                lead.stop()
             self.cache.close_object(obj)
 
     async def _one(
-        self, obj: CachedObject, run: list[int], limit: trio.Semaphore, priority: list[Priority]
+        self,
+        obj: CachedObject,
+        run: list[int],
+        limit: trio.Semaphore,
+        priority: list[Priority],
+        lead: _Lead | None,
     ) -> None:
         # A failed chunk never ends the mount: a reader that needs it fetches
         # it again and gets the error itself.
         try:
             await self.cache.ensure_run(obj, run, priority[0])
+            if lead is not None and lead.limit:
+                lead.fetched(run)
         except ModelfsError as exc:
             log.debug("prefetch on open of chunks %s of %s failed: %s", run, obj.key, exc)
         finally:

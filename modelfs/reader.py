@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .cache import Buffer, CachedObject, ChunkCache
 from .errors import ObjectChanged
-from .prefetch import ReadAhead
+from .prefetch import OpenPrefetch, ReadAhead
 
 
 @dataclass
@@ -22,13 +22,17 @@ class OpenFile:
     obj: CachedObject
     cache: ChunkCache
     readahead: ReadAhead | None = None
+    open_prefetch: OpenPrefetch | None = None
     stale: bool = False
     stale_warned: bool = False  # the one warning of a stale handle was logged
 
     async def read(self, offset: int, size: int) -> Buffer:
         if self.stale:
             raise ObjectChanged(f"{self.obj.key} changed since it was opened")
-        if self.readahead is not None:
+        whole = self.open_prefetch is not None and self.open_prefetch.on_read(
+            self.obj, offset, size
+        )
+        if self.readahead is not None and not whole:
             # Issued before the demand read, so both proceed in parallel.
             self.readahead.on_read(self.obj, offset, size)
         try:

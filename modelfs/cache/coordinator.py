@@ -260,6 +260,15 @@ class ChunkCache:
     def on_disk(self, obj: CachedObject, n: int) -> bool:
         return self.chunks.on_disk(obj, n)
 
+    def hold(self, obj: CachedObject, n: int) -> Slab | None:
+        """Chunk `n`'s slab if it is in memory, kept from eviction until
+        `let_go`: prefetch on open keeps what it fetched ahead of a reader
+        until the reader has read it."""
+        return self.states.in_memory((obj.obj_id, n))
+
+    def let_go(self, slab: Slab) -> None:
+        self.pool.release(slab)
+
     def chunk_state(self, obj: CachedObject, n: int) -> ChunkState:
         if self.is_ready(obj, n):
             return ChunkState.READY

@@ -7,13 +7,21 @@ import random
 import time
 from pathlib import Path
 
+import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from modelfs import prefetch
 from modelfs.cache import ChunkCache
 from modelfs.errors import StoreError
-from modelfs.prefetch import SEEK_TOLERANCE, ReadAhead, chunk_order, safetensors_order
+from modelfs.prefetch import (
+    SEEK_TOLERANCE,
+    OpenPrefetch,
+    ReadAhead,
+    chunk_order,
+    safetensors_order,
+)
 from modelfs.reader import OpenFile
 from modelfs.store import ObjectVersion
 from modelfs.testing.memory import MemoryStore, SlowStore
@@ -317,3 +325,65 @@ def test_a_reader_waiting_on_data_goes_before_background_fetches(tmp_path: Path)
     # chunk went next, ahead of the four still queued.
     assert order[1] == 9, order
     assert sorted(order[:1] + order[2:]) == [1, 2, 3, 4, 5]
+
+
+def _open_prefetch_run(
+    tmp_path: Path, reads: list[tuple[int, int]], pause: float
+) -> tuple[ChunkCache, list[int]]:
+    """Opens a 64-chunk file with prefetch on open and a memory cache of 16
+    chunks, then reads `reads` with `pause` between them; returns the cache
+    and the chunks fetched before the first read."""
+    store = MemoryStore()
+    v = store.put("m.bin", pattern(3, 0, SIZE))
+    cache = ChunkCache(
+        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
+        fetch_concurrency=4,
+    )  # fmt: skip
+    before: list[int] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            op = OpenPrefetch(cache, nursery.start_soon, ("*.bin",), concurrency=4)
+            obj = cache.open_object("m.bin", v, CS)
+            h = OpenFile(1, 2, obj, cache, None, op)
+            op.on_open(obj, "m.bin")
+            await trio.sleep(0.3)
+            before.append(cache.counters.fetched_chunks)
+            for off, n in reads:
+                assert await h.read(off, n) == pattern(3, off, off + n)
+                await trio.sleep(pause)
+            while op.is_running(obj):
+                await trio.sleep(0.01)
+            h.close()
+
+    trio.run(main)
+    return cache, before
+
+
+def test_open_prefetch_runs_no_further_ahead_of_its_reader_than_memory_holds(
+    tmp_path: Path,
+) -> None:
+    # A reader slower than the store: the whole-file fetch must wait for it
+    # rather than fill past the memory cache, whose chunks would be dropped
+    # after their disk write and read back from disk.
+    reads = [(off, CS // 2) for off in range(0, SIZE, CS // 2)]
+    cache, before = _open_prefetch_run(tmp_path, reads, pause=0.002)
+    try:
+        # A quarter of the 16 chunks memory holds, one file fetching.
+        assert before == [4]
+        assert cache.counters.fetched_chunks == 64  # each chunk once
+        assert cache.counters.verified_chunks == 0  # none read back from disk
+    finally:
+        cache.close()
+
+
+def test_open_prefetch_goes_on_alone_once_its_reader_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prefetch, "LEAD_STALL_SECONDS", 0.6)
+    cache, before = _open_prefetch_run(tmp_path, [(0, 100)], pause=0)
+    try:
+        assert before == [4]  # held for the reader (0.3 s in) ...
+        assert cache.counters.fetched_chunks == 64  # ... then finished without it
+    finally:
+        cache.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,3 +101,67 @@ def test_prefetch_on_open_can_be_turned_off(bucket: Bucket, mounter: Mounter) ->
     cached = int(os.getxattr(m.path / "w.safetensors", "user.modelfs.cached"))
     assert 0 < cached <= 16 * MiB  # the kernel's read-ahead at most
     assert m.stats()["prefetched_on_open"] == 0
+
+
+def _big_model(path: Path, seed: int) -> bytes:
+    """A 192 MiB shard (more than the default memory cache) whose file
+    order differs from its name order."""
+    base = np.random.default_rng(seed).standard_normal(1 << 20).astype(np.float32)
+    tensors = {
+        f"layer.{i:02d}.{kind}": np.resize(base, n).astype(dt) * (i + 1)
+        for i in range(8)
+        for kind, n, dt in (("a_weight", 8 << 20, np.float16), ("b_norm", 2 << 20, np.float32))
+    }
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path.read_bytes()
+
+
+_LOADER = """
+import sys
+import numpy as np
+from safetensors import safe_open
+
+with safe_open(sys.argv[1], framework="np") as f:
+    mounted = {k: f.get_tensor(k) for k in sorted(f.keys())}
+with safe_open(sys.argv[2], framework="np") as f:
+    assert all(np.array_equal(f.get_tensor(k), v) for k, v in mounted.items())
+"""
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("reader", ["sequential", "loader"])
+def test_a_cold_read_at_the_defaults_reads_no_chunk_twice(
+    tmp_path: Path, bucket: Bucket, proxy, mounter: Mounter, reader: str
+) -> None:
+    # Shards larger than the default 128 MiB memory cache: what
+    # read-ahead and prefetch on open fetch ahead of the reader must still
+    # be in memory when it gets there, not dropped and read back from disk.
+    shards = {f"model-{i}.safetensors": _big_model(tmp_path / f"{i}.st", i) for i in range(2)}
+    for name, data in shards.items():
+        bucket.put(name, data)
+    m = mounter(bucket, endpoint_url=proxy.endpoint_url)
+    for i, (name, data) in enumerate(shards.items()):
+        if reader == "sequential":
+            with open(m.path / name, "rb") as f:
+                got = b"".join(iter(lambda: f.read(1 << 20), b""))
+            assert got == data, name
+        else:
+            # vLLM's default loader, in a process of its own: safetensors
+            # holds the GIL through its syscalls and page faults, and the
+            # counting proxy that must answer them runs in this process.
+            check = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    _LOADER,
+                    str(m.path / name),
+                    str(tmp_path / f"{i}.st"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert check.returncode == 0, check.stderr
+    stats = m.settle()["cache"]
+    assert proxy.object_bytes() == sum(len(d) for d in shards.values())
+    assert stats["verified_chunks"] == 0, stats
