@@ -286,7 +286,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--prefetch-window",
         Group.MOUNT,
-        "largest read-ahead of a sequential reader; 0 turns it off (default {default})",
+        "largest read-ahead of a sequential reader, at most a quarter of --memory-cache; "
+        "0 turns it off (default {default})",
         _size("--prefetch-window"),
         "SIZE",
         show=format_size,
