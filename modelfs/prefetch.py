@@ -315,12 +315,25 @@ class _Lead:
         self.cache, self.obj = cache, obj
         self.limit = 0  # chunks; 0: no limit (not sized yet, or given up after a stall)
         self.ahead: set[int] = set()  # fetched by the prefetch, not yet read
-        self.read: set[int] = set()  # touched by a reader
+        self.read: set[int] = set()  # read whole by readers
+        # Bytes read so far of chunks not yet read whole: a chunk that holds
+        # the end of one tensor and the start of another is read in two
+        # visits, and must stay in memory for the second.
+        self._partial: dict[int, int] = {}
         self.held: dict[int, Any] = {}  # ahead and in memory: kept there
         self._moved = trio.Event()
 
-    def on_read(self, first: int, last: int) -> None:
-        for n in range(first, last + 1):
+    def on_read(self, offset: int, size: int) -> None:
+        cs, end = self.obj.chunk_size, min(offset + size, self.obj.size)
+        for n in range(offset // cs, (end - 1) // cs + 1):
+            if n in self.read:
+                continue
+            got = min(end, (n + 1) * cs) - max(offset, n * cs)
+            total = self._partial.get(n, 0) + got
+            if total < min(cs, self.obj.size - n * cs):
+                self._partial[n] = total
+                continue
+            self._partial.pop(n, None)
             self.read.add(n)
             self.ahead.discard(n)
             held = self.held.pop(n, None)
@@ -418,8 +431,8 @@ class OpenPrefetch:
     waiting on data always gets the next fetch slot first. One file is
     fetched at most once at a time, and a file larger than half the cache
     is left to read-ahead rather than evicting itself. A file fetched
-    because it was opened runs at most a quarter of the memory cache (shared
-    by the files being fetched) ahead of its readers (`_Lead`), so what it
+    because it was opened runs at most half the memory cache (shared by
+    the files being fetched) ahead of its readers (`_Lead`), so what it
     fetched is still in memory when they read it; a --preload fetch
     (`fetch_file`) has no reader to wait for and fills the disk cache.
     """
@@ -472,8 +485,8 @@ class OpenPrefetch:
         lead = self._leads.get(obj.obj_id)
         if lead is None:
             return False
-        if size > 0:
-            lead.on_read(offset // obj.chunk_size, (offset + size - 1) // obj.chunk_size)
+        if size > 0 and offset < obj.size:
+            lead.on_read(offset, size)
         return lead.limit > 0
 
     def is_running(self, obj: CachedObject) -> bool:
@@ -501,10 +514,13 @@ class OpenPrefetch:
             lead = self._leads.get(obj.obj_id)
             if lead is not None:
                 in_memory = self.cache.memory_bytes // obj.chunk_size
-                # A quarter of memory, shared by the files being fetched;
-                # read-ahead takes another quarter (daemon.py).
-                lead.limit = max(1, in_memory // (4 * len(self._leads)))
-                longest = min(longest, lead.limit)
+                # Half of memory, shared by the files being fetched (their
+                # read-ahead stands aside meanwhile, see on_read).
+                lead.limit = max(1, in_memory // (2 * len(self._leads)))
+                # Several GETs in flight inside the lead, not one that fills
+                # it: on a link capped per connection, or far away, one
+                # stream at a time is slow.
+                longest = max(1, min(longest, lead.limit // 8))
             # The concurrency is in chunks; a coalesced GET carries several.
             limit = trio.Semaphore(max(1, self.concurrency // longest))
             async with trio.open_nursery() as nursery:

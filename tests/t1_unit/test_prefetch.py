@@ -369,8 +369,8 @@ def test_open_prefetch_runs_no_further_ahead_of_its_reader_than_memory_holds(
     reads = [(off, CS // 2) for off in range(0, SIZE, CS // 2)]
     cache, before = _open_prefetch_run(tmp_path, reads, pause=0.002)
     try:
-        # A quarter of the 16 chunks memory holds, one file fetching.
-        assert before == [4]
+        # Half of the 16 chunks memory holds, one file fetching.
+        assert before == [8]
         assert cache.counters.fetched_chunks == 64  # each chunk once
         assert cache.counters.verified_chunks == 0  # none read back from disk
     finally:
@@ -383,7 +383,7 @@ def test_open_prefetch_goes_on_alone_once_its_reader_stops(
     monkeypatch.setattr(prefetch, "LEAD_STALL_SECONDS", 0.6)
     cache, before = _open_prefetch_run(tmp_path, [(0, 100)], pause=0)
     try:
-        assert before == [4]  # held for the reader (0.3 s in) ...
+        assert before == [8]  # held for the reader (0.3 s in) ...
         assert cache.counters.fetched_chunks == 64  # ... then finished without it
     finally:
         cache.close()
