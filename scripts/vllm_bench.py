@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -59,6 +60,8 @@ class Ctx:
         self.mnt.mkdir()
         self.tokens: dict[str, list[list[int]]] = {}
         self.download_s: list[float] = []  # s5cmd alone, inside "download"
+        self.weights_s: dict[str, list[float]] = {}  # vLLM's "Loading weights took"
+        self.mount_s: list[float] = []  # `modelfs mount` until it returned
 
     def modelfs(self, *args: str) -> None:
         proc = subprocess.run(
@@ -91,6 +94,8 @@ class Ctx:
             raise SystemExit(f"{mode}: vLLM failed:\n{out[-3000:]}")
         doc = json.loads(lines[-1][len(RESULT) :])
         self.tokens.setdefault(mode, doc["token_ids"])
+        m = re.search(r"Loading weights took ([0-9.]+) seconds", out)
+        self.weights_s.setdefault(mode, []).append(float(m.group(1)) if m else float("nan"))
         return float(doc["ready_at"]) - t0
 
     def _api_ready(self, t0: float, model: str, *args: str, env: dict[str, str]) -> float:
@@ -138,6 +143,7 @@ def run_mount(c: Ctx, mode: str) -> float:
     drop_caches()
     t0 = time.monotonic()
     c.mount(cache, *(("--preload",) if mode == "preload mount" else ()))
+    c.mount_s.append(time.monotonic() - t0)
     try:
         return c.ready(mode, t0, str(c.mnt), env=c.env)
     finally:
@@ -202,23 +208,27 @@ def main() -> int:
     link = f"{args.cap_gbit:g} Gbit/s" if args.cap_gbit else "loopback"
     what = "API server to /health" if args.api else "LLM() ready"
     print(f"\n{link}, {what}, model {size / 2**20:.0f} MiB, median of {args.runs}:\n")
-    print("| mode | seconds | runs | vs download | same tokens |")
-    print("|---|---|---|---|---|")
+    print("| mode | seconds | runs | vs download | vLLM loading weights, s | same tokens |")
+    print("|---|---|---|---|---|---|")
     base = med.get("download")
     for m in modes:
         ratio = f"{base / med[m]:.2f}x" if base else "-"
         runs = ", ".join(f"{s:.2f}" for s in results[m])
-        print(f"| {m} | {med[m]:.2f} | {runs} | {ratio} | {same.get(m, '-')} |")
+        w = c.weights_s.get(m)
+        ws = f"{statistics.median(w):.2f}" if w else "-"
+        print(f"| {m} | {med[m]:.2f} | {runs} | {ratio} | {ws} | {same.get(m, '-')} |")
     dl = statistics.median(c.download_s) if c.download_s else None
     if dl and base and "preload mount" in med:
         saved = base - med["preload mount"]
         print(f"\ns5cmd alone: {dl:.2f} s; --preload saves {saved:.2f} s of it "
               f"({saved / dl:.0%} of the download time)")  # fmt: skip
+    if c.mount_s:
+        print(f"modelfs mount returned in {statistics.median(c.mount_s):.2f} s (median)")
     if "warm mount" in med and "preload mount" in med:
         print(f"preload vs warm: {med['preload mount'] / med['warm mount'] - 1:+.1%}")
     if args.json:
         doc = {"link": link, "what": what, "model_bytes": size, "seconds": results,
-               "download_only_s": c.download_s,
+               "download_only_s": c.download_s, "weights_s": c.weights_s,
                "median": med, "same_tokens": same}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=1))
     return 0 if all(same.values()) else 1
