@@ -118,12 +118,22 @@ def test_metrics_match_the_bytes_on_the_wire(
 
 def test_evicted_read_ahead_counts_as_wasted(bucket: Bucket, mounter: Mounter) -> None:
     bucket.put("w.bin", pattern(3, 0, 64 * MiB))
+    bucket.put("x.dat", pattern(4, 0, 8 * MiB))
     port = free_port()
     m = mounter(
         bucket,
-        # A memory cache too small to keep what was fetched ahead: after the
-        # clear it exists nowhere, and must be fetched again.
-        args=("--chunk-size", "1M", "--memory-cache", "1M", "--metrics-addr", f"127.0.0.1:{port}"),
+        # Read-ahead alone (prefetch on open paces itself by the reader and
+        # holds what it fetched, so nothing of it is ever wasted).
+        args=(
+            "--chunk-size",
+            "1M",
+            "--memory-cache",
+            "4M",
+            "--prefetch-on-open",
+            "none",
+            "--metrics-addr",
+            f"127.0.0.1:{port}",
+        ),
     )
     with open(m.path / "w.bin", "rb") as f:
         f.read(4 * MiB)  # starts a stream: chunks beyond are fetched ahead
@@ -131,6 +141,10 @@ def test_evicted_read_ahead_counts_as_wasted(bucket: Bucket, mounter: Mounter) -
         while scrape_metrics(port)["modelfs_prefetch_pending_bytes"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        # Read-ahead stays within memory, so another file's read pushes what
+        # was fetched ahead out of it; after the clear it exists nowhere and
+        # must be fetched again.
+        assert (m.path / "x.dat").read_bytes() == pattern(4, 0, 8 * MiB)
         proc = run_modelfs("cache", "clear", "--cache-dir", str(m.cache_dir))
         assert proc.returncode == 0, proc.stderr
         assert f.read() == pattern(3, 4 * MiB, 64 * MiB)
