@@ -307,8 +307,8 @@ class _Lead:
     Chunks fetched ahead of a reader are only worth their fetch if they are
     still in memory when it gets there; past the memory cache they are
     dropped after their disk write and read back from disk. So the fetch
-    holds each chunk it fetched in memory until a reader has read it, and
-    waits while more than `limit` of them are unread.
+    holds each chunk it fetched in memory until readers have read all of
+    it, and waits while more than `limit` of them are unread.
     """
 
     def __init__(self, cache: ChunkSource, obj: CachedObject) -> None:

@@ -36,8 +36,9 @@ class Engine:
         self.program = program
         self.names: list[str] = []
 
-    def base_args(self) -> list[str]:
-        args = [self.program, "run"]
+    def run_flags(self) -> list[str]:
+        """Flags every `run` needs on this host."""
+        args: list[str] = []
         if self.program == "podman" and shutil.which("runc"):
             # crun, podman's default, refuses this host's hybrid cgroup layout.
             args += ["--runtime", "runc"]
@@ -56,7 +57,7 @@ class Engine:
     def run(self, name: str, *args: str) -> str:
         """Start a detached container; it is removed at teardown."""
         self.names.append(name)
-        out = self.call(*self.base_args()[1:], "-d", "--name", name, *args)
+        out = self.call("run", *self.run_flags(), "-d", "--name", name, *args)
         return out.strip()
 
     def call(self, *args: str, check: bool = True, timeout: float = 120) -> str:
