@@ -157,7 +157,7 @@ def main() -> int:
             client = srv.client()
             client.create_bucket(Bucket="cost")
             for f in files:
-                client.upload_file(str(f), "cost", f.name)
+                srv.put_file(client, f, "cost", f.name)
             shutil.rmtree(work / "model")
             names = [f.name for f in files]
             port = int(srv.endpoint_url.rsplit(":", 1)[1])

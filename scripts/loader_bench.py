@@ -107,7 +107,7 @@ def main() -> int:
             client = srv.client()
             client.create_bucket(Bucket=BUCKET)
             for p in paths:
-                client.upload_file(str(p), BUCKET, f"{PREFIX}/{p.name}")
+                srv.put_file(client, p, BUCKET, f"{PREFIX}/{p.name}")
             mnt = work / "mnt"
             mnt.mkdir()
             files = [mnt / p.name for p in paths]

@@ -106,7 +106,7 @@ def main() -> int:
             client = srv.client()
             client.create_bucket(Bucket=BUCKET)
             for f in files:
-                client.upload_file(str(f), BUCKET, f.name)
+                srv.put_file(client, f, BUCKET, f.name)
             shutil.rmtree(work / "model")
             names = [f.name for f in files]
             env = dict(os.environ, **srv.env())

@@ -45,7 +45,7 @@ def main() -> int:
             blob.write_bytes(os.urandom(args.size_mib * MiB))
             c = srv.client()
             c.create_bucket(Bucket="prof")
-            c.upload_file(str(blob), "prof", "w.bin")
+            srv.put_file(c, blob, "prof", "w.bin")
             blob.unlink()
             env = dict(os.environ, **srv.env())
             for phase in ("cold", "warm"):

@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import LinkCap, drop_caches  # noqa: E402
+from bench import LinkCap, ServerMemory, drop_caches, proc_cpu  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway, free_port  # noqa: E402
 
@@ -62,6 +62,10 @@ class Ctx:
         self.download_s: list[float] = []  # s5cmd alone, inside "download"
         self.weights_s: dict[str, list[float]] = {}  # vLLM's "Loading weights took"
         self.mount_s: list[float] = []  # `modelfs mount` until it returned
+        # CPU seconds per run: the modelfs daemon's (mount modes) and the S3
+        # server's (which on a node would be another machine's).
+        self.daemon_cpu: dict[str, list[float]] = {}
+        self.server_cpu: dict[str, list[float]] = {}
 
     def modelfs(self, *args: str) -> None:
         proc = subprocess.run(
@@ -75,8 +79,23 @@ class Ctx:
                      "--endpoint-url", self.srv.endpoint_url, "--cache-dir", str(cache),
                      *extra)  # fmt: skip
 
-    def umount(self) -> None:
+    def umount(self, mode: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "modelfs", "stats", "--json", str(self.mnt)],
+            env=self.env, capture_output=True, text=True,
+        )  # fmt: skip
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            pid = int(json.loads(proc.stdout)["pid"])
+            self.daemon_cpu.setdefault(mode, []).append(proc_cpu(pid))
         self.modelfs("umount", str(self.mnt))
+
+    def run(self, mode: str, fn: Callable[[], float]) -> float:
+        """One run of `mode`, with the S3 server's CPU seconds during it."""
+        assert self.srv.proc is not None
+        before = proc_cpu(self.srv.proc.pid)
+        seconds = fn()
+        self.server_cpu.setdefault(mode, []).append(proc_cpu(self.srv.proc.pid) - before)
+        return seconds
 
     def ready(self, mode: str, t0: float, model: str, *args: str, env: dict[str, str]) -> float:
         """Seconds from t0 to vLLM ready on `model` (LLM(), or with --api the server)."""
@@ -89,6 +108,10 @@ class Ctx:
             text=True,
         )
         out = proc.stdout + proc.stderr
+        if self.args.logs:
+            self.args.logs.mkdir(parents=True, exist_ok=True)
+            n = len(self.weights_s.get(mode, []))
+            (self.args.logs / f"{mode.replace(' ', '-')}-{n}.log").write_text(out)
         lines = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
         if proc.returncode or not lines:
             raise SystemExit(f"{mode}: vLLM failed:\n{out[-3000:]}")
@@ -147,7 +170,7 @@ def run_mount(c: Ctx, mode: str) -> float:
     try:
         return c.ready(mode, t0, str(c.mnt), env=c.env)
     finally:
-        c.umount()
+        c.umount(mode)
 
 
 def run_runai(c: Ctx) -> float:
@@ -168,7 +191,11 @@ def main() -> int:
     ap.add_argument("--api", action="store_true", help="time the OpenAI server to /health")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--vllm-python", type=Path, default=HERE.parent / ".venv-vllm/bin/python")
+    ap.add_argument("--server-memory-mib", type=int, default=512,
+                    help="cap the S3 server's memory (page cache included) in a "
+                    "cgroup, as if it were another machine; 0: no cap")  # fmt: skip
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--logs", type=Path, help="keep each vLLM run's output in this directory")
     args = ap.parse_args()
     modes = args.modes.split(",")
     work = Path(tempfile.mkdtemp(prefix="modelfs-vllm-bench-"))
@@ -183,7 +210,7 @@ def main() -> int:
             client = srv.client()
             client.create_bucket(Bucket=BUCKET)
             for f in model.iterdir():
-                client.upload_file(str(f), BUCKET, f"{PREFIX}/{f.name}")
+                srv.put_file(client, f, BUCKET, f"{PREFIX}/{f.name}")
             c = Ctx(args, work, srv)
             runners: dict[str, Callable[[], float]] = {
                 "download": lambda: run_download(c),
@@ -194,10 +221,11 @@ def main() -> int:
             }
             port = int(srv.endpoint_url.rsplit(":", 1)[1])
             cap = LinkCap(port, args.cap_gbit) if args.cap_gbit else contextlib.nullcontext()
-            with cap:
+            assert srv.proc is not None
+            with cap, ServerMemory(srv.proc.pid, args.server_memory_mib):
                 for _ in range(args.runs):  # the modes alternate
                     for m in modes:
-                        results[m].append(runners[m]())
+                        results[m].append(c.run(m, runners[m]))
                         print(f"  {m}: {results[m][-1]:.2f} s", file=sys.stderr)
     finally:
         subprocess.run(["fusermount3", "-uz", str(work / "mnt")], capture_output=True)
@@ -208,15 +236,20 @@ def main() -> int:
     link = f"{args.cap_gbit:g} Gbit/s" if args.cap_gbit else "loopback"
     what = "API server to /health" if args.api else "LLM() ready"
     print(f"\n{link}, {what}, model {size / 2**20:.0f} MiB, median of {args.runs}:\n")
-    print("| mode | seconds | runs | vs download | vLLM loading weights, s | same tokens |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | seconds | runs | vs download | vLLM loading weights, s "
+          "| daemon CPU s | server CPU s | same tokens |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     base = med.get("download")
     for m in modes:
         ratio = f"{base / med[m]:.2f}x" if base else "-"
         runs = ", ".join(f"{s:.2f}" for s in results[m])
         w = c.weights_s.get(m)
         ws = f"{statistics.median(w):.2f}" if w else "-"
-        print(f"| {m} | {med[m]:.2f} | {runs} | {ratio} | {ws} | {same.get(m, '-')} |")
+        d, sv = c.daemon_cpu.get(m), c.server_cpu.get(m)
+        ds = f"{statistics.median(d):.2f}" if d else "-"
+        ss = f"{statistics.median(sv):.2f}" if sv else "-"
+        cells = [m, f"{med[m]:.2f}", runs, ratio, ws, ds, ss, str(same.get(m, "-"))]
+        print("| " + " | ".join(cells) + " |")
     dl = statistics.median(c.download_s) if c.download_s else None
     if dl and base and "preload mount" in med:
         saved = base - med["preload mount"]
@@ -229,6 +262,8 @@ def main() -> int:
     if args.json:
         doc = {"link": link, "what": what, "model_bytes": size, "seconds": results,
                "download_only_s": c.download_s, "weights_s": c.weights_s,
+               "daemon_cpu_s": c.daemon_cpu, "server_cpu_s": c.server_cpu,
+               "server_memory_mib": args.server_memory_mib,
                "median": med, "same_tokens": same}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=1))
     return 0 if all(same.values()) else 1
