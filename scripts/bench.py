@@ -22,7 +22,6 @@ Markdown table. Needs root (drop_caches) and FUSE.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -131,68 +130,6 @@ class LinkCap:
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
-
-
-class ServerMemory:
-    """The S3 server's memory, page cache included, capped at `mib` in a
-    memory cgroup of its own (v1, or v2 where the controller is delegated);
-    the process goes back to its old group and the group is removed on exit.
-
-    On a node the origin is another machine: the page cache of what it
-    serves is not the node's. Here it is: after a 1.5 GiB cold read the
-    server's block files hold 1.5 GiB of page cache, and a vLLM start then
-    loaded its weights 3x slower (1.5 -> 4.5 s) in every mode that came
-    after the server had sent the model, until that page cache was
-    dropped. Where no cgroup can be made, a note says so and the run goes
-    on unconfined."""
-
-    def __init__(self, pid: int, mib: int) -> None:
-        self.pid, self.mib = pid, mib
-        self.group: Path | None = None
-        self.parent_procs: Path | None = None
-
-    def _where(self) -> tuple[Path, str] | None:
-        lines = Path(f"/proc/{self.pid}/cgroup").read_text().splitlines()
-        for line in lines:  # v1: "N:memory:/path"
-            _, ctrl, path = line.split(":", 2)
-            if "memory" in ctrl.split(","):
-                root = Path("/sys/fs/cgroup/memory")
-                return root / path.lstrip("/"), "memory.limit_in_bytes"
-        for line in lines:  # v2: "0::/path"
-            if line.startswith("0::"):
-                base = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-                if "memory" in (base / "cgroup.subtree_control").read_text().split():
-                    return base, "memory.max"
-        return None
-
-    def __enter__(self) -> ServerMemory:
-        if self.mib <= 0:
-            return self
-        try:
-            where = self._where()
-            if where is None:
-                raise OSError("no memory cgroup controller to use")
-            parent, limit_file = where
-            group = parent / f"modelfs-bench-server-{self.pid}"
-            group.mkdir(exist_ok=True)
-            self.group = group
-            (group / limit_file).write_text(str(self.mib * MiB))
-            self.parent_procs = parent / "cgroup.procs"
-            (group / "cgroup.procs").write_text(str(self.pid))
-        except OSError as exc:
-            print(f"note: the S3 server's memory is not capped ({exc})", file=sys.stderr)
-            self.__exit__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.group is None:
-            return
-        if self.parent_procs is not None:
-            with contextlib.suppress(OSError):  # the server may have exited
-                self.parent_procs.write_text(str(self.pid))
-        with contextlib.suppress(OSError):
-            self.group.rmdir()
-        self.group = None
 
 
 def read_files(paths: list[Path], block: int = 16 * MiB) -> int:

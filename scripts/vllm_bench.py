@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import LinkCap, ServerMemory, drop_caches, proc_cpu  # noqa: E402
+from bench import LinkCap, drop_caches, proc_cpu  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway, free_port  # noqa: E402
 
@@ -191,9 +191,6 @@ def main() -> int:
     ap.add_argument("--api", action="store_true", help="time the OpenAI server to /health")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--vllm-python", type=Path, default=HERE.parent / ".venv-vllm/bin/python")
-    ap.add_argument("--server-memory-mib", type=int, default=512,
-                    help="cap the S3 server's memory (page cache included) in a "
-                    "cgroup, as if it were another machine; 0: no cap")  # fmt: skip
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--logs", type=Path, help="keep each vLLM run's output in this directory")
     args = ap.parse_args()
@@ -221,8 +218,7 @@ def main() -> int:
             }
             port = int(srv.endpoint_url.rsplit(":", 1)[1])
             cap = LinkCap(port, args.cap_gbit) if args.cap_gbit else contextlib.nullcontext()
-            assert srv.proc is not None
-            with cap, ServerMemory(srv.proc.pid, args.server_memory_mib):
+            with cap:
                 for _ in range(args.runs):  # the modes alternate
                     for m in modes:
                         results[m].append(c.run(m, runners[m]))
@@ -263,7 +259,6 @@ def main() -> int:
         doc = {"link": link, "what": what, "model_bytes": size, "seconds": results,
                "download_only_s": c.download_s, "weights_s": c.weights_s,
                "daemon_cpu_s": c.daemon_cpu, "server_cpu_s": c.server_cpu,
-               "server_memory_mib": args.server_memory_mib,
                "median": med, "same_tokens": same}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=1))
     return 0 if all(same.values()) else 1

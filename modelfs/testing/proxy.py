@@ -59,12 +59,14 @@ class Request:
     body_bytes: int
     if_match: str | None = None
     signed: bool = True  # an Authorization header or a presigned query
+    at: float = 0.0  # time.monotonic() when the request arrived
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _ThreadingServer
     _conn: http.client.HTTPConnection | None = None
+    _arrived = 0.0
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
@@ -92,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _forward(self) -> None:
+        self._arrived = time.monotonic()
         proxy = self.server.proxy
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
@@ -205,6 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.headers.get("If-Match"),
                 "authorization" in {k.lower() for k in self.headers}
                 or "X-Amz-Signature=" in split.query,
+                self._arrived,
             )
         )
 
