@@ -92,7 +92,9 @@ def serve(
     store = store or build_store(cfg)
     # A manifest's objects may all be gone from the listing, and a versioned
     # bucket still serves them: then only access is probed.
-    store.probe(cfg.source.prefix, allow_empty=cfg.allow_empty or snapshot is not None)
+    first_level = store.probe(
+        cfg.source.prefix, allow_empty=cfg.allow_empty or snapshot is not None
+    )
     pins = _pins(cfg, store, snapshot)
     ttl = INDEFINITE if pins is not None else cfg.metadata_ttl
     cache, tier = assemble.chunk_cache(cfg, store)
@@ -104,6 +106,8 @@ def serve(
             ttl,
             lister=pins.snapshot.list_dir if pins is not None else None,
         )
+        if first_level is not None and pins is None:
+            ns.seed(first_level)
         spawn = _Spawner()
         readahead = ReadAhead(
             cache,

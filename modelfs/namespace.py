@@ -117,6 +117,13 @@ class Namespace:
         self._next_inode = ROOT_INODE + 1
         self._warned: set[tuple[str, str]] = set()
 
+    def seed(self, listing: Listing) -> None:
+        """Take `listing` as the root's listing, made just now (the start-up
+        probe's), so the first lookup does not list the root again."""
+        state = self._dirs.setdefault(ROOT_INODE, _DirState())
+        if state.loaded_at < 0 and state.loading is None:
+            self._apply(self._nodes[ROOT_INODE], state, listing)
+
     # -- queries ---------------------------------------------------------
     def get(self, inode: int) -> Node:
         node = self._nodes.get(inode)

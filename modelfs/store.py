@@ -163,9 +163,12 @@ class ObjectStore(Protocol):
         buffers already delivered stay delivered."""
         ...
 
-    def probe(self, prefix: str, *, allow_empty: bool = True) -> None:
+    def probe(self, prefix: str, *, allow_empty: bool = True) -> Listing | None:
         """Fail fast with a precise error if the bucket cannot be listed, or
-        (unless `allow_empty`) if nothing is under the prefix."""
+        (unless `allow_empty`) if nothing is under the prefix. Returns the
+        prefix's first level (a Delimiter='/' listing) when the probe's one
+        request held all of it, so the mount's first lookup need not list
+        again; None otherwise."""
         ...
 
     def list_tree(self, prefix: str) -> Tree:

@@ -194,6 +194,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--logs", type=Path, help="keep each vLLM run's output in this directory")
     args = ap.parse_args()
+    # A `kill` must still unmount and remove the link cap (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = args.modes.split(",")
     work = Path(tempfile.mkdtemp(prefix="modelfs-vllm-bench-"))
     results: dict[str, list[float]] = {m: [] for m in modes}

@@ -101,12 +101,16 @@ class S3Store:
         return translate(exc, what, self.bucket, self._endpoint)
 
     # -- operations -------------------------------------------------------
-    def probe(self, prefix: str, *, allow_empty: bool = True) -> None:
+    def probe(self, prefix: str, *, allow_empty: bool = True) -> Listing | None:
         deadline = time.monotonic() + PROBE_TIMEOUT
         while True:
             try:
+                # A whole first page, not MaxKeys=1: for a model's directory
+                # it is the whole first level, which the mount's first lookup
+                # then takes instead of listing again (one round trip less
+                # before the first byte).
                 resp = self._probe_client.list_objects_v2(
-                    Bucket=self.bucket, Prefix=prefix, Delimiter="/", MaxKeys=1
+                    Bucket=self.bucket, Prefix=prefix, Delimiter="/"
                 )
                 break
             except Exception as exc:
@@ -126,6 +130,13 @@ class S3Store:
                 self._refuse_object_source(prefix.rstrip("/"))
             if not allow_empty:
                 raise EmptySource(empty_source_message(self.bucket, prefix))
+        self.counters.add_list()
+        if resp.get("IsTruncated"):
+            return None
+        return Listing(
+            [self._info(obj) for obj in resp.get("Contents", ())],
+            [p["Prefix"] for p in resp.get("CommonPrefixes", ())],
+        )
 
     def _refuse_object_source(self, key: str) -> None:
         """An empty prefix that is the key of an object: the user named a

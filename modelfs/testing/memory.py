@@ -50,9 +50,10 @@ class MemoryStore:
         with self._lock:
             self.objects.pop(key, None)
 
-    def probe(self, prefix: str, *, allow_empty: bool = True) -> None:
+    def probe(self, prefix: str, *, allow_empty: bool = True) -> Listing | None:
         if not allow_empty and not any(k.startswith(prefix) for k in self.objects):
             raise EmptySource(empty_source_message("mem", prefix))
+        return None
 
     def list_dir(self, prefix: str) -> Listing:
         self.counters.add_list()

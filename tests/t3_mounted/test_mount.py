@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -280,4 +281,21 @@ def test_after_metadata_ttl_new_opens_see_the_new_version(
     assert (m.path / "cfg.json").read_bytes() == b'{"v": 22}'
     assert os.stat(m.path / "cfg.json").st_size == 9
     assert len([r for r in proxy.snapshot() if "list-type" in r.query]) > lists
+    m.umount()
+
+
+def test_the_start_up_probe_is_the_first_listing(bucket: Bucket, proxy, mounter: Mounter) -> None:
+    """The probe lists the mount's first level whole; the first lookups take
+    that listing instead of asking the server again, one round trip less
+    before the first byte. A directory below it is listed on first use."""
+    bucket.put("config.json", b"{}")
+    bucket.put("weights/model.bin", pattern(3, 0, MiB))
+    m = mounter(bucket, endpoint_url=proxy.endpoint_url)
+    assert sorted(os.listdir(m.path)) == ["config.json", "weights"]
+    assert (m.path / "config.json").read_bytes() == b"{}"
+    assert (m.path / "weights" / "model.bin").read_bytes() == pattern(3, 0, MiB)
+    listings = [
+        parse_qs(r.query).get("prefix", [""])[0] for r in proxy.snapshot() if "list-type" in r.query
+    ]
+    assert sorted(listings) == ["", "weights/"]
     m.umount()
