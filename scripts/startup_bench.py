@@ -50,7 +50,7 @@ def one_run(
     subprocess.run(
         [sys.executable, "-m", "modelfs", "mount", f"s3://{BUCKET}", str(mnt),
          "--endpoint-url", proxy.endpoint_url, "--cache-dir", str(cache)],
-        env=env, check=True, capture_output=True,
+        env=env, check=True, capture_output=True, cwd=env.get("MODELFS_SOURCE_TREE"),
     )  # fmt: skip
     mounted = time.monotonic() - t0
     try:
@@ -75,6 +75,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--modelfs-path", type=Path,
+                    help="mount with the modelfs package in this source tree (a worktree "
+                    "of an older commit, for before and after)")  # fmt: skip
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modelfs-startup-"))
     results: dict[str, dict[str, list[float]]] = {}
@@ -88,6 +91,9 @@ def main() -> int:
                 srv.put_file(client, f, BUCKET, f.name)
             (work / "mnt").mkdir()
             env = dict(os.environ, **srv.env())
+            if args.modelfs_path:
+                # `python -m` puts the working directory first on sys.path.
+                env["MODELFS_SOURCE_TREE"] = str(args.modelfs_path.resolve())
             proxy = CountingProxy(srv.endpoint_url).start()
             try:
                 shard = sorted(f.name for f in files)[0]
