@@ -22,15 +22,18 @@ Markdown table. Needs root (drop_caches) and FUSE.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,6 +135,54 @@ class LinkCap:
         subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
 
 
+def cap_label(gbit: float) -> str:
+    return f"[{gbit:g} Gbit/s] "
+
+
+def label_of(name: str) -> str:
+    """The regime prefix of a result's name ("" on loopback)."""
+    return name[: name.index("] ") + 2] if name.startswith("[") else ""
+
+
+class LinkMeter:
+    """What crosses `lo` per `step` seconds (its tx counter: the S3 server's
+    responses, and the few bytes of the requests), as MiB/s, from enter to
+    exit; read from sysfs by a thread, about nothing per sample."""
+
+    COUNTER = Path("/sys/class/net/lo/statistics/tx_bytes")
+
+    def __init__(self, step: float = 0.1) -> None:
+        self.step = step
+        self.mib_s: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = int(self.COUNTER.read_text())
+        nxt = time.monotonic() + self.step
+        while not self._stop.wait(max(0.0, nxt - time.monotonic())):
+            now = int(self.COUNTER.read_text())
+            self.mib_s.append((now - last) / MiB / self.step)
+            last, nxt = now, nxt + self.step
+
+    def __enter__(self) -> LinkMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# Reads every tensor of each shard given, by name (what a loader does).
+LOAD_CODE = (
+    "import sys\nfrom safetensors import safe_open\n"
+    "for p in sys.argv[1:]:\n"
+    "  with safe_open(p, framework='np') as f:\n"
+    "    for k in sorted(f.keys()): f.get_tensor(k)\n"
+)
+
+
 def read_files(paths: list[Path], block: int = 16 * MiB) -> int:
     total = 0
     buf = bytearray(block)
@@ -167,6 +218,18 @@ class Bench:
         self.mnt = work / "mnt"
         self.mnt.mkdir(exist_ok=True)
         self.results: dict[str, dict[str, float]] = {} if results is None else results
+        # name -> MiB/s on the link per 100 ms, of its first run (`_meter`)
+        self.traces: dict[str, list[float]] = {}
+        self.trace_next = False  # the next s5cmd / modelfs cold run is traced
+
+    def _meter(self, name: str | None) -> contextlib.AbstractContextManager[object]:
+        """A LinkMeter for the run called `name` when traces are asked for
+        and none of that name was taken yet; else nothing."""
+        if name is None or not self.trace_next or self.label + name in self.traces:
+            return contextlib.nullcontext()
+        meter = LinkMeter()
+        self.traces[self.label + name] = meter.mib_s
+        return meter
 
     def record(self, name: str, samples: list[Sample], nbytes: int | None = None) -> None:
         nbytes = nbytes or self.size
@@ -189,13 +252,16 @@ class Bench:
             flush=True,
         )
 
-    def run_cmd(self, cmd: list[str], env: dict[str, str] | None = None) -> Sample:
+    def run_cmd(
+        self, cmd: list[str], env: dict[str, str] | None = None, trace: str | None = None
+    ) -> Sample:
         drop_caches()
         c0, _ = children_usage()
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env or self.env, stdout=subprocess.DEVNULL)
-        _, status, ru = os.wait4(proc.pid, 0)
-        secs = time.perf_counter() - t
+        with self._meter(trace):
+            t = time.perf_counter()
+            proc = subprocess.Popen(cmd, env=env or self.env, stdout=subprocess.DEVNULL)
+            _, status, ru = os.wait4(proc.pid, 0)
+            secs = time.perf_counter() - t
         if status != 0:
             raise SystemExit(f"{cmd[0]} failed with status {status}")
         return Sample(secs, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024)
@@ -215,7 +281,8 @@ class Bench:
                         "cp",
                         f"s3://{BUCKET}/{PREFIX}/*",
                         f"{dest}/",
-                    ]
+                    ],
+                    trace="s5cmd download",
                 )
             )
         self.record("s5cmd download", samples)
@@ -274,27 +341,34 @@ class Bench:
     def _umount(self) -> None:
         subprocess.run([sys.executable, "-m", "modelfs", "umount", str(self.mnt)], check=True)
 
-    def _modelfs_run(self, cache: Path, body: Callable[[], int]) -> tuple[Sample, int]:
+    def _modelfs_run(
+        self, cache: Path, body: Callable[[], int], trace: str | None = None
+    ) -> tuple[Sample, int]:
         drop_caches()
-        c0, t = self_cpu(), time.perf_counter()
-        pid = self._mount(cache)
-        d0 = proc_cpu(pid)  # the daemon's start-up (imports) is not the read
-        nbytes = body()
-        secs = time.perf_counter() - t
+        with self._meter(trace):
+            c0, t = self_cpu(), time.perf_counter()
+            pid = self._mount(cache)
+            d0 = proc_cpu(pid)  # the daemon's start-up (imports) is not the read
+            nbytes = body()
+            secs = time.perf_counter() - t
         cpu = self_cpu() - c0 + proc_cpu(pid) - d0
         rss = proc_hwm(pid)
         self._umount()
         return Sample(secs, cpu, rss), nbytes
 
-    def modelfs(self) -> Path:
+    def modelfs(self, *, cold_only: bool = False) -> Path:
         cache = self.work / "modelfs-cache"
         files = [self.mnt / n for n in self.names]
         cold, warm = [], []
+        name = "modelfs cold (mount + read all)"
         for _ in range(self.runs):
             shutil.rmtree(cache, ignore_errors=True)
-            cold.append(self._modelfs_run(cache, lambda: read_files(files))[0])
-            warm.append(self._modelfs_run(cache, lambda: read_files(files))[0])
-        self.record("modelfs cold (mount + read all)", cold)
+            cold.append(self._modelfs_run(cache, lambda: read_files(files), trace=name)[0])
+            if not cold_only:
+                warm.append(self._modelfs_run(cache, lambda: read_files(files))[0])
+        self.record(name, cold)
+        if cold_only:
+            return cache
         self.record("modelfs warm (remount, disk cache)", warm)
         # Page cache warm: same mount, second read.
         self._mount(cache)
@@ -308,12 +382,7 @@ class Bench:
         return cache
 
     def safetensors_load(self, local_dir: Path) -> None:
-        code = (
-            "import sys\nfrom safetensors import safe_open\n"
-            "for p in sys.argv[1:]:\n"
-            "  with safe_open(p, framework='np') as f:\n"
-            "    for k in sorted(f.keys()): f.get_tensor(k)\n"
-        )
+        code = LOAD_CODE
         cache = self.work / "st-cache"
         mounted, dl = [], []
         for _ in range(self.runs):
@@ -354,6 +423,44 @@ class Bench:
             shutil.rmtree(dest, ignore_errors=True)
         self.record("safetensors load through modelfs (cold)", mounted)
         self.record("s5cmd download, then safetensors load", dl)
+
+    def consumer_startup(self, start: float) -> None:
+        """A server that spends `start` seconds starting before it loads:
+        download, then `start`, then the load from local disk (an init
+        container, then the server); against a mount (plain, and
+        --preload), then `start`, then the load through it."""
+        dest, cache = self.work / "startup-dl", self.work / "startup-cache"
+        s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+        got: dict[str, list[Sample]] = {"download": [], "mount": [], "preload": []}
+        for _ in range(self.runs):
+            shutil.rmtree(dest, ignore_errors=True)
+            drop_caches()
+            t = time.perf_counter()
+            subprocess.run(
+                [s5cmd, "--endpoint-url", self.endpoint, "cp", f"s3://{BUCKET}/{PREFIX}/*",
+                 f"{dest}/"], env=self.env, check=True, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(start)
+            subprocess.run([sys.executable, "-c", LOAD_CODE, *[str(dest / n) for n in self.names]],
+                           check=True)  # fmt: skip
+            got["download"].append(Sample(time.perf_counter() - t, 0.0, 0))
+            shutil.rmtree(dest, ignore_errors=True)
+            for kind, extra in (("mount", ()), ("preload", ("--preload",))):
+                shutil.rmtree(cache, ignore_errors=True)
+                drop_caches()
+                t = time.perf_counter()
+                self._mount(cache, extra)
+                time.sleep(start)
+                subprocess.run(
+                    [sys.executable, "-c", LOAD_CODE, *[str(self.mnt / n) for n in self.names]],
+                    check=True,
+                )
+                got[kind].append(Sample(time.perf_counter() - t, 0.0, 0))
+                self._umount()
+        what = f"{start:g} s start-up, then safetensors load"
+        self.record(f"s5cmd download, {what}", got["download"])
+        self.record(f"modelfs mount, {what}", got["mount"])
+        self.record(f"modelfs mount --preload, {what}", got["preload"])
 
     def random_reads(self) -> None:
         cache = self.work / "rand-cache"
@@ -508,6 +615,7 @@ def plot(
             if "random" not in n
             and "re-read" not in n  # page-cache re-reads: 10x the rest, on their own scale
             and n.startswith(LATENCY_LABEL) == profile
+            and "Gbit/s] " not in label_of(n)  # the capped link: plot_link
         ]
 
     loop, net = rows(False), rows(True)
@@ -575,6 +683,67 @@ def plot(
     fig.savefig(path, dpi=100)
 
 
+def capped_summary(
+    results: dict[str, dict[str, float]],
+    caps: list[float],
+    start: float,
+    traces: dict[str, list[float]],
+) -> list[str]:
+    """The capped-link ratios of issue #23's targets, one line each."""
+    out = []
+    for i, gbit in enumerate(caps):
+        lab = cap_label(gbit)
+        sec = {n[len(lab) :]: r["seconds"] for n, r in results.items() if n.startswith(lab)}
+        out.append(
+            f"{lab}cold read {sec['s5cmd download'] / sec['modelfs cold (mount + read all)']:.2f}x"
+            f" s5cmd; cold load {sec['s5cmd download, then safetensors load'] / sec['safetensors load through modelfs (cold)']:.2f}x"  # noqa: E501
+            " download+load"
+        )
+        what = f"{start:g} s start-up, then safetensors load"
+        if i == 0 and start > 0:
+            d = sec[f"s5cmd download, {what}"]
+            out.append(
+                f"{lab}{what}: --preload {d / sec[f'modelfs mount --preload, {what}']:.2f}x, "
+                f"plain mount {d / sec[f'modelfs mount, {what}']:.2f}x download+start-up+load"
+            )
+    cap_mib = caps[0] * 1e9 / 8 / MiB if caps else 0
+    for name, trace in traces.items():
+        busy = next((k for k, v in enumerate(trace) if v >= cap_mib / 2), None)
+        # The run's span: up to the last 100 ms that moved a tenth of the cap.
+        last = max((k for k, v in enumerate(trace) if v >= cap_mib / 10), default=0)
+        use = sum(trace[: last + 1]) / ((last + 1) * cap_mib) if cap_mib else 0
+        first = "never" if busy is None else f"{busy * 100} ms"
+        out.append(f"{name}: link at half its cap after {first}; {use:.0%} of the cap while it ran")
+    return out
+
+
+def plot_link(traces: dict[str, list[float]], gbit: float, path: Path) -> None:
+    """MiB/s on the link per 100 ms, one line per traced run, from the start
+    of the command (the mount included for modelfs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, trace in traces.items():
+        ax.plot(
+            [k * 0.1 for k in range(len(trace))],
+            trace,
+            label=name[len(label_of(name)) :],
+            linewidth=1.2,
+        )  # noqa: E501
+    cap = gbit * 1e9 / 8 / MiB
+    ax.axhline(cap, color="#b22", linestyle="--", linewidth=1)
+    ax.text(0, cap, f" cap {gbit:g} Gbit/s", color="#b22", fontsize=8, va="bottom")
+    ax.set_xlabel("seconds from the command's start")
+    ax.set_ylabel("MiB/s sent by the S3 server, per 100 ms")
+    ax.set_title(f"Link use at {gbit:g} Gbit/s, cold: s5cmd beside modelfs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--generate":
         generate_model(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
@@ -588,9 +757,24 @@ def main() -> int:
     ap.add_argument("--rss-size", default="4G", help="size of each (default 4G)")
     ap.add_argument("--plot", type=Path, default=Path("docs/benchmarks.png"))
     ap.add_argument(
+        "--cap-gbit",
+        default="2,4",
+        help="link caps to measure at, Gbit/s, comma-separated (empty: none)",
+    )
+    ap.add_argument(
+        "--start",
+        type=float,
+        default=2.0,
+        help="the consumer's start-up seconds in the start-up scenario "
+        "(at the first cap; 0: skip it)",
+    )
+    ap.add_argument("--link-plot", type=Path, default=Path("docs/link-use.png"))  # fmt: skip
+    ap.add_argument(
         "--replot", type=Path, metavar="RESULTS_JSON", help="only draw the plot from a results.json"
     )
     args = ap.parse_args()
+    # A `kill` still unmounts and removes the link cap (the finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.replot:
         saved = json.loads(args.replot.read_text())
         meta = saved["meta"]
@@ -665,6 +849,21 @@ def main() -> int:
             shaper.kill()
             shaper.wait()
         shutil.rmtree(dl, ignore_errors=True)
+        # Where the link is the limit: what the server sends capped by htb.
+        caps = [g for g in (float(x) for x in args.cap_gbit.split(",") if x.strip()) if g > 0]
+        traces: dict[str, list[float]] = {}
+        for i, gbit in enumerate(caps):
+            with LinkCap(srv.port, gbit):
+                c = Bench(work, srv, names, size, args.runs, label=cap_label(gbit),
+                          results=b.results)  # fmt: skip
+                c.trace_next = i == 0
+                cdl = c.s5cmd()
+                c.modelfs(cold_only=True)
+                c.safetensors_load(cdl)
+                shutil.rmtree(cdl, ignore_errors=True)
+                if i == 0 and args.start > 0:
+                    c.consumer_startup(args.start)
+                traces.update(c.traces)
         rss = (
             rss_check(work, srv, args.rss_files, parse_size(args.rss_size))
             if args.rss_files
@@ -679,15 +878,15 @@ def main() -> int:
             "kernel": os.uname().release,
             "latency_profile": LATENCY_LABEL.strip(),
             "rss_check": rss,
+            "caps_gbit": caps,
+            "start_s": args.start,
         }
         (args.out / "results.json").write_text(
-            json.dumps({"meta": meta, "results": b.results}, indent=2)
+            json.dumps({"meta": meta, "results": b.results, "link_traces": traces}, indent=2)
         )
         print("\n| method | MiB/s | × s5cmd | CPU s/GiB | peak RSS MiB |\n|---|---|---|---|---|")
         for name, r in b.results.items():
-            base = b.results[
-                ("" if not name.startswith(LATENCY_LABEL) else LATENCY_LABEL) + "s5cmd download"
-            ]["MiB/s"]
+            base = b.results[label_of(name) + "s5cmd download"]["MiB/s"]
             print(
                 f"| {name} | {r['MiB/s']:.0f} | {r['MiB/s'] / base:.2f} | "
                 f"{r['cpu_s_per_GiB']:.2f} | {r['peak_rss_MiB']:.0f} |"
@@ -700,6 +899,11 @@ def main() -> int:
             rss,
         )
         print(f"plot: {args.plot}")
+        for line in capped_summary(b.results, caps, args.start, traces):
+            print(line)
+        if traces:
+            plot_link(traces, caps[0], args.link_plot)
+            print(f"link use: {args.link_plot}")
         return 0
     finally:
         subprocess.run(["fusermount3", "-uz", str(work / "mnt")], capture_output=True)
