@@ -59,8 +59,12 @@ def one_run(
             check=True,
         )
         first_mib = time.monotonic() - t0
+        # A request is recorded once its response is sent whole, which may
+        # be after the first MiB of it is read: wait for the GET's record.
+        deadline = time.monotonic() + 30
+        while not (gets := proxy.object_gets()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         requests = proxy.snapshot()
-        gets = proxy.object_gets()
     finally:
         subprocess.run([sys.executable, "-m", "modelfs", "umount", str(mnt)], env=env, check=True)
     return {
