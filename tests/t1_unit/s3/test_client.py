@@ -1,0 +1,51 @@
+"""modelfs.s3.client: the sessions and clients modelfs makes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import botocore
+import pytest
+
+from modelfs.s3 import client as s3client
+from modelfs.s3.settings import S3Settings
+
+SETTINGS = S3Settings(
+    endpoint_url="http://127.0.0.1:9",
+    region="us-east-1",
+    profile=None,
+    credentials_file=None,
+    addressing_style="path",
+    unsigned=False,
+    connect_timeout=1.0,
+    read_timeout=1.0,
+    retry_timeout=1.0,
+    pool=4,
+)
+
+
+def test_an_s3_client_is_made_without_listing_every_service_botocore_knows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """botocore lists the directory of every service it has models for
+    before loading one (some 460); modelfs asks only for S3, and a mount's
+    start should not pay for the others (reading each from disk on a node
+    that has just booted)."""
+    data = str(Path(botocore.__file__).parent / "data")
+    listed: list[str] = []
+    real_listdir = os.listdir
+
+    def counting_listdir(path: str | os.PathLike[str] = ".") -> list[str]:
+        if str(path).startswith(data):
+            listed.append(str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    client = s3client.client(
+        s3client.session(SETTINGS), SETTINGS, retries={"total_max_attempts": 1}
+    )
+    assert client.meta.service_model.service_name == "s3"
+    assert client.meta.service_model.operation_model("GetObject").name == "GetObject"
+    # The S3 model's own directory (its API versions), not all the others.
+    assert 0 < len(listed) <= 4, listed[:10]
