@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import AccessDenied
@@ -20,25 +22,45 @@ def session(settings: S3Settings) -> Any:
 
     try:
         core = botocore.session.Session()
-        _only_s3_models(core)
         if settings.credentials_file is not None:
             core.set_config_variable("credentials_file", str(settings.credentials_file))
-        return boto3.Session(
+        made = boto3.Session(
             botocore_session=core, profile_name=settings.profile, region_name=settings.region
         )
+        # Once the profile and its files are set: the loader reads its
+        # search path from the profile's configuration.
+        _only_s3_models(core)
+        return made
     except Exception as exc:  # ProfileNotFound and friends
         raise AccessDenied(f"cannot load AWS profile {settings.profile!r}: {exc}") from exc
+
+
+class _KnownServices:
+    """What a loader's `list_available_services` answers: S3 at once, any
+    other name (STS for web identity, SSO...) after the real listing."""
+
+    def __init__(self, listing: Callable[[], list[str]]) -> None:
+        self._listing = listing
+
+    def __contains__(self, name: object) -> bool:
+        return name == "s3" or name in self._listing()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._listing())
 
 
 def _only_s3_models(core: Any) -> None:
     """Before it loads a model, botocore lists every service it has models
     for, to check the name asked for is one: 460 directories read, twice
     (the service model and the endpoint rules), 45 ms of a warm start and
-    more after a boot, when each is read from disk. modelfs only ever asks
-    for S3, so the session's loader is told that list; the models
-    themselves are found where botocore looks for them, as before."""
+    more after a boot, when each is read from disk. For S3 the session's
+    loader now answers at once; another service botocore loads for itself
+    (STS, for web identity credentials) still gets the real listing."""
     loader = core.get_component("data_loader")
-    loader.list_available_services = lambda type_name: ["s3"]
+    listing = loader.list_available_services
+    loader.list_available_services = lambda type_name: _KnownServices(
+        functools.partial(listing, type_name)
+    )
 
 
 def client(

@@ -164,6 +164,7 @@ DENIED_CODES = frozenset(
 def translate(exc: Exception, what: str, bucket: str, endpoint: str) -> StoreError:
     """A botocore/boto3 failure as a modelfs StoreError."""
     import botocore.exceptions as bex
+    from botocore.parsers import ResponseParserError  # not in botocore.exceptions
 
     if isinstance(exc, bex.ClientError):
         return _from_response(exc.response, what, bucket, endpoint)
@@ -179,7 +180,7 @@ def translate(exc: Exception, what: str, bucket: str, endpoint: str) -> StoreErr
         return EndpointUnreachable(f"cannot reach {endpoint}: {exc}")
     if isinstance(exc, bex.ReadTimeoutError):
         return EndpointUnreachable(f"{endpoint} did not answer in time: {exc}")
-    if isinstance(exc, bex.ResponseParserError):
+    if isinstance(exc, ResponseParserError):
         return not_s3(endpoint, "its answer is not S3's XML")
     if isinstance(exc, bex.BotoCoreError):
         return StoreError(f"{what}: {exc}")

@@ -49,3 +49,15 @@ def test_an_s3_client_is_made_without_listing_every_service_botocore_knows(
     assert client.meta.service_model.operation_model("GetObject").name == "GetObject"
     # The S3 model's own directory (its API versions), not all the others.
     assert 0 < len(listed) <= 4, listed[:10]
+
+
+def test_the_session_still_loads_the_models_botocore_needs_for_itself() -> None:
+    """Web identity credentials make botocore load STS's model from the same
+    session: the shortcut for S3 must not hide the other services."""
+    session = s3client.session(SETTINGS)
+    sts = session.client("sts", endpoint_url="http://127.0.0.1:9", region_name="us-east-1")
+    assert sts.meta.service_model.service_name == "sts"
+    loader = session._session.get_component("data_loader")
+    assert "s3" in loader.list_available_services("service-2")
+    assert "sts" in list(loader.list_available_services("service-2"))
+    assert "no-such-service" not in loader.list_available_services("service-2")

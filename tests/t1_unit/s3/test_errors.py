@@ -70,3 +70,16 @@ def test_labels() -> None:
     assert label(None) == "ok"
     assert label(ObjectChanged("x")) == "stale"
     assert label(StoreError("x")) == "error"
+
+
+def test_an_answer_that_does_not_parse_is_not_s3() -> None:
+    from botocore.parsers import ResponseParserError
+
+    got = translate(ResponseParserError("Unknown tag: html"), "w", "b", "http://e")
+    assert isinstance(got, BadResponse)
+
+
+def test_any_other_botocore_error_is_a_store_error() -> None:
+    exc = bex.UnknownServiceError(service_name="sts", known_service_names="s3")
+    got = translate(exc, "listing s3://b/", "b", "http://e")
+    assert type(got) is StoreError and "listing s3://b/" in str(got)
