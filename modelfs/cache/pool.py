@@ -1,8 +1,8 @@
 """The buffer pool: every chunk the daemon holds in memory lives in it.
 
 One anonymous mapping of ``--memory-cache`` bytes, cut into slabs of one
-chunk each, page-aligned and touched once, behind the start-up. A slab is in turn
-the buffer a GET body is received into (``recv_into``), the buffer a disk
+chunk each, page-aligned and touched once (behind the start-up). A slab is
+in turn the buffer a GET body is received into (``recv_into``), the buffer a disk
 chunk is read into (O_DIRECT), the source of its payload write (O_DIRECT,
 no bounce copy) and of the FUSE replies that read it. So the hot path
 allocates no chunk-sized memory, and the daemon's RSS is the pool plus a

@@ -133,10 +133,7 @@ class S3Store:
         self.counters.add_list()
         if resp.get("IsTruncated"):
             return None
-        return Listing(
-            [self._info(obj) for obj in resp.get("Contents", ())],
-            [p["Prefix"] for p in resp.get("CommonPrefixes", ())],
-        )
+        return self._add_page(Listing(), resp)
 
     def _refuse_object_source(self, key: str) -> None:
         """An empty prefix that is the key of an object: the user named a
@@ -164,8 +161,7 @@ class S3Store:
                     self.counters.add_list(label(error))
                     raise error from None
                 self.counters.add_list()
-                out.objects.extend(self._info(obj) for obj in resp.get("Contents", ()))
-                out.prefixes.extend(p["Prefix"] for p in resp.get("CommonPrefixes", ()))
+                self._add_page(out, resp)
                 token = resp.get("NextContinuationToken")
                 if not resp.get("IsTruncated") or not token:
                     return out
@@ -174,6 +170,12 @@ class S3Store:
             raise
         except Exception as exc:
             raise self._translate(exc, f"listing s3://{self.bucket}/{prefix}") from None
+
+    def _add_page(self, out: Listing, page: dict[str, Any]) -> Listing:
+        """`out` with one Delimiter='/' ListObjectsV2 page added."""
+        out.objects.extend(self._info(obj) for obj in page.get("Contents", ()))
+        out.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
+        return out
 
     def list_tree(self, prefix: str) -> Tree:
         """ListObjectVersions, keeping each key's latest version (a key whose
