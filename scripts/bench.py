@@ -53,6 +53,17 @@ CONN_RATE = 80 * MiB
 LATENCY_LABEL = "[25 ms, 80 MiB/s/conn] "
 
 
+def compile_sources(tree: Path | None = None) -> None:
+    """Byte-compile the modelfs package that the runs will start, as
+    installing a wheel does. This machine's environment sets
+    PYTHONDONTWRITEBYTECODE, so an editable install would otherwise be
+    compiled from source at every `modelfs mount` (75 ms of each start-up
+    here, which no installed modelfs pays)."""
+    pkg = (tree or Path(__file__).resolve().parent.parent) / "modelfs"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(pkg)], check=True,
+                   env=dict(os.environ, PYTHONDONTWRITEBYTECODE=""))  # fmt: skip
+
+
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -762,6 +773,7 @@ def main() -> int:
         "--replot", type=Path, metavar="RESULTS_JSON", help="only draw the plot from a results.json"
     )
     args = ap.parse_args()
+    compile_sources()
     # A `kill` still unmounts and removes the link cap (the finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.replot:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import LinkCap, drop_caches, generate_model, proc_hwm, read_files  # noqa: E402
+from bench import LinkCap, compile_sources, drop_caches, generate_model, proc_hwm, read_files  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway  # noqa: E402
 
@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("extra", nargs="*", help="more `modelfs mount` options (after --)")
     args = ap.parse_args()
+    compile_sources()
     work = Path(tempfile.mkdtemp(prefix="modelfs-cost-", dir="/var/tmp"))
     mnt = work / "mnt"
     mnt.mkdir()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import BUCKET, PREFIX, drop_caches, generate_model  # noqa: E402
+from bench import BUCKET, PREFIX, compile_sources, drop_caches, generate_model  # noqa: E402
 
 from modelfs.testing.proxy import CountingProxy  # noqa: E402
 from modelfs.testing.s3server import JuiceFSGateway  # noqa: E402
@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench-out/loaders.json"))
     args = ap.parse_args()
+    compile_sources()
     work = Path(tempfile.mkdtemp(prefix="modelfs-loaders-"))
     results: dict[str, dict[str, float]] = {}
     try:

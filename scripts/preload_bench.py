@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import LinkCap, drop_caches, generate_model, read_files, s5cmd_cp  # noqa: E402
+from bench import LinkCap, compile_sources, drop_caches, generate_model, read_files, s5cmd_cp  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway  # noqa: E402
 
@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--cap-gbit", type=float, default=0.0, help="cap the server's sending")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    compile_sources()
     work = Path(tempfile.mkdtemp(prefix="modelfs-preload-"))
     results: dict[str, list[float]] = {"download": [], "cold mount": [], "preload mount": []}
     shaper = None

@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import MiB, drop_caches, generate_model  # noqa: E402
+from bench import MiB, compile_sources, drop_caches, generate_model  # noqa: E402
 
 from modelfs.testing.proxy import CountingProxy  # noqa: E402
 from modelfs.testing.s3server import JuiceFSGateway  # noqa: E402
@@ -83,6 +83,7 @@ def main() -> int:
                     help="mount with the modelfs package in this source tree (a worktree "
                     "of an older commit, for before and after)")  # fmt: skip
     args = ap.parse_args()
+    compile_sources(args.modelfs_path)
     work = Path(tempfile.mkdtemp(prefix="modelfs-startup-"))
     results: dict[str, dict[str, list[float]]] = {}
     try:

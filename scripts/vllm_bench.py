@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import LinkCap, drop_caches, proc_cpu, s5cmd_cp  # noqa: E402
+from bench import LinkCap, compile_sources, drop_caches, proc_cpu, s5cmd_cp  # noqa: E402
 
 from modelfs.testing.s3server import JuiceFSGateway, free_port  # noqa: E402
 
@@ -188,6 +188,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--logs", type=Path, help="keep each vLLM run's output in this directory")
     args = ap.parse_args()
+    compile_sources()
     # A `kill` must still unmount and remove the link cap (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = args.modes.split(",")

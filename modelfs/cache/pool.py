@@ -26,6 +26,7 @@ of its own (counted); background work waits for a slab instead.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import threading
 from collections import OrderedDict
@@ -36,6 +37,8 @@ import trio
 PAGE = mmap.PAGESIZE
 # madvise(MADV_POPULATE_WRITE), Linux 5.14: fault every page in at once.
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class Slab:
@@ -74,8 +77,12 @@ def _prefault(mm: mmap.mmap) -> None:
         return
 
     def populate() -> None:
-        with contextlib.suppress(OSError, ValueError):  # ValueError: closed meanwhile
-            mm.madvise(_MADV_POPULATE_WRITE)
+        # Through ctypes, not mm.madvise: the mmap module holds the GIL for
+        # the whole call (50 ms per 128 MiB, the mount stalled behind it).
+        # `pinned` exports the mapping, so it cannot be unmapped meanwhile.
+        pinned = ctypes.c_char.from_buffer(mm)
+        _libc.madvise(ctypes.addressof(pinned), len(mm), _MADV_POPULATE_WRITE)
+        del pinned
 
     threading.Thread(target=populate, name="prefault", daemon=True).start()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import threading
 
 import pytest
 import trio
@@ -84,3 +85,24 @@ def test_wait_idle_returns_when_a_holder_lets_go() -> None:
 def test_a_slab_size_must_be_whole_pages() -> None:
     with pytest.raises(ValueError):
         BufferPool(SLAB, SLAB + 1)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+def test_the_pool_is_faulted_in_by_a_thread_that_leaves_the_gil() -> None:
+    """The mount goes on while the pool's pages are faulted in: the main
+    thread runs Python code (and sees the RSS half grown) while the
+    prefault thread is in the kernel. mmap.madvise holds the GIL throughout,
+    so the main thread saw only "before" and "after"."""
+    size = 1 << 30
+    before = _rss()
+    pool = BufferPool(size, 8 << 20)
+    seen: list[int] = []
+    while any(t.name == "prefault" and t.is_alive() for t in threading.enumerate()):
+        seen.append(_rss() - before)
+    assert any(64 << 20 < grown < size - (64 << 20) for grown in seen), seen[:5] + seen[-5:]
+    assert _rss() - before >= size - (16 << 20), "the pool was not faulted in whole"
+    assert pool.size == size
