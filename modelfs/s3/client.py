@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import functools
+import gzip
+import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +31,7 @@ def session(settings: S3Settings) -> Any:
         )
         # Once the profile and its files are set: the loader reads its
         # search path from the profile's configuration.
-        _only_s3_models(core)
+        _quick_loader(core)
         return made
     except Exception as exc:  # ProfileNotFound and friends
         raise AccessDenied(f"cannot load AWS profile {settings.profile!r}: {exc}") from exc
@@ -49,18 +51,43 @@ class _KnownServices:
         return iter(self._listing())
 
 
-def _only_s3_models(core: Any) -> None:
-    """Before it loads a model, botocore lists every service it has models
+class _PlainJSONFiles:
+    """botocore's model files, parsed into plain dicts. botocore's own file
+    loader builds every object as an OrderedDict through a Python hook:
+    S3's model, its endpoint rules and the endpoints table took 34 ms to
+    parse that way against 18 ms plain, at every mount. A dict keeps the
+    order too, and botocore asks nothing of its models that a dict lacks."""
+
+    _FORMS: tuple[tuple[str, Callable[..., Any]], ...] = ((".json", open), (".json.gz", gzip.open))
+
+    def exists(self, file_path: str) -> bool:
+        return any(os.path.isfile(file_path + ext) for ext, _ in self._FORMS)
+
+    def load_file(self, file_path: str) -> Any:
+        for ext, opener in self._FORMS:
+            try:
+                with opener(file_path + ext, "rb") as f:
+                    return json.loads(f.read())
+            except FileNotFoundError:
+                continue
+        return None
+
+
+def _quick_loader(core: Any) -> None:
+    """Two shortcuts in the session's model loader, for a quicker mount.
+    Before it loads a model, botocore lists every service it has models
     for, to check the name asked for is one: 460 directories read, twice
     (the service model and the endpoint rules), 45 ms of a warm start and
-    more after a boot, when each is read from disk. For S3 the session's
-    loader now answers at once; another service botocore loads for itself
-    (STS, for web identity credentials) still gets the real listing."""
+    more after a boot, when each is read from disk. For S3 the loader now
+    answers at once; another service botocore loads for itself (STS, for
+    web identity credentials) still gets the real listing. And its files
+    are parsed into plain dicts (`_PlainJSONFiles`)."""
     loader = core.get_component("data_loader")
     listing = loader.list_available_services
     loader.list_available_services = lambda type_name: _KnownServices(
         functools.partial(listing, type_name)
     )
+    loader.file_loader = _PlainJSONFiles()
 
 
 def client(
