@@ -314,6 +314,7 @@ class _Lead:
     def __init__(self, cache: ChunkSource, obj: CachedObject) -> None:
         self.cache, self.obj = cache, obj
         self.limit = 0  # chunks; 0: no limit (not sized yet, or given up after a stall)
+        self.stopped = False  # given up: the readers' own read-ahead takes over
         self.ahead: set[int] = set()  # fetched by the prefetch, not yet read
         self.read: set[int] = set()  # read whole by readers
         # Bytes read so far of chunks not yet read whole: a chunk that holds
@@ -363,6 +364,7 @@ class _Lead:
     def stop(self) -> None:
         """No more limit, and nothing kept in memory for the reader."""
         self.limit = 0
+        self.stopped = True
         for held in self.held.values():
             self.cache.let_go(held)
         self.held.clear()
@@ -479,15 +481,18 @@ class OpenPrefetch:
 
     def on_read(self, obj: CachedObject, offset: int, size: int) -> bool:
         """A reader read `size` bytes at `offset` of `obj`. True while a
-        whole-file fetch paced by its readers runs: it is their read-ahead,
-        in the loader's order, and a second one in file order would fetch
-        chunks that memory drops before the loader gets to them."""
+        whole-file fetch paced by its readers runs, or is about to (it reads
+        the header first): it is their read-ahead, in the loader's order,
+        and a second one in file order would fetch chunks that memory drops
+        before the loader gets to them (read-ahead started on the header's
+        reads fetched 4 chunks a name-order loader read only much later,
+        from disk)."""
         lead = self._leads.get(obj.obj_id)
         if lead is None:
             return False
         if size > 0 and offset < obj.size:
             lead.on_read(offset, size)
-        return lead.limit > 0
+        return not lead.stopped
 
     def is_running(self, obj: CachedObject) -> bool:
         """Whether a whole-file fetch of `obj` is running."""

@@ -387,3 +387,24 @@ def test_open_prefetch_goes_on_alone_once_its_reader_stops(
         assert cache.counters.fetched_chunks == 64  # ... then finished without it
     finally:
         cache.close()
+
+
+def test_read_ahead_stays_out_from_the_open_until_the_open_prefetch_gives_up(
+    tmp_path: Path,
+) -> None:
+    # The whole-file fetch reads the safetensors header before it knows its
+    # order; read-ahead in file order started on the reader's header reads
+    # fetched chunks a name-order loader reached only after memory had
+    # dropped them (4 of 25 per shard read back from disk).
+    store = MemoryStore()
+    v = store.put("m.bin", pattern(3, 0, SIZE))
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30)
+    try:
+        op = OpenPrefetch(cache, lambda *args: None, ("*.bin",), concurrency=4)
+        obj = cache.open_object("m.bin", v, CS)
+        op.on_open(obj, "m.bin")  # its fetch not started, its lead not sized
+        assert op.on_read(obj, 0, 4096)  # the prefetch is the read-ahead
+        op._leads[obj.obj_id].stop()  # the reader stalled: it gave up
+        assert not op.on_read(obj, 4096, 4096)
+    finally:
+        cache.close()

@@ -164,11 +164,6 @@ def test_a_cold_read_at_the_defaults_reads_no_chunk_twice(
             assert check.returncode == 0, check.stderr
     stats = m.settle()["cache"]
     assert proxy.object_bytes() == sum(len(d) for d in shards.values())
-    if reader == "sequential":
-        assert stats["verified_chunks"] == 0, stats
-    else:
-        # Not yet 0 for a name-order loader: a chunk holding the end of one
-        # tensor and the start of another, fetched by the loader's own
-        # demand read, can leave memory between its two visits (6-8 of 50
-        # here; docs/benchmarks.md). Never more than one read back each.
-        assert stats["verified_chunks"] <= len(shards) * 25 // 4, stats
+    # Every chunk fetched ahead of the reader was still in memory when it
+    # got there, in file order or in the loader's name order.
+    assert stats["verified_chunks"] == 0, stats
