@@ -149,23 +149,42 @@ class Sink:
 
 
 # Bytes a receive waits for (SO_RCVLOWAT) before the thread wakes: a GET
-# body arrived in 8,200 recvs per GiB on loopback (130 KiB each), each a
-# poll, a recv, a wake-up and two trips through the GIL.
-RECV_LOWAT = 1 << 20
+# body arrived in 6,000-8,600 recvs per GiB on loopback (130 KiB each),
+# each a poll, a recv, a wake-up and two trips through the GIL. The kernel
+# caps it at half of tcp_rmem's maximum (3 MiB by default).
+RECV_LOWAT = 4 << 20
+# The mark is at most what the body's rate so far brings in an eighth of
+# the read timeout: poll times out when fewer bytes than the mark arrive,
+# however many did, so a slow link must not be asked for a large mark.
+_TIMEOUT_SHARE = 8
 
 
 class _LowWater:
-    """The socket's receive low-water mark while a body is received: at
-    most the bytes still to come, since neither poll nor recv returns
-    before that many are there; back to 1 (the default) after the body, so
-    that the next response's headers are read at once."""
+    """The socket's receive low-water mark while a body is received.
+
+    At most the bytes still to come, since neither poll nor recv returns
+    before that many are there, and at most what the body's rate so far
+    brings in an eighth of the socket's timeout (--read-timeout), so that
+    a slow body is not taken for a stalled one; it grows from the first
+    bytes, doubling at most. A body whose rate falls eightfold at once
+    can time out (and its GET is retried, keeping what arrived). Back to 1
+    (the default) after the body, so that the next response's headers are
+    read at once."""
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock if isinstance(sock, socket.socket) else None
         self.mark = 1
+        self.timeout = (self.sock.gettimeout() if self.sock is not None else None) or 0.0
+        self.started = time.monotonic()
 
-    def expect(self, remaining: int) -> None:
-        self._set(max(1, min(RECV_LOWAT, remaining)))
+    def expect(self, received: int, remaining: int) -> None:
+        elapsed = time.monotonic() - self.started
+        if received <= 0 or elapsed <= 0 or not self.timeout:
+            return
+        paced = int(received / elapsed * self.timeout / _TIMEOUT_SHARE)
+        # Also at most what came so far: the first bytes, already queued
+        # when the headers were read, tell nothing of the rate.
+        self._set(max(1, min(RECV_LOWAT, remaining, paced, received)))
 
     def reset(self) -> None:
         self._set(1)
@@ -202,9 +221,10 @@ def receive(body: Any, sink: Sink) -> None:
         and isinstance(fp.fp, io.BufferedReader)
     ):
         lowat = _LowWater(getattr(fp.fp.raw, "_sock", None))
+        received = 0
         try:
             while (space := sink.space()) and fp.length:
-                lowat.expect(min(len(space), fp.length))
+                lowat.expect(received, min(len(space), fp.length))
                 # One recv at most per call (readinto1): a readinto of the
                 # whole buffer loops inside C until it is full, so a body
                 # that trickles in would never reach the deadline check.
@@ -212,6 +232,7 @@ def receive(body: Any, sink: Sink) -> None:
                 if not got:
                     break
                 fp.length -= got
+                received += got
                 sink.filled(got)
                 sink.check_deadline()
             if not fp.length:

@@ -16,6 +16,9 @@ ranged GET with If-Match), and can be told to misbehave:
                   (no Content-Length), whatever Accept-Encoding said;
 ``trickle``       send a GET's headers at once, then its body one byte
                   every this many seconds;
+``pace``          (bytes, seconds): send a GET's body that many bytes at a
+                  time, one piece every that many seconds (a slow, steady
+                  link);
 ``get_etags``     False: GETs carry no ETag and ignore If-Match, while
                   listings still carry ETags.
 """
@@ -108,8 +111,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(obj.data)}"
         if fake.gzip:
             self._send_chunked(206, gzip.compress(obj.data[start:end]), headers)
-        elif fake.trickle:
-            self._send_trickle(206, obj.data[start:end], headers, fake.trickle)
+        elif pace := fake.paced():
+            self._send_trickle(206, obj.data[start:end], headers, *pace)
         else:
             self._send(206, obj.data[start:end], headers)
 
@@ -129,7 +132,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _send_trickle(
-        self, status: int, body: bytes, headers: dict[str, str], pause: float
+        self, status: int, body: bytes, headers: dict[str, str], piece: int, pause: float
     ) -> None:
         self.send_response(status)
         for k, v in headers.items():
@@ -138,8 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         try:
-            for i in range(len(body)):
-                self.wfile.write(body[i : i + 1])
+            for i in range(0, len(body), piece):
+                self.wfile.write(body[i : i + piece])
                 self.wfile.flush()
                 time.sleep(pause)
         except OSError:
@@ -201,12 +204,17 @@ class FakeS3:
         self.stall = 0.0
         self.gzip = False
         self.trickle = 0.0
+        self.pace: tuple[int, float] | None = None
         self.get_etags = True
         self.listed_sizes: dict[str, int] = {}  # key -> size a listing claims
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
         self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def paced(self) -> tuple[int, float] | None:
+        """How a GET's body is sent piece by piece, if it is."""
+        return (1, self.trickle) if self.trickle else self.pace
 
     def put(self, key: str, data: bytes, mtime: float | None = None) -> None:
         with self.lock:

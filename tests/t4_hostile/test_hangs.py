@@ -216,3 +216,24 @@ def test_stray_signals_leave_the_mount_serving(
     assert process_alive(m.pid), f"{sig.name} killed the daemon"
     assert (m.path / "f.bin").read_bytes() == b"still here"
     m.umount()
+
+
+def test_a_slow_steady_body_is_not_taken_for_a_stalled_one(
+    fake: FakeS3, fake_bucket: Bucket, mounter: Mounter
+) -> None:
+    """640 KB/s, a piece every 0.1 s, under a 1 s read timeout: bodies are
+    received with a low-water mark (fewer wake-ups per GiB), and a mark the
+    link cannot fill within the read timeout made every GET time out (the
+    2 MiB range in 3.2 s). Byte-exact, and not one retry logged."""
+    data = bytes(range(256)) * (8 << 10)  # 2 MiB
+    fake.put("s.bin", data)
+    fake.pace = (64 << 10, 0.1)
+    try:
+        m = mounter(
+            fake_bucket,
+            args=("--prefetch-on-open", "none", "--read-timeout", "1", "--prefetch-window", "0"),
+        )
+        assert (m.path / "s.bin").read_bytes() == data
+        assert m.stats()["store"]["retries"] == 0
+    finally:
+        fake.pace = None
