@@ -9,9 +9,10 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .. import prefork
 from ..cache import directory as cache_dir
 from ..config import MountConfig
 from ..errors import ModelfsError, MountError
@@ -19,27 +20,34 @@ from ..humane import for_humans
 from ..mounts import FSTYPE, find_mount, fusermount_unmount
 from .logs import journal_stderr, setup_logging
 
+if TYPE_CHECKING:
+    from ..snapshot import Snapshot
+
 log = logging.getLogger("modelfs")
 
 STARTUP_TIMEOUT = 120.0
 
-# Runs the filesystem until unmounted, reporting readiness (None) or the
-# start-up failure (one line) through the callback it is given.
-Serve = Callable[[Callable[[str | None], None]], int]
 
-
-def start(cfg: MountConfig, serve: Serve) -> int:
-    """Fork the daemon that runs `serve`; return once the mount is ready."""
+def start(cfg: MountConfig, snapshot: Snapshot | None) -> int:
+    """Start the daemon (the one forked ahead, if there is one, else a
+    fork now); return once the mount is ready."""
+    handed = prefork.hand_over(cfg, snapshot)
+    if handed is not None:
+        pid, read_fd = handed
+        return _wait(pid, read_fd, cfg.mountpoint)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
-        os._exit(_child(cfg, write_fd, serve))
+        os._exit(child(cfg, write_fd, snapshot))
     os.close(write_fd)
     return _wait(pid, read_fd, cfg.mountpoint)
 
 
-def _child(cfg: MountConfig, write_fd: int, serve: Serve) -> int:
+def child(cfg: MountConfig, write_fd: int, snapshot: Snapshot | None) -> int:
+    """The daemon: detach, serve, and report readiness on `write_fd`."""
+    from ..daemon import serve
+
     os.setsid()
     # Descriptors the caller passed on (a deploy script's `flock 9`) would
     # stay held for the life of the mount: keep only stdio and the pipe.
@@ -57,7 +65,7 @@ def _child(cfg: MountConfig, write_fd: int, serve: Serve) -> int:
 
     try:
         _detach_output(cfg)
-        rc = serve(notify)
+        rc = serve(cfg, notify, snapshot=snapshot)
         notify("the daemon stopped before the mount was ready")
         return rc
     except ModelfsError as exc:

@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def mount(cfg: MountConfig, snap: Snapshot | None = None) -> int:
+    from .. import prefork
     from ..cache import directory as cache_dir
-    from ..daemon import serve
     from . import daemonize
 
     # A dead modelfs mount left by a crashed daemon is cleared, so that
@@ -63,6 +63,9 @@ def mount(cfg: MountConfig, snap: Snapshot | None = None) -> int:
         cfg.log_file = cfg.log_file.absolute()
         cache_dir.refuse_inside(cfg.log_file.parent, cfg.mountpoint)
     if cfg.foreground:
+        from ..daemon import serve
+
+        prefork.discard()  # this process serves
         setup_logging(cfg.debug)
 
         def notify(err: str | None) -> None:
@@ -70,4 +73,4 @@ def mount(cfg: MountConfig, snap: Snapshot | None = None) -> int:
                 log.error("%s", err)
 
         return serve(cfg, notify, snapshot=snap)
-    return daemonize.start(cfg, lambda notify: serve(cfg, notify, snapshot=snap))
+    return daemonize.start(cfg, snap)
