@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from . import prefork, readahead
 
@@ -16,7 +17,7 @@ def main() -> int:
     if readahead.wanted(sys.argv[1:]):
         readahead.start()
     if detaching:
-        prefork.start()
+        prefork.start(_serve)
     from .cli import main as cli_main
 
     return _done(cli_main(), detaching)
@@ -26,10 +27,17 @@ def mount_helper() -> int:
     detaching = prefork.wanted(sys.argv[1:])
     readahead.start()
     if detaching:
-        prefork.start()
+        prefork.start(_serve)
     from .cli import mount_helper as cli_mount_helper
 
     return _done(cli_mount_helper(), detaching)
+
+
+def _serve(cfg: Any, ready_fd: int, snapshot: Any) -> int:
+    """The daemon forked ahead, once it has its configuration."""
+    from .cli import daemonize
+
+    return daemonize.child(cfg, ready_fd, snapshot)
 
 
 def _done(rc: int, detaching: bool) -> int:

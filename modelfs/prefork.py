@@ -24,6 +24,7 @@ import atexit
 import os
 import pickle
 import signal
+from collections.abc import Callable
 from typing import Any
 
 
@@ -44,8 +45,13 @@ def wanted(argv: list[str]) -> bool:
     )
 
 
-def start() -> None:
-    """Fork the seed (once)."""
+# What the seed runs once it has its configuration: the daemon's part of
+# `daemonize` (given by the caller, which may import the command line).
+Child = Callable[[Any, int, Any], int]
+
+
+def start(child: Child) -> None:
+    """Fork the seed (once); it serves through `child(cfg, ready_fd, snapshot)`."""
     global _seed
     if _seed is not None:
         return
@@ -62,7 +68,7 @@ def start() -> None:
         try:  # whatever happens, the seed never returns into the command line
             os.close(config_w)
             os.close(ready_r)
-            rc = _grow(config_r, ready_w)
+            rc = _grow(config_r, ready_w, child)
         finally:
             os._exit(rc)
     os.close(config_r)
@@ -115,13 +121,12 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _grow(config_r: int, ready_w: int) -> int:
+def _grow(config_r: int, ready_w: int, child: Child) -> int:
     """The seed: import the daemon's half, wait for the configuration, serve."""
     try:
         import boto3  # noqa: F401  (the daemon's S3 client, its largest import)
 
         from . import daemon  # noqa: F401
-        from .cli import daemonize
     except BaseException:
         return 1
     chunks = []
@@ -131,4 +136,4 @@ def _grow(config_r: int, ready_w: int) -> int:
     if not chunks:
         return 0
     cfg, snapshot = pickle.loads(b"".join(chunks))
-    return daemonize.child(cfg, ready_w, snapshot)
+    return child(cfg, ready_w, snapshot)

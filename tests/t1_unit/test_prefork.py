@@ -32,14 +32,12 @@ def test_a_foreground_mount_forks_nothing_ahead(argv: list[str], ahead: bool) ->
 _HAND_OVER = """
 import json, os, sys
 from modelfs import prefork
-from modelfs.cli import daemonize
 
 def child(cfg, ready_w, snapshot):  # the seed serves: here, says what it got
     os.write(ready_w, json.dumps({"pid": os.getpid(), "cfg": cfg, "snap": snapshot}).encode())
     return 0
 
-daemonize.child = child  # before the fork: the seed has it too
-prefork.start()
+prefork.start(child)
 pid, ready_r = prefork.hand_over({"mountpoint": "/mnt/x"}, ["pinned"])
 got = json.loads(os.read(ready_r, 4096))
 assert os.waitpid(pid, 0)[1] == 0
