@@ -361,6 +361,14 @@ class _Lead:
                 continue
             self.stop()
 
+    async def drained(self) -> None:
+        """Wait until readers have read all that was fetched ahead, or stall."""
+        while self.limit and self.ahead:
+            with trio.move_on_after(LEAD_STALL_SECONDS):
+                await self._moved.wait()
+                continue
+            return
+
     def stop(self) -> None:
         """No more limit, and nothing kept in memory for the reader."""
         self.limit = 0
@@ -538,6 +546,12 @@ class OpenPrefetch:
                         lead.fetching(run)
                     nursery.start_soon(self._one, obj, run, limit, priority, lead)
             log.debug("prefetched %s whole (%d chunks)", obj.key, len(order))
+            if lead is not None:
+                # Still the file's read-ahead, and still holding what it
+                # fetched ahead, until the readers have read it: released
+                # now, read-ahead in file order took over and read chunks
+                # back from disk that the loader had read already.
+                await lead.drained()
         except ModelfsError as exc:
             log.debug("prefetch of %s stopped: %s", obj.key, exc)
         except Exception:

@@ -10,10 +10,13 @@ mounts are the shared fixtures of tests/conftest.py.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +27,15 @@ VLLM_PYTHON = Path(os.environ.get("MODELFS_VLLM_PYTHON", REPO / ".venv-vllm/bin/
 RESULT = "VLLM_RUN_RESULT "
 
 
+# vLLM leaves its ZMQ sockets (a few per run, named by UUID) in the temp
+# directory: its processes get one of their own, removed after the tier.
+_VLLM_TMP = Path(tempfile.mkdtemp(prefix="modelfs-vllm-tmp-"))
+atexit.register(shutil.rmtree, _VLLM_TMP, ignore_errors=True)
+
+
 def vllm_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", **extra)
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TMPDIR=str(_VLLM_TMP), **extra)
     return env
 
 
