@@ -13,24 +13,29 @@ from . import prefork, readahead
 
 
 def main() -> int:
-    detaching = readahead.wanted(sys.argv[1:]) and prefork.wanted(sys.argv[1:])
-    if readahead.wanted(sys.argv[1:]):
-        readahead.start()
-    if detaching:
-        prefork.start(_serve)
+    detaching = _start_ahead(readahead.wanted(sys.argv[1:]))
     from .cli import main as cli_main
 
     return _done(cli_main(), detaching)
 
 
 def mount_helper() -> int:
-    detaching = prefork.wanted(sys.argv[1:])
-    readahead.start()
-    if detaching:
-        prefork.start(_serve)
+    detaching = _start_ahead(True)
     from .cli import mount_helper as cli_mount_helper
 
     return _done(cli_mount_helper(), detaching)
+
+
+def _start_ahead(mounting: bool) -> bool:
+    """For a mount, the readahead and (unless in the foreground) the seed;
+    whether this process will hand the mount to a daemon and be done."""
+    if not mounting:
+        return False
+    readahead.start()
+    detaching = prefork.wanted(sys.argv[1:])
+    if detaching:
+        prefork.start(_serve)
+    return detaching
 
 
 def _serve(cfg: Any, ready_fd: int, snapshot: Any) -> int:

@@ -356,18 +356,21 @@ class _Lead:
     async def room(self, chunks: int) -> None:
         """Wait until `chunks` more fit in the lead, or the reader stalls."""
         while self.limit and len(self.ahead) + chunks > self.limit:
-            with trio.move_on_after(LEAD_STALL_SECONDS):
-                await self._moved.wait()
-                continue
-            self.stop()
+            if not await self._readers_moved():
+                self.stop()
 
     async def drained(self) -> None:
         """Wait until readers have read all that was fetched ahead, or stall."""
         while self.limit and self.ahead:
-            with trio.move_on_after(LEAD_STALL_SECONDS):
-                await self._moved.wait()
-                continue
-            return
+            if not await self._readers_moved():
+                return
+
+    async def _readers_moved(self) -> bool:
+        """Wait for the next read; False if none came for LEAD_STALL_SECONDS."""
+        with trio.move_on_after(LEAD_STALL_SECONDS):
+            await self._moved.wait()
+            return True
+        return False
 
     def stop(self) -> None:
         """No more limit, and nothing kept in memory for the reader."""

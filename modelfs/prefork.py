@@ -39,10 +39,7 @@ _seed: _Seed | None = None
 def wanted(argv: list[str]) -> bool:
     """Whether to fork ahead for `modelfs ARGV` (a mount, not in the
     foreground: a foreground mount serves from this very process)."""
-    return not any(
-        a == "--foreground" or "foreground" in a or (a[:1] == "-" and a[1:2] != "-" and "f" in a)
-        for a in argv
-    )
+    return not any("foreground" in a or (a[:1] == "-" and a[1:2] != "-" and "f" in a) for a in argv)
 
 
 # What the seed runs once it has its configuration: the daemon's part of
