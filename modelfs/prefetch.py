@@ -55,6 +55,10 @@ class ChunkSource(Protocol):
 
     def run_length(self, obj: CachedObject) -> int: ...
 
+    def origin_first_byte(self) -> float | None:
+        """The origin's least recent time to first byte (None: not known)."""
+        ...
+
     async def ensure_run(
         self, obj: CachedObject, chunks: list[int], priority: Priority = ...
     ) -> int:
@@ -299,6 +303,12 @@ SAFETENSORS_MAX_HEADER = 100 << 20  # what the safetensors format itself allows
 # for it has stopped or reads only part of the file: the fetch goes on
 # without a lead limit.
 LEAD_STALL_SECONDS = 2.0
+# An origin whose GETs answer within this (the least time to first byte of
+# its recent GETs) is near: on the same host or network, where a request
+# costs the server and the daemon CPU rather than time on the wire (the
+# JuiceFS gateway on this host: 4-5 ms; S3 itself: tens of ms, AWS's
+# guidance says 100-200). docs/benchmarks.md, "GET length and distance".
+NEAR_ORIGIN_SECONDS = 0.010
 
 
 class _Lead:
@@ -379,6 +389,21 @@ class _Lead:
         for held in self.held.values():
             self.cache.let_go(held)
         self.held.clear()
+
+
+def paced_get_length(longest: int, limit: int, first_byte: float | None) -> int:
+    """Chunks per GET (at most `longest`) of a whole-file fetch whose lead
+    holds `limit` chunks, for an origin answering in `first_byte` seconds.
+
+    Far (or not known yet): several GETs in flight inside the lead, not one
+    that fills it; on a link capped per connection, or far away, one stream
+    at a time is slow (two-chunk GETs: -22 % behind 25 ms and 80 MiB/s per
+    connection). Near: two GETs share the lead; each request costs the
+    server and the daemon CPU on the cores they share (four-chunk GETs:
+    daemon -12 %, server -8 % CPU per GiB on loopback)."""
+    if first_byte is not None and first_byte <= NEAR_ORIGIN_SECONDS:
+        return max(1, min(longest, limit // 2))
+    return max(1, min(longest, limit // 8))
 
 
 def safetensors_order(header: bytes, data_start: int, size: int) -> list[tuple[int, int]]:
@@ -533,10 +558,7 @@ class OpenPrefetch:
                 # Half of memory, shared by the files being fetched (their
                 # read-ahead stands aside meanwhile, see on_read).
                 lead.limit = max(1, in_memory // (2 * len(self._leads)))
-                # Several GETs in flight inside the lead, not one that fills
-                # it: on a link capped per connection, or far away, one
-                # stream at a time is slow.
-                longest = max(1, min(longest, lead.limit // 8))
+                longest = paced_get_length(longest, lead.limit, self.cache.origin_first_byte())
             # The concurrency is in chunks; a coalesced GET carries several.
             limit = trio.Semaphore(max(1, self.concurrency // longest))
             async with trio.open_nursery() as nursery:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,6 +23,8 @@ from .stats import LATENCY_BUCKETS, StoreStats
 # that would overflow the kernel's file size (2^63) or make per-chunk work
 # without bound; such an object is refused, never served.
 MAX_OBJECT_SIZE = 1 << 50
+# Recent GETs whose time to the response's headers is kept (first_byte_floor).
+FIRST_BYTE_SAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ class StoreCounters:
     list_results: dict[str, int] = field(default_factory=dict)  # the same results, for listings
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
+    # Seconds from sending each of the last GETs to its response's headers.
+    first_bytes: deque[float] = field(
+        default_factory=lambda: deque(maxlen=FIRST_BYTE_SAMPLES), repr=False
+    )
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_get(self, nbytes: int) -> None:
@@ -123,6 +130,17 @@ class StoreCounters:
             self.get_results[result] = self.get_results.get(result, 0) + 1
             self.latency_counts[i] += 1
             self.latency_sum += seconds
+
+    def first_byte(self, seconds: float) -> None:
+        """A GET's response headers came `seconds` after it was sent."""
+        with self.lock:
+            self.first_bytes.append(seconds)
+
+    def first_byte_floor(self) -> float | None:
+        """The least time to first byte of the recent GETs (None before the
+        first): how far the origin is, less any queueing on either side."""
+        with self.lock:
+            return min(self.first_bytes) if self.first_bytes else None
 
     def snapshot(self) -> StoreStats:
         with self.lock:

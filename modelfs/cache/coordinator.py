@@ -278,6 +278,10 @@ class ChunkCache:
         """How many chunks of `obj` one coalesced GET fetches at most."""
         return self.runs.run_length(obj)
 
+    def origin_first_byte(self) -> float | None:
+        """The origin's least recent time to first byte (None: no GET yet)."""
+        return self.store.counters.first_byte_floor()
+
     async def ensure_run(
         self, obj: CachedObject, chunks: list[int], priority: Priority = Priority.BACKGROUND
     ) -> int:

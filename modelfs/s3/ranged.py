@@ -143,7 +143,9 @@ class RangedGet:
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         before = sink.received
         try:
+            asked = time.monotonic()
             resp = client.get_object(**self._get_args(key, version, start, end))
+            headers_in = time.monotonic() - asked
             body = resp["Body"]
             try:
                 check_response(what, version, start, end, resp)
@@ -152,6 +154,7 @@ class RangedGet:
                 # drops the connection instead of draining a whole object.
                 body.close()
                 raise
+            self.counters.first_byte(headers_in)
             receive(body, sink)
         except StoreError:
             raise

@@ -167,3 +167,49 @@ def test_a_cold_read_at_the_defaults_reads_no_chunk_twice(
     # Every chunk fetched ahead of the reader was still in memory when it
     # got there, in file order or in the loader's name order.
     assert stats["verified_chunks"] == 0, stats
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("first_byte_delay", [0.0, 0.03])
+def test_the_origins_distance_sets_the_length_of_the_whole_file_fetchs_gets(
+    tmp_path: Path, bucket: Bucket, proxy, mounter: Mounter, first_byte_delay: float
+) -> None:
+    # Near (the gateway on this host answers in 4-5 ms), a request costs the
+    # server and the daemon CPU on the cores they share: fewer, longer GETs.
+    # Far (S3 answers in tens of ms), several GETs must be in flight inside
+    # the lead: one chunk each.
+    rng = np.random.default_rng(11)
+    tensors = {f"t.{i:02d}": rng.standard_normal(1 << 20).astype(np.float32) for i in range(10)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    data = (tmp_path / "m.safetensors").read_bytes()
+    bucket.put("model.safetensors", data)
+    bucket.put("notes.txt", pattern(5, 0, 8 * MiB))
+    proxy.first_byte_delay = first_byte_delay
+    try:
+        m = mounter(
+            bucket,
+            endpoint_url=proxy.endpoint_url,
+            # A lead of 8 chunks (half of memory): 4 per GET near, 1 far.
+            args=("--chunk-size", "1M", "--memory-cache", "16M", "--prefetch-window", "0"),
+        )
+        with open(m.path / "notes.txt", "rb", buffering=0) as f:
+            for n in range(6):  # GETs to time the origin by
+                os.pread(f.fileno(), 1, n * MiB)
+        proxy.reset()
+        with open(m.path / "model.safetensors", "rb", buffering=0) as f:
+            os.pread(f.fileno(), 8, 0)  # a loader reads 8 bytes, then stalls
+            _wait_cached(m.path / "model.safetensors", len(data))
+            assert f.read() == data
+    finally:
+        proxy.first_byte_delay = 0.0
+    assert proxy.object_bytes("model.safetensors") == len(data)  # each byte once
+    lengths = []
+    for r in proxy.object_gets("model.safetensors"):
+        first, last = (int(x) for x in r.range.split("=")[1].split("-"))
+        lengths.append(last // MiB - first // MiB + 1)
+    if first_byte_delay:
+        assert max(lengths) == 1, lengths
+    else:
+        # The header's chunk is read alone, before the fetch knows its order.
+        assert max(lengths) == 4, lengths
+        assert lengths.count(4) >= (len(lengths) - 1) // 2, lengths
