@@ -391,19 +391,22 @@ class _Lead:
         self.held.clear()
 
 
-def paced_get_length(longest: int, limit: int, first_byte: float | None) -> int:
-    """Chunks per GET (at most `longest`) of a whole-file fetch whose lead
-    holds `limit` chunks, for an origin answering in `first_byte` seconds.
+def whole_file_get_length(longest: int, first_byte: float | None, limit: int | None) -> int:
+    """Chunks per GET (at most `longest`) of a whole-file fetch from an
+    origin answering in `first_byte` seconds (None: not known yet), paced
+    by a lead of `limit` chunks (None: --preload, no reader to wait for).
 
-    Far (or not known yet): several GETs in flight inside the lead, not one
-    that fills it; on a link capped per connection, or far away, one stream
-    at a time is slow (two-chunk GETs: -22 % behind 25 ms and 80 MiB/s per
-    connection). Near: two GETs share the lead; each request costs the
-    server and the daemon CPU on the cores they share (four-chunk GETs:
-    daemon -12 %, server -8 % CPU per GiB on loopback)."""
-    if first_byte is not None and first_byte <= NEAR_ORIGIN_SECONDS:
-        return max(1, min(longest, limit // 2))
-    return max(1, min(longest, limit // 8))
+    Far, the fetch needs several GETs in flight: on a link capped per
+    connection one stream at a time is slow (behind 25 ms and 80 MiB/s per
+    connection, --preload in one-chunk GETs: 322-326 MiB/s, in 32 MiB GETs
+    211; a lead of two-chunk GETs: -22 %). Near, each request costs the
+    server and the daemon CPU on the cores they share, so GETs are long:
+    two fill a lead (four-chunk GETs on loopback: daemon -12 %, server -8 %
+    CPU per GiB). Not known: as near for --preload, as far for a lead."""
+    near = first_byte is not None and first_byte <= NEAR_ORIGIN_SECONDS
+    if limit is None:
+        return longest if near or first_byte is None else 1
+    return max(1, min(longest, limit // 2 if near else limit // 8))
 
 
 def safetensors_order(header: bytes, data_start: int, size: int) -> list[tuple[int, int]]:
@@ -558,7 +561,9 @@ class OpenPrefetch:
                 # Half of memory, shared by the files being fetched (their
                 # read-ahead stands aside meanwhile, see on_read).
                 lead.limit = max(1, in_memory // (2 * len(self._leads)))
-                longest = paced_get_length(longest, lead.limit, self.cache.origin_first_byte())
+            longest = whole_file_get_length(
+                longest, self.cache.origin_first_byte(), lead.limit if lead is not None else None
+            )
             # The concurrency is in chunks; a coalesced GET carries several.
             limit = trio.Semaphore(max(1, self.concurrency // longest))
             async with trio.open_nursery() as nursery:

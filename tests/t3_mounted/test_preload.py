@@ -131,3 +131,30 @@ def test_preload_is_off_by_default_and_mountable_from_fstab_options(
     m2 = Mount(mnt, tmp_path / "c2", tmp_path / "c2" / "modelfs.log", pid)
     mounter.mounts.append(m2)  # torn down with the others
     assert _wait_preloaded(m2)["state"] == "done"
+
+
+def test_preload_from_a_far_origin_fetches_in_one_chunk_gets(
+    tmp_path: Path, bucket: Bucket, proxy: CountingProxy, mounter: Mounter
+) -> None:
+    # An origin that answers in tens of ms (S3) and caps each connection:
+    # the preload's GETs of 32 chunks ran two streams per file at once
+    # (211 MiB/s behind 25 ms and 80 MiB/s per connection); one chunk each
+    # keeps --fetch-concurrency streams going (322-326 MiB/s).
+    files = _model(tmp_path, bucket)
+    proxy.first_byte_delay = 0.03
+    try:
+        m = mounter(
+            bucket, endpoint_url=proxy.endpoint_url, args=("--preload", "--chunk-size", "1M")
+        )
+        pre = _wait_preloaded(m)
+        m.settle()
+    finally:
+        proxy.first_byte_delay = 0.0
+    assert pre["state"] == "done" and pre["files_done"] == 5
+    lengths = []
+    for name in SHARDS:
+        assert proxy.object_bytes(name) == len(files[name]), name  # each byte once
+        for r in proxy.object_gets(name):
+            first, last = (int(x) for x in r.range.split("=")[1].split("-"))
+            lengths.append(last // MiB - first // MiB + 1)
+    assert max(lengths) == 1, lengths
