@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .cache import Buffer, ChunkCache
+from .cache import Buffer, CachedObject, ChunkCache
 from .config import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, KERNEL_TTL_CAP
 from .errors import (
     AccessDenied,
@@ -38,7 +38,7 @@ from .errors import (
     VersionReplaced,
 )
 from .namespace import ROOT_INODE, Namespace, Node
-from .prefetch import OpenPrefetch, ReadAhead
+from .prefetch import OpenPrefetch, ReadAhead, Upcoming
 from .reader import OpenFile
 from .report import MountReport
 from .snapshot import Pins
@@ -264,10 +264,34 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self._files[fh] = OpenFile(fh, inode, obj, self.cache, self.readahead, self.open_prefetch)
         if self.open_prefetch is not None:
-            self.open_prefetch.on_open(obj, node.key.rsplit("/", 1)[-1])
+            self.open_prefetch.on_open(obj, node.key.rsplit("/", 1)[-1], self._upcoming(node))
         # An inode serves one version for its life (Namespace gives a new
         # version a new inode), so its page cache never needs dropping.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _upcoming(self, node: Node) -> Upcoming:
+        """How prefetch on open finds the model file a loader opens after
+        `node`: the next name in its directory that prefetch on open takes
+        (loaders read shards in name order, and the listing is sorted)."""
+
+        async def next_file() -> tuple[CachedObject, str, Upcoming] | None:
+            assert self.open_prefetch is not None
+            name = os.fsencode(node.key.rsplit("/", 1)[-1])
+            children = await self.ns.children(node.parent)
+            for child_name in sorted(n for n in children if n > name):
+                if not self.open_prefetch.matches(os.fsdecode(child_name)):
+                    continue
+                try:
+                    child = self.ns.get(children[child_name])
+                except NoSuchObject:
+                    continue
+                if child.is_dir or child.version is None:
+                    continue
+                obj = self.cache.open_object(child.key, child.version, self.chunk_size)
+                return obj, os.fsdecode(child_name), self._upcoming(child)
+            return None
+
+        return next_file
 
     # pyfuse3 takes any contiguous buffer, so a memoryview slice of a cached
     # chunk goes to the kernel without a copy; its stub says bytes.

@@ -24,7 +24,7 @@ import fnmatch
 import json
 import logging
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -309,6 +309,14 @@ LEAD_STALL_SECONDS = 2.0
 # JuiceFS gateway on this host: 4-5 ms; S3 itself: tens of ms, AWS's
 # guidance says 100-200). docs/benchmarks.md, "GET length and distance".
 NEAR_ORIGIN_SECONDS = 0.010
+# A file fetched ahead of its opening (the next model file in the directory)
+# waits this long for a reader after its first lead's worth of chunks;
+# nobody came: the fetch ends (what it fetched stays on disk).
+OPEN_AHEAD_WAIT = 30.0
+
+# The next model file after one, its object opened in the cache (the caller
+# closes it), and how to find the one after it; None: no next file.
+Upcoming = Callable[[], Awaitable["tuple[CachedObject, str, Upcoming] | None"]]
 
 
 class _Lead:
@@ -321,10 +329,14 @@ class _Lead:
     it, and waits while more than `limit` of them are unread.
     """
 
-    def __init__(self, cache: ChunkSource, obj: CachedObject) -> None:
+    def __init__(self, cache: ChunkSource, obj: CachedObject, *, unopened: bool = False) -> None:
         self.cache, self.obj = cache, obj
         self.limit = 0  # chunks; 0: no limit (not sized yet, or given up after a stall)
         self.stopped = False  # given up: the readers' own read-ahead takes over
+        # Fetched ahead of its opening, and not read yet: it waits for its
+        # first reader (OPEN_AHEAD_WAIT) rather than going on without one.
+        self.unopened = unopened
+        self.abandoned = False  # fetched ahead, and nobody came: the fetch ends
         self.ahead: set[int] = set()  # fetched by the prefetch, not yet read
         self.read: set[int] = set()  # read whole by readers
         # Bytes read so far of chunks not yet read whole: a chunk that holds
@@ -335,6 +347,7 @@ class _Lead:
         self._moved = trio.Event()
 
     def on_read(self, offset: int, size: int) -> None:
+        self.unopened = False
         cs, end = self.obj.chunk_size, min(offset + size, self.obj.size)
         for n in range(offset // cs, (end - 1) // cs + 1):
             if n in self.read:
@@ -364,9 +377,14 @@ class _Lead:
                     self.held[n] = held
 
     async def room(self, chunks: int) -> None:
-        """Wait until `chunks` more fit in the lead, or the reader stalls."""
+        """Wait until `chunks` more fit in the lead, or the reader stalls
+        (the fetch goes on without a limit), or nobody opens a file fetched
+        ahead (`abandoned`: the fetch ends)."""
         while self.limit and len(self.ahead) + chunks > self.limit:
             if not await self._readers_moved():
+                if self.unopened:
+                    self.abandoned = True
+                    return
                 self.stop()
 
     async def drained(self) -> None:
@@ -376,11 +394,20 @@ class _Lead:
                 return
 
     async def _readers_moved(self) -> bool:
-        """Wait for the next read; False if none came for LEAD_STALL_SECONDS."""
-        with trio.move_on_after(LEAD_STALL_SECONDS):
+        """Wait for the next read (or a new limit); False if none came for
+        LEAD_STALL_SECONDS (OPEN_AHEAD_WAIT while nobody has read a file
+        fetched ahead of its opening)."""
+        with trio.move_on_after(OPEN_AHEAD_WAIT if self.unopened else LEAD_STALL_SECONDS):
             await self._moved.wait()
             return True
         return False
+
+    def resize(self, limit: int) -> None:
+        """A new limit (other files' fetches began or ended)."""
+        if self.limit and not self.stopped:
+            self.limit = limit
+            self._moved.set()
+            self._moved = trio.Event()
 
     def stop(self) -> None:
         """No more limit, and nothing kept in memory for the reader."""
@@ -495,28 +522,69 @@ class OpenPrefetch:
         # it to BACKGROUND, ahead of the rest of the preload).
         self._running: dict[bytes, list[Priority]] = {}
         self._leads: dict[bytes, _Lead] = {}
+        # How to find the model file after each one being fetched.
+        self._upcoming: dict[bytes, Upcoming] = {}
         self.started_files = 0
+        self.files_ahead = 0  # files fetched ahead of their opening
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 
-    def on_open(self, obj: CachedObject, name: str) -> None:
+    def on_open(self, obj: CachedObject, name: str, upcoming: Upcoming | None = None) -> None:
+        """A reader opened `obj`; `upcoming` finds the model file that a
+        loader opens after it (its fetch starts when this one's has been
+        issued whole)."""
         running = self._running.get(obj.obj_id)
         if running is not None:
             running[0] = min(running[0], Priority.BACKGROUND)
+            if upcoming is not None:
+                self._upcoming.setdefault(obj.obj_id, upcoming)
             return
-        if (
-            not self.patterns
-            or obj.size == 0
-            or obj.size > self.cache.capacity // 2
-            or not self.matches(name)
-        ):
+        if not self._wanted(obj, name):
             return
         self._running[obj.obj_id] = [Priority.BACKGROUND]
         self._leads[obj.obj_id] = _Lead(self.cache, obj)  # sized once its order is known
+        if upcoming is not None:
+            self._upcoming[obj.obj_id] = upcoming
         self.started_files += 1
         self.cache.retain(obj)  # the background fetch outlives the handle
         self.spawn(self._run, obj, name)
+
+    def _wanted(self, obj: CachedObject, name: str) -> bool:
+        return bool(
+            self.patterns and 0 < obj.size <= self.cache.capacity // 2 and self.matches(name)
+        )
+
+    async def _fetch_ahead(self, upcoming: Upcoming) -> None:
+        """Fetch the next model file before a loader opens it: a loader
+        reads its shards one after another, and between two of them the
+        link idled while the next one's header was fetched and ordered (a
+        third of a cold read behind a 25 ms first byte). Its lead waits
+        for a reader once it is full, and ends if none comes."""
+        try:
+            got = await upcoming()
+        except ModelfsError as exc:
+            log.debug("no file fetched ahead: %s", exc)
+            return
+        if got is None:
+            return
+        obj, name, after = got
+        if obj.obj_id in self._running or not self._wanted(obj, name):
+            self.cache.close_object(obj)
+            return
+        self._running[obj.obj_id] = [Priority.BACKGROUND]
+        self._leads[obj.obj_id] = _Lead(self.cache, obj, unopened=True)
+        self._upcoming[obj.obj_id] = after
+        self.files_ahead += 1
+        log.debug("fetching %s ahead of its opening", obj.key)
+        await self._run(obj, name)  # closes obj
+
+    def _size_leads(self) -> None:
+        """Half of memory, shared by the files being fetched for readers
+        (their read-ahead stands aside meanwhile, see on_read)."""
+        for lead in self._leads.values():
+            in_memory = self.cache.memory_bytes // lead.obj.chunk_size
+            lead.resize(max(1, in_memory // (2 * len(self._leads))))
 
     def on_read(self, obj: CachedObject, offset: int, size: int) -> bool:
         """A reader read `size` bytes at `offset` of `obj`. True while a
@@ -549,32 +617,17 @@ class OpenPrefetch:
         return True
 
     async def _run(self, obj: CachedObject, name: str) -> None:
-        priority = self._running[obj.obj_id]
         try:
             if await trio.to_thread.run_sync(self.cache.cached_bytes, obj) >= obj.size:
                 return
             order = await self._order(obj, name)
-            longest = self.cache.run_length(obj)
             lead = self._leads.get(obj.obj_id)
             if lead is not None:
-                in_memory = self.cache.memory_bytes // obj.chunk_size
-                # Half of memory, shared by the files being fetched (their
-                # read-ahead stands aside meanwhile, see on_read).
-                lead.limit = max(1, in_memory // (2 * len(self._leads)))
-            longest = whole_file_get_length(
-                longest, self.cache.origin_first_byte(), lead.limit if lead is not None else None
-            )
-            # The concurrency is in chunks; a coalesced GET carries several.
-            limit = trio.Semaphore(max(1, self.concurrency // longest))
-            async with trio.open_nursery() as nursery:
-                stored = lambda n: self.cache.chunk_state(obj, n) is not ChunkState.MISSING  # noqa: E731
-                for run in _runs(order, longest, stored):
-                    if lead is not None:
-                        await lead.room(len(run))
-                    await limit.acquire()
-                    if lead is not None:
-                        lead.fetching(run)
-                    nursery.start_soon(self._one, obj, run, limit, priority, lead)
+                lead.limit = 1  # sized now, with the others
+                self._size_leads()
+            await self._fetch_in_order(obj, order, lead)
+            if lead is not None and lead.abandoned:
+                return
             log.debug("prefetched %s whole (%d chunks)", obj.key, len(order))
             if lead is not None:
                 # Still the file's read-ahead, and still holding what it
@@ -588,10 +641,43 @@ class OpenPrefetch:
             log.exception("prefetch of %s failed", obj.key)
         finally:
             del self._running[obj.obj_id]
+            self._upcoming.pop(obj.obj_id, None)
             lead = self._leads.pop(obj.obj_id, None)
             if lead is not None:
+                if lead.unopened:
+                    log.debug("%s was fetched ahead and not opened", obj.key)
                 lead.stop()
+                self._size_leads()
             self.cache.close_object(obj)
+
+    async def _fetch_in_order(
+        self, obj: CachedObject, order: list[int], lead: _Lead | None
+    ) -> None:
+        """Fetch the chunks of `order` not stored yet, in runs, paced by
+        `lead` (if any); once every run is issued, start the next model
+        file's fetch (a lead's readers are a loader going through them)."""
+        priority = self._running[obj.obj_id]
+        longest = whole_file_get_length(
+            self.cache.run_length(obj),
+            self.cache.origin_first_byte(),
+            lead.limit if lead is not None else None,
+        )
+        # The concurrency is in chunks; a coalesced GET carries several.
+        limit = trio.Semaphore(max(1, self.concurrency // longest))
+        async with trio.open_nursery() as nursery:
+            stored = lambda n: self.cache.chunk_state(obj, n) is not ChunkState.MISSING  # noqa: E731
+            for run in _runs(order, longest, stored):
+                if lead is not None:
+                    await lead.room(len(run))
+                    if lead.abandoned:
+                        return
+                await limit.acquire()
+                if lead is not None:
+                    lead.fetching(run)
+                nursery.start_soon(self._one, obj, run, limit, priority, lead)
+            upcoming = self._upcoming.pop(obj.obj_id, None)
+            if lead is not None and upcoming is not None and not lead.stopped:
+                self.spawn(self._fetch_ahead, upcoming)
 
     async def _one(
         self,

@@ -408,3 +408,83 @@ def test_read_ahead_stays_out_from_the_open_until_the_open_prefetch_gives_up(
         assert not op.on_read(obj, 4096, 4096)
     finally:
         cache.close()
+
+
+def _two_files(
+    tmp_path: Path, open_second: bool
+) -> tuple[ChunkCache, OpenPrefetch, list[int], bytes]:
+    """Reads a.bin whole through prefetch on open, whose next file is
+    b.bin, then (if `open_second`) b.bin. Returns the cache, the prefetch,
+    the chunks fetched before b.bin was opened (after a.bin was read) and
+    b.bin's id."""
+    store = MemoryStore()
+    va = store.put("a.bin", pattern(3, 0, SIZE))
+    vb = store.put("b.bin", pattern(4, 0, SIZE))
+    cache = ChunkCache(
+        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
+        fetch_concurrency=4,
+    )  # fmt: skip
+    before: list[int] = []
+    op: list[OpenPrefetch] = []
+
+    async def no_more() -> None:
+        return None
+
+    async def upcoming():  # type: ignore[no-untyped-def]
+        return cache.open_object("b.bin", vb, CS), "b.bin", no_more
+
+    async def read_whole(name: str, version: ObjectVersion, seed: int) -> None:
+        obj = cache.open_object(name, version, CS)
+        h = OpenFile(1, 2, obj, cache, None, op[0])
+        op[0].on_open(obj, name, upcoming if name == "a.bin" else None)
+        for off in range(0, SIZE, CS // 2):
+            assert await h.read(off, CS // 2) == pattern(seed, off, off + CS // 2)
+            await trio.sleep(0.002)
+        h.close()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            op.append(OpenPrefetch(cache, nursery.start_soon, ("*.bin",), concurrency=4))
+            await read_whole("a.bin", va, 3)
+            await trio.sleep(0.3)
+            before.append(cache.counters.fetched_chunks - 64)
+            if open_second:
+                await read_whole("b.bin", vb, 4)
+
+    trio.run(main)
+    return cache, op[0], before, vb.identity()
+
+
+def test_the_next_model_file_is_fetched_before_a_loader_opens_it(tmp_path: Path) -> None:
+    # Between two shards the link idled while the next one was opened and
+    # its header fetched and ordered: its fetch now starts as soon as the
+    # one before has been issued whole.
+    cache, op, before, _ = _two_files(tmp_path, open_second=True)
+    try:
+        assert op.files_ahead == 1
+        # Its lead's worth (half of the 16 chunks memory holds, shared with
+        # the file being read) was there before it was opened ...
+        assert 1 <= before[0] <= 8, before
+        # ... and each chunk of both files was fetched once, and none was
+        # read back from disk.
+        assert cache.counters.fetched_chunks == 128
+        assert cache.counters.verified_chunks == 0
+    finally:
+        cache.close()
+
+
+def test_a_file_fetched_ahead_that_nobody_opens_is_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prefetch, "OPEN_AHEAD_WAIT", 0.5)
+    cache, op, before, b_id = _two_files(tmp_path, open_second=False)
+    try:
+        assert op.files_ahead == 1
+        # No more than its lead, and no longer than OPEN_AHEAD_WAIT: the
+        # fetch ended and gave its object back.
+        assert 1 <= cache.counters.fetched_chunks - 64 <= 8
+        assert cache.counters.fetched_chunks - 64 == before[0]
+        assert not op._running and not op._leads
+        assert b_id not in cache.objects._objects
+    finally:
+        cache.close()

@@ -213,3 +213,43 @@ def test_the_origins_distance_sets_the_length_of_the_whole_file_fetchs_gets(
         # The header's chunk is read alone, before the fetch knows its order.
         assert max(lengths) == 4, lengths
         assert lengths.count(4) >= (len(lengths) - 1) // 2, lengths
+
+
+@pytest.mark.mount
+def test_the_next_shard_is_fetched_before_the_loader_opens_it(
+    tmp_path: Path, bucket: Bucket, proxy, mounter: Mounter
+) -> None:
+    # A loader reads its shards one after another; between two of them the
+    # link idled while the next one was opened and its header fetched and
+    # ordered. The next shard by name is fetched once the one being read
+    # has been issued whole, within its share of the lead.
+    shards = {}
+    for i in range(2):
+        rng = np.random.default_rng(20 + i)
+        tensors = {f"t.{j:02d}": rng.standard_normal(1 << 20).astype(np.float32) for j in range(6)}
+        save_file(tensors, str(tmp_path / "s.safetensors"))
+        shards[f"model-0000{i + 1}-of-00002.safetensors"] = (
+            tmp_path / "s.safetensors"
+        ).read_bytes()
+    for name, data in shards.items():
+        bucket.put(name, data)
+    first, second = shards
+    m = mounter(
+        bucket,
+        endpoint_url=proxy.endpoint_url,
+        args=("--chunk-size", "1M", "--memory-cache", "16M"),
+    )
+    with open(m.path / first, "rb") as f:
+        assert f.read() == shards[first]
+    deadline = time.monotonic() + 30
+    while int(os.getxattr(m.path / second, "user.modelfs.cached")) == 0:
+        assert time.monotonic() < deadline, "the next shard was not fetched ahead"
+        time.sleep(0.05)
+    opened = time.monotonic()
+    with open(m.path / second, "rb") as f:
+        assert f.read() == shards[second]
+    stats = m.settle()
+    for name, data in shards.items():
+        assert proxy.object_bytes(name) == len(data), name  # each byte once
+    assert min(r.at for r in proxy.object_gets(second)) < opened
+    assert stats["cache"]["verified_chunks"] == 0, stats["cache"]  # none read back
