@@ -281,17 +281,23 @@ class Prefetcher:
             self.cache.close_object(self.obj)
 
 
-def _runs(order: list[int], longest: int, stored: Callable[[int], bool]) -> Iterator[list[int]]:
+def _runs(
+    order: list[int], longest: Callable[[], int], stored: Callable[[int], bool]
+) -> Iterator[list[int]]:
     """`order` cut into runs of consecutive chunks not yet stored, each at
-    most `longest` long; `stored` is asked lazily, as the runs are taken, so
-    chunks stored meanwhile (a reader got there first) are skipped."""
+    most `longest()` long (asked as each run begins); `stored` is asked
+    lazily, as the runs are taken, so chunks stored meanwhile (a reader got
+    there first) are skipped."""
     run: list[int] = []
+    cap = 0
     for n in order:
         if stored(n):
             continue
-        if run and (n != run[-1] + 1 or len(run) == longest):
+        if run and (n != run[-1] + 1 or len(run) >= cap):
             yield run
             run = []
+        if not run:
+            cap = longest()
         run.append(n)
     if run:
         yield run
@@ -657,13 +663,18 @@ class OpenPrefetch:
         `lead` (if any); once every run is issued, start the next model
         file's fetch (a lead's readers are a loader going through them)."""
         priority = self._running[obj.obj_id]
-        longest = whole_file_get_length(
-            self.cache.run_length(obj),
-            self.cache.origin_first_byte(),
-            lead.limit if lead is not None else None,
-        )
+
+        def longest() -> int:
+            # Asked per run: a lead's limit changes as other fetches begin
+            # and end (the next file's fetch starts beside this one's end).
+            return whole_file_get_length(
+                self.cache.run_length(obj),
+                self.cache.origin_first_byte(),
+                lead.limit if lead is not None and lead.limit else None,
+            )
+
         # The concurrency is in chunks; a coalesced GET carries several.
-        limit = trio.Semaphore(max(1, self.concurrency // longest))
+        in_flight = trio.Semaphore(self.concurrency)
         async with trio.open_nursery() as nursery:
             stored = lambda n: self.cache.chunk_state(obj, n) is not ChunkState.MISSING  # noqa: E731
             for run in _runs(order, longest, stored):
@@ -671,10 +682,11 @@ class OpenPrefetch:
                     await lead.room(len(run))
                     if lead.abandoned:
                         return
-                await limit.acquire()
+                for _ in range(min(len(run), self.concurrency)):
+                    await in_flight.acquire()
                 if lead is not None:
                     lead.fetching(run)
-                nursery.start_soon(self._one, obj, run, limit, priority, lead)
+                nursery.start_soon(self._one, obj, run, in_flight, priority, lead)
             upcoming = self._upcoming.pop(obj.obj_id, None)
             if lead is not None and upcoming is not None and not lead.stopped:
                 self.spawn(self._fetch_ahead, upcoming)
@@ -683,7 +695,7 @@ class OpenPrefetch:
         self,
         obj: CachedObject,
         run: list[int],
-        limit: trio.Semaphore,
+        in_flight: trio.Semaphore,
         priority: list[Priority],
         lead: _Lead | None,
     ) -> None:
@@ -696,7 +708,8 @@ class OpenPrefetch:
         except ModelfsError as exc:
             log.debug("prefetch on open of chunks %s of %s failed: %s", run, obj.key, exc)
         finally:
-            limit.release()
+            for _ in range(min(len(run), self.concurrency)):
+                in_flight.release()
 
     async def _order(self, obj: CachedObject, name: str) -> list[int]:
         header = b""
