@@ -462,8 +462,9 @@ def test_the_next_model_file_is_fetched_before_a_loader_opens_it(tmp_path: Path)
     cache, op, before, _ = _two_files(tmp_path, open_second=True)
     try:
         assert op.files_ahead == 1
-        # Its lead's worth (half of the 16 chunks memory holds, shared with
-        # the file being read) was there before it was opened ...
+        # At most its lead's worth (half of the 16 chunks memory holds,
+        # shared with a.bin's fetch while that one lasts) was fetched
+        # before it was opened ...
         assert 1 <= before[0] <= 8, before
         # ... and each chunk of both files was fetched once, and none was
         # read back from disk.
