@@ -572,6 +572,10 @@ class OpenPrefetch:
         except ModelfsError as exc:
             log.debug("no file fetched ahead: %s", exc)
             return
+        except Exception:
+            # A guess at what comes next must never end the mount.
+            log.exception("finding the file to fetch ahead failed")
+            return
         if got is None:
             return
         obj, name, after = got

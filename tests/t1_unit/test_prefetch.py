@@ -489,3 +489,32 @@ def test_a_file_fetched_ahead_that_nobody_opens_is_let_go(
         assert b_id not in cache.objects._objects
     finally:
         cache.close()
+
+
+@pytest.mark.allow_log("finding the file to fetch ahead failed")
+def test_a_failure_to_find_the_next_file_never_ends_the_fetch_or_the_mount(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    v = store.put("a.bin", pattern(3, 0, SIZE))
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS)
+
+    async def broken():  # type: ignore[no-untyped-def]
+        raise RuntimeError("listing blew up")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            op = OpenPrefetch(cache, nursery.start_soon, ("*.bin",), concurrency=4)
+            obj = cache.open_object("a.bin", v, CS)
+            h = OpenFile(1, 2, obj, cache, None, op)
+            op.on_open(obj, "a.bin", broken)
+            for off in range(0, SIZE, CS):
+                assert await h.read(off, CS) == pattern(3, off, off + CS)
+            h.close()
+        # The nursery (the mount's, in the daemon) ended normally.
+
+    try:
+        trio.run(main)
+        assert cache.counters.fetched_chunks == 64
+    finally:
+        cache.close()
