@@ -281,23 +281,17 @@ class Prefetcher:
             self.cache.close_object(self.obj)
 
 
-def _runs(
-    order: list[int], longest: Callable[[], int], stored: Callable[[int], bool]
-) -> Iterator[list[int]]:
+def _runs(order: list[int], longest: int, stored: Callable[[int], bool]) -> Iterator[list[int]]:
     """`order` cut into runs of consecutive chunks not yet stored, each at
-    most `longest()` long (asked as each run begins); `stored` is asked
-    lazily, as the runs are taken, so chunks stored meanwhile (a reader got
-    there first) are skipped."""
+    most `longest` long; `stored` is asked lazily, as the runs are taken, so
+    chunks stored meanwhile (a reader got there first) are skipped."""
     run: list[int] = []
-    cap = 0
     for n in order:
         if stored(n):
             continue
-        if run and (n != run[-1] + 1 or len(run) >= cap):
+        if run and (n != run[-1] + 1 or len(run) == longest):
             yield run
             run = []
-        if not run:
-            cap = longest()
         run.append(n)
     if run:
         yield run
@@ -667,18 +661,19 @@ class OpenPrefetch:
         `lead` (if any); once every run is issued, start the next model
         file's fetch (a lead's readers are a loader going through them)."""
         priority = self._running[obj.obj_id]
-
-        def longest() -> int:
-            # Asked per run: a lead's limit changes as other fetches begin
-            # and end (the next file's fetch starts beside this one's end).
-            return whole_file_get_length(
-                self.cache.run_length(obj),
-                self.cache.origin_first_byte(),
-                lead.limit if lead is not None and lead.limit else None,
-            )
-
+        # Sized by the lead this fetch has once alone: a file fetched ahead
+        # begins beside the end of the one before, with half of that; at
+        # most the limit it has now, so that a run always fits.
+        alone = max(1, self.cache.memory_bytes // obj.chunk_size // 2)
+        longest = whole_file_get_length(
+            self.cache.run_length(obj),
+            self.cache.origin_first_byte(),
+            alone if lead is not None else None,
+        )
+        if lead is not None:
+            longest = min(longest, max(1, lead.limit))
         # The concurrency is in chunks; a coalesced GET carries several.
-        in_flight = trio.Semaphore(self.concurrency)
+        in_flight = trio.Semaphore(max(1, self.concurrency // longest))
         async with trio.open_nursery() as nursery:
             stored = lambda n: self.cache.chunk_state(obj, n) is not ChunkState.MISSING  # noqa: E731
             for run in _runs(order, longest, stored):
@@ -686,8 +681,7 @@ class OpenPrefetch:
                     await lead.room(len(run))
                     if lead.abandoned:
                         return
-                for _ in range(min(len(run), self.concurrency)):
-                    await in_flight.acquire()
+                await in_flight.acquire()
                 if lead is not None:
                     lead.fetching(run)
                 nursery.start_soon(self._one, obj, run, in_flight, priority, lead)
@@ -712,8 +706,7 @@ class OpenPrefetch:
         except ModelfsError as exc:
             log.debug("prefetch on open of chunks %s of %s failed: %s", run, obj.key, exc)
         finally:
-            for _ in range(min(len(run), self.concurrency)):
-                in_flight.release()
+            in_flight.release()
 
     async def _order(self, obj: CachedObject, name: str) -> list[int]:
         header = b""
