@@ -403,8 +403,9 @@ class _Lead:
         return False
 
     def resize(self, limit: int) -> None:
-        """A new limit (other files' fetches began or ended)."""
-        if self.limit and not self.stopped:
+        """A new limit (other files' fetches began or ended); none for a
+        lead not sized yet or given up (limit 0)."""
+        if self.limit:
             self.limit = limit
             self._moved.set()
             self._moved = trio.Event()
@@ -583,12 +584,15 @@ class OpenPrefetch:
         log.debug("fetching %s ahead of its opening", obj.key)
         await self._run(obj, name)  # closes obj
 
+    def _lead_limit(self, obj: CachedObject, leads: int) -> int:
+        """Chunks of `obj` one of `leads` paced fetches may run ahead: half
+        of memory, shared by the files being fetched for readers (their
+        read-ahead stands aside meanwhile, see on_read)."""
+        return max(1, self.cache.memory_bytes // obj.chunk_size // (2 * leads))
+
     def _size_leads(self) -> None:
-        """Half of memory, shared by the files being fetched for readers
-        (their read-ahead stands aside meanwhile, see on_read)."""
         for lead in self._leads.values():
-            in_memory = self.cache.memory_bytes // lead.obj.chunk_size
-            lead.resize(max(1, in_memory // (2 * len(self._leads))))
+            lead.resize(self._lead_limit(lead.obj, len(self._leads)))
 
     def on_read(self, obj: CachedObject, offset: int, size: int) -> bool:
         """A reader read `size` bytes at `offset` of `obj`. True while a
@@ -664,11 +668,10 @@ class OpenPrefetch:
         # Sized by the lead this fetch has once alone: a file fetched ahead
         # begins beside the end of the one before, with half of that; at
         # most the limit it has now, so that a run always fits.
-        alone = max(1, self.cache.memory_bytes // obj.chunk_size // 2)
         longest = whole_file_get_length(
             self.cache.run_length(obj),
             self.cache.origin_first_byte(),
-            alone if lead is not None else None,
+            self._lead_limit(obj, 1) if lead is not None else None,
         )
         if lead is not None:
             longest = min(longest, max(1, lead.limit))
