@@ -60,9 +60,14 @@ class ChunkSource(Protocol):
         ...
 
     async def ensure_run(
-        self, obj: CachedObject, chunks: list[int], priority: Priority = ...
+        self,
+        obj: CachedObject,
+        chunks: list[int],
+        priority: Priority = ...,
+        arrived: Callable[[int], None] | None = None,
     ) -> int:
-        """Load consecutive chunks as background work."""
+        """Load consecutive chunks as background work; `arrived(n)` the
+        moment chunk n is in memory, before it can be dropped from there."""
         ...
 
     async def read(
@@ -369,12 +374,15 @@ class _Lead:
     def fetching(self, run: list[int]) -> None:
         self.ahead.update(n for n in run if n not in self.read)
 
-    def fetched(self, run: list[int]) -> None:
-        for n in run:
-            if n in self.ahead and n not in self.held:
-                held = self.cache.hold(self.obj, n)
-                if held is not None:
-                    self.held[n] = held
+    def fetched(self, n: int) -> None:
+        """Chunk `n` is in memory: kept there until it is read. Told as it
+        arrives, not when its GET ends: a chunk of a long GET is stored and
+        let go while the rest of the GET comes in, and another GET's slab
+        took it (read back from disk in one CI run)."""
+        if self.limit and n in self.ahead and n not in self.held:
+            held = self.cache.hold(self.obj, n)
+            if held is not None:
+                self.held[n] = held
 
     async def room(self, chunks: int) -> None:
         """Wait until `chunks` more fit in the lead, or the reader stalls
@@ -703,9 +711,9 @@ class OpenPrefetch:
         # A failed chunk never ends the mount: a reader that needs it fetches
         # it again and gets the error itself.
         try:
-            await self.cache.ensure_run(obj, run, priority[0])
-            if lead is not None and lead.limit:
-                lead.fetched(run)
+            await self.cache.ensure_run(
+                obj, run, priority[0], lead.fetched if lead is not None else None
+            )
         except ModelfsError as exc:
             log.debug("prefetch on open of chunks %s of %s failed: %s", run, obj.key, exc)
         finally:

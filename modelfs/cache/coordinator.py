@@ -46,6 +46,7 @@ from .index import Victim
 from .objects import CachedObject
 from .parts import CacheParts, open_parts
 from .pool import Slab
+from .runs import Arrived
 from .slots import Priority, Ticket
 from .states import ChunkState
 
@@ -283,29 +284,50 @@ class ChunkCache:
         return self.store.counters.first_byte_floor()
 
     async def ensure_run(
-        self, obj: CachedObject, chunks: list[int], priority: Priority = Priority.BACKGROUND
+        self,
+        obj: CachedObject,
+        chunks: list[int],
+        priority: Priority = Priority.BACKGROUND,
+        arrived: Arrived | None = None,
     ) -> int:
         """Background work: load consecutive `chunks`, the missing ones in
         coalesced GETs (see runs.py). Returns how many came from the origin.
-        With a shared tier, chunk by chunk (the tier is read per chunk)."""
+        With a shared tier, chunk by chunk (the tier is read per chunk).
+        `arrived(n)`, if given, is called the moment chunk n is in memory,
+        while it cannot have been evicted yet (see `ensure`)."""
         if self.tier is not None or len(chunks) == 1 or obj.chunk_size > self.pool.slab_size:
-            return sum([await self.ensure(obj, n, priority=priority) for n in chunks])
-        one = functools.partial(self.ensure, priority=priority)
+            return sum(
+                [await self.ensure(obj, n, priority=priority, arrived=arrived) for n in chunks]
+            )
+        one = functools.partial(self.ensure, priority=priority, arrived=arrived)
         return await self.runs.ensure_run(
-            obj, chunks, one, self._miss.store_run_chunk, priority=priority
+            obj, chunks, one, self._miss.store_run_chunk, priority=priority, arrived=arrived
         )
 
     async def ensure(
-        self, obj: CachedObject, n: int, *, priority: Priority = Priority.BACKGROUND
+        self,
+        obj: CachedObject,
+        n: int,
+        *,
+        priority: Priority = Priority.BACKGROUND,
+        arrived: Arrived | None = None,
     ) -> bool:
         """Load chunk `n` into memory (and the disk cache), fetching it at
         most once; True when the bytes had to come from the origin. By
         default background work: it queues behind demand reads for a fetch
-        slot, unless a reader starts waiting for it."""
+        slot, unless a reader starts waiting for it. `arrived(n)` runs while
+        this call still holds the slab: once it lets go, the chunk is the
+        memory cache's to drop (prefetch on open holds it there first)."""
         if self.is_ready(obj, n):
+            if arrived is not None:
+                arrived(n)  # in memory, or in flight: the caller looks which
             return False
         slab, from_origin = await self._miss.get(obj, n, priority)
-        self.pool.release(slab)
+        try:
+            if arrived is not None:
+                arrived(n)
+        finally:
+            self.pool.release(slab)
         return from_origin
 
     # -- eviction, for `modelfs cache` and tests -------------------------

@@ -38,6 +38,9 @@ EnsureOne = Callable[[CachedObject, int], Awaitable[bool]]
 # range lock for it, and hands all three over. `fallback` is where to run
 # the store when no write-behind task runs (then the run waits for it).
 StoreBehind = Callable[[CachedObject, int, Slab, int, trio.Nursery], None]
+# Told the number of each chunk the moment it is in memory (a run's chunk as
+# it arrives, before its store can end and leave it to eviction).
+Arrived = Callable[[int], None]
 
 
 class Runs:
@@ -75,10 +78,12 @@ class Runs:
         store_behind: StoreBehind,
         *,
         priority: Priority = Priority.BACKGROUND,
+        arrived: Arrived | None = None,
     ) -> int:
         """Load consecutive `chunks`, fetching those missing everywhere in
         runs; chunks on disk (or that cannot be claimed) go one by one
-        through `ensure_one`. Returns how many came from the origin."""
+        through `ensure_one` (which tells `arrived` itself). Returns how
+        many came from the origin."""
         fetched, i = 0, 0
         while i < len(chunks):
             await self.pool.wait_idle(self.reserve)
@@ -87,7 +92,7 @@ class Runs:
             try:
                 segment, slabs = self._claim(obj, chunks[i:])
                 if segment:
-                    fetched += await self._fetch(obj, segment, slabs, store_behind)
+                    fetched += await self._fetch(obj, segment, slabs, store_behind, arrived)
             finally:
                 self.slots.release()
             if segment:
@@ -135,7 +140,12 @@ class Runs:
         return segment, slabs
 
     async def _fetch(
-        self, obj: CachedObject, segment: list[int], slabs: list[Slab], store_behind: StoreBehind
+        self,
+        obj: CachedObject,
+        segment: list[int],
+        slabs: list[Slab],
+        store_behind: StoreBehind,
+        told: Arrived | None,
     ) -> int:
         """One GET for the claimed `segment`; each chunk is handed to its
         flight as it arrives and its store begins at once (under its range
@@ -156,6 +166,8 @@ class Runs:
             self.ledger.fetched(key, lengths[i])
             self.counters.fetched_chunks += 1
             store_behind(obj, n, slab, digest, fallback)
+            if told is not None:
+                told(n)
 
         self.running += 1
         self.claimed += len(segment)

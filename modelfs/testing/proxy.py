@@ -289,6 +289,11 @@ class CountingProxy:
     def object_bytes(self, key_suffix: str = "") -> int:
         return sum(r.body_bytes for r in self.object_gets(key_suffix) if r.status in (200, 206))
 
+    def get_log(self, key_suffix: str = "") -> list[tuple[str | None, int, int]]:
+        """(Range, status, body bytes) of every GET of the object, in order of
+        arrival: what a test that finds bytes sent twice reports."""
+        return [(r.range, r.status, r.body_bytes) for r in self.object_gets(key_suffix)]
+
 
 def main() -> None:
     """``python -m modelfs.testing.proxy UPSTREAM [--delay S] [--rate BYTES/S]``:

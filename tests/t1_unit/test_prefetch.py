@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -516,5 +517,74 @@ def test_a_failure_to_find_the_next_file_never_ends_the_fetch_or_the_mount(
     try:
         trio.run(main)
         assert cache.counters.fetched_chunks == 64
+    finally:
+        cache.close()
+
+
+class _PausesAfterFirstChunk(MemoryStore):
+    """The first GET of several chunks delivers its first chunk, then waits
+    for `go` before sending the rest (a long GET on a busy machine)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = threading.Event()
+        self.go = threading.Event()
+        self.paused_at = -1  # where the paused GET began
+
+    def get_into(self, key, version, start, bufs, deliver=None):  # type: ignore[no-untyped-def]
+        if len(bufs) < 2 or self.paused.is_set():
+            return super().get_into(key, version, start, bufs, deliver)
+        bufs[0][:] = self.objects[key][0][start : start + len(bufs[0])]
+        self.get_log.append((key, start, start + len(bufs[0])))
+        deliver(0)
+        self.paused_at = start
+        self.paused.set()
+        assert self.go.wait(10)
+        rest = super().get_into(key, version, start + len(bufs[0]), bufs[1:], None)
+        for i in range(1, len(bufs)):
+            deliver(i)
+        return rest
+
+
+def test_arrival_evict_race(tmp_path: Path) -> None:
+    """A chunk fetched ahead is kept in memory from the moment it arrives.
+    Kept only once its whole GET had ended, it was left to eviction between
+    the end of the GET (the GET's thread lets go of its slabs, which wakes
+    fetches waiting for one) and the fetch's next step: another GET's slab
+    took it, and the reader read it back from disk (a CI run of the
+    next-shard test)."""
+    store = _PausesAfterFirstChunk()
+    v = store.put("m.bin", pattern(6, 0, SIZE))
+    store.counters.first_byte(0.001)  # a near origin: GETs of several chunks
+    cache = ChunkCache(
+        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
+        fetch_concurrency=4,
+    )  # fmt: skip
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            op = OpenPrefetch(cache, nursery.start_soon, ("*.bin",), concurrency=4)
+            obj = cache.open_object("m.bin", v, CS)
+            h = OpenFile(1, 2, obj, cache, None, op)
+            op.on_open(obj, "m.bin")
+            try:
+                with trio.fail_after(10):
+                    while not store.paused.is_set():
+                        await trio.sleep(0.001)
+                    await trio.sleep(0.05)  # its arrival is posted to the trio thread
+                first = store.paused_at // CS
+                # Its GET still runs, and the chunk is held already.
+                assert first in op._leads[obj.obj_id].held
+            finally:
+                store.go.set()
+            for off in range(0, SIZE, CS):
+                assert await h.read(off, CS) == pattern(6, off, off + CS)
+                await trio.sleep(0.002)
+            h.close()
+
+    try:
+        trio.run(main)
+        assert cache.counters.verified_chunks == 0  # none read back from disk
+        assert cache.counters.fetched_chunks == SIZE // CS
     finally:
         cache.close()

@@ -204,7 +204,11 @@ def test_the_origins_distance_sets_the_length_of_the_whole_file_fetchs_gets(
             assert f.read() == data
     finally:
         proxy.first_byte_delay = 0.0
-    assert proxy.object_bytes("model.safetensors") == len(data)  # each byte once
+    store = m.stats()["store"]
+    assert proxy.object_bytes("model.safetensors") == len(data), (  # each byte once
+        proxy.get_log("model.safetensors"),
+        store,
+    )
     lengths = []
     for r in proxy.object_gets("model.safetensors"):
         first, last = (int(x) for x in r.range.split("=")[1].split("-"))
@@ -252,6 +256,6 @@ def test_the_next_shard_is_fetched_before_the_loader_opens_it(
         assert f.read() == shards[second]
     stats = m.settle()
     for name, data in shards.items():
-        assert proxy.object_bytes(name) == len(data), name  # each byte once
+        assert proxy.object_bytes(name) == len(data), (name, proxy.get_log(name))  # each byte once
     assert min(r.at for r in proxy.object_gets(second)) < opened
-    assert stats["cache"]["verified_chunks"] == 0, stats["cache"]  # none read back
+    assert stats["cache"]["verified_chunks"] == 0, (stats, proxy.get_log())  # none read back
