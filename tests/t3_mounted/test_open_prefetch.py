@@ -15,8 +15,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from modelfs.prefetch import safetensors_order
+from modelfs.testing.proxy import CountingProxy
 
-from ..conftest import Bucket, Mounter
+from ..conftest import Bucket, Mount, Mounter
 from ..data import pattern
 
 MiB = 1 << 20
@@ -40,6 +41,17 @@ def _wait_cached(path: Path, size: int, timeout: float = 60) -> None:
     while int(os.getxattr(path, "user.modelfs.cached")) < size:
         assert time.monotonic() < deadline, "prefetch on open did not finish"
         time.sleep(0.05)
+
+
+def _sent_once(proxy: CountingProxy, m: Mount, name: str, size: int, longest_get: int) -> None:
+    """Each byte of `name` crossed the wire once. A GET that fails midway
+    is retried for what had not arrived, part of which the server may have
+    sent already (in the socket buffers when the connection was dropped):
+    at most one GET's bytes again per retry, and none without one. On
+    failure: every GET of the object, and the daemon's store counters."""
+    store = m.stats()["store"]
+    twice = proxy.object_bytes(name) - size
+    assert 0 <= twice <= store["retries"] * longest_get, (name, proxy.get_log(name), store)
 
 
 @pytest.mark.mount
@@ -204,11 +216,7 @@ def test_the_origins_distance_sets_the_length_of_the_whole_file_fetchs_gets(
             assert f.read() == data
     finally:
         proxy.first_byte_delay = 0.0
-    store = m.stats()["store"]
-    assert proxy.object_bytes("model.safetensors") == len(data), (  # each byte once
-        proxy.get_log("model.safetensors"),
-        store,
-    )
+    _sent_once(proxy, m, "model.safetensors", len(data), longest_get=4 * MiB)
     lengths = []
     for r in proxy.object_gets("model.safetensors"):
         first, last = (int(x) for x in r.range.split("=")[1].split("-"))
@@ -216,9 +224,13 @@ def test_the_origins_distance_sets_the_length_of_the_whole_file_fetchs_gets(
     if first_byte_delay:
         assert max(lengths) == 1, lengths
     else:
-        # The header's chunk is read alone, before the fetch knows its order.
+        # The header's chunk is read alone, before the fetch knows its order;
+        # the rest is asked for in GETs of 4. A GET is cut short when memory
+        # has fewer idle slabs than it wants (stores lag on a busy machine),
+        # its rest fetched by the next one: 6 GETs of 4 in 15 with two busy
+        # loops beside the test, 10 in 11 on an idle machine.
         assert max(lengths) == 4, lengths
-        assert lengths.count(4) >= (len(lengths) - 1) // 2, lengths
+        assert len(lengths) <= -(-len(data) // MiB) // 2, lengths
 
 
 @pytest.mark.mount
@@ -256,6 +268,6 @@ def test_the_next_shard_is_fetched_before_the_loader_opens_it(
         assert f.read() == shards[second]
     stats = m.settle()
     for name, data in shards.items():
-        assert proxy.object_bytes(name) == len(data), (name, proxy.get_log(name))  # each byte once
+        _sent_once(proxy, m, name, len(data), longest_get=4 * MiB)
     assert min(r.at for r in proxy.object_gets(second)) < opened
     assert stats["cache"]["verified_chunks"] == 0, (stats, proxy.get_log())  # none read back
