@@ -65,9 +65,11 @@ class ChunkSource(Protocol):
         chunks: list[int],
         priority: Priority = ...,
         arrived: Callable[[int], None] | None = None,
+        wanted: Callable[[int], bool] | None = None,
     ) -> int:
         """Load consecutive chunks as background work; `arrived(n)` the
-        moment chunk n is in memory, before it can be dropped from there."""
+        moment chunk n is in memory, before it can be dropped from there;
+        chunks `wanted` turns down when their turn comes are skipped."""
         ...
 
     async def read(
@@ -286,17 +288,23 @@ class Prefetcher:
             self.cache.close_object(self.obj)
 
 
-def _runs(order: list[int], longest: int, stored: Callable[[int], bool]) -> Iterator[list[int]]:
+def _runs(
+    order: list[int], longest: Callable[[], int], stored: Callable[[int], bool]
+) -> Iterator[list[int]]:
     """`order` cut into runs of consecutive chunks not yet stored, each at
-    most `longest` long; `stored` is asked lazily, as the runs are taken, so
-    chunks stored meanwhile (a reader got there first) are skipped."""
+    most `longest()` long (asked as each run begins); `stored` is asked
+    lazily, as the runs are taken, so chunks stored meanwhile (a reader
+    got there first) are skipped."""
     run: list[int] = []
+    most = 0
     for n in order:
         if stored(n):
             continue
-        if run and (n != run[-1] + 1 or len(run) == longest):
+        if run and (n != run[-1] + 1 or len(run) == most):
             yield run
             run = []
+        if not run:
+            most = max(1, longest())
         run.append(n)
     if run:
         yield run
@@ -361,6 +369,15 @@ class _Lead:
             total = self._partial.get(n, 0) + got
             if total < min(cs, self.obj.size - n * cs):
                 self._partial[n] = total
+                # Read in part (a page fault or a readahead window that
+                # does not start on a chunk boundary): kept in memory for
+                # the rest, also when the reader fetched it itself, not this
+                # fetch. (The traces of the next-shard test had chunk-aligned
+                # reads only; an mmap loader's need not be.)
+                if self.limit and n not in self.held:
+                    held = self.cache.hold(self.obj, n)
+                    if held is not None:
+                        self.held[n] = held
                 continue
             self._partial.pop(n, None)
             self.read.add(n)
@@ -370,6 +387,14 @@ class _Lead:
                 self.cache.let_go(held)
         self._moved.set()
         self._moved = trio.Event()
+
+    def unread(self, n: int) -> bool:
+        """Whether chunk `n` is still to be read: the kernel's readahead
+        (16 MiB) runs ahead of this lead, so a reader can get to a chunk of
+        a run before the run's GET does, and then it is in memory or on
+        disk already (loaded from disk again for nobody, in a trace of the
+        next-shard test)."""
+        return n not in self.read
 
     def fetching(self, run: list[int]) -> None:
         self.ahead.update(n for n in run if n not in self.read)
@@ -387,8 +412,9 @@ class _Lead:
     async def room(self, chunks: int) -> None:
         """Wait until `chunks` more fit in the lead, or the reader stalls
         (the fetch goes on without a limit), or nobody opens a file fetched
-        ahead (`abandoned`: the fetch ends)."""
-        while self.limit and len(self.ahead) + chunks > self.limit:
+        ahead (`abandoned`: the fetch ends). An empty lead takes any run
+        (one sized before the limit shrank must not wait for a stall)."""
+        while self.limit and self.ahead and len(self.ahead) + chunks > self.limit:
             if not await self._readers_moved():
                 if self.unopened:
                     self.abandoned = True
@@ -603,19 +629,24 @@ class OpenPrefetch:
             lead.resize(self._lead_limit(lead.obj, len(self._leads)))
 
     def on_read(self, obj: CachedObject, offset: int, size: int) -> bool:
-        """A reader read `size` bytes at `offset` of `obj`. True while a
-        whole-file fetch paced by its readers runs, or is about to (it reads
-        the header first): it is their read-ahead, in the loader's order,
-        and a second one in file order would fetch chunks that memory drops
-        before the loader gets to them (read-ahead started on the header's
-        reads fetched 4 chunks a name-order loader read only much later,
-        from disk)."""
+        """A reader has read `size` bytes at `offset` of `obj` (told after
+        the read, with the bytes in memory). Returns `paces(obj)`."""
         lead = self._leads.get(obj.obj_id)
         if lead is None:
             return False
         if size > 0 and offset < obj.size:
             lead.on_read(offset, size)
         return not lead.stopped
+
+    def paces(self, obj: CachedObject) -> bool:
+        """Whether a whole-file fetch paced by its readers runs for `obj`
+        (or is about to: it reads the header first). It is then their
+        read-ahead, in the loader's order, and a second one in file order
+        would fetch chunks that memory drops before the loader gets to them
+        (read-ahead started on the header's reads fetched 4 chunks a
+        name-order loader read only much later, from disk)."""
+        lead = self._leads.get(obj.obj_id)
+        return lead is not None and not lead.stopped
 
     def is_running(self, obj: CachedObject) -> bool:
         """Whether a whole-file fetch of `obj` is running."""
@@ -636,11 +667,20 @@ class OpenPrefetch:
         try:
             if await trio.to_thread.run_sync(self.cache.cached_bytes, obj) >= obj.size:
                 return
-            order = await self._order(obj, name)
+            order, head = await self._order(obj, name)
             lead = self._leads.get(obj.obj_id)
             if lead is not None:
                 lead.limit = 1  # sized now, with the others
                 self._size_leads()
+                # The header's chunks were read before the lead had a size:
+                # kept for the reader now, like any chunk fetched ahead (a
+                # file fetched ahead of its opening found its first chunk
+                # evicted by the time it was opened: read back from disk in
+                # a trace of the next-shard test).
+                first = list(range(-(-head // obj.chunk_size)))
+                lead.fetching(first)
+                for n in first:
+                    lead.fetched(n)
             await self._fetch_in_order(obj, order, lead)
             if lead is not None and lead.abandoned:
                 return
@@ -673,18 +713,23 @@ class OpenPrefetch:
         `lead` (if any); once every run is issued, start the next model
         file's fetch (a lead's readers are a loader going through them)."""
         priority = self._running[obj.obj_id]
-        # Sized by the lead this fetch has once alone: a file fetched ahead
-        # begins beside the end of the one before, with half of that; at
-        # most the limit it has now, so that a run always fits.
-        longest = whole_file_get_length(
-            self.cache.run_length(obj),
-            self.cache.origin_first_byte(),
-            self._lead_limit(obj, 1) if lead is not None else None,
-        )
-        if lead is not None:
-            longest = min(longest, max(1, lead.limit))
-        # The concurrency is in chunks; a coalesced GET carries several.
-        in_flight = trio.Semaphore(max(1, self.concurrency // longest))
+        alone = self._lead_limit(obj, 1) if lead is not None else None
+
+        def longest() -> int:
+            # Asked as each run begins: the origin's distance is what its
+            # GETs so far say, and a mount's first GETs (new connections, a
+            # cold client, several at once) took 20-50 ms from a gateway
+            # that answers in 5-10 ms after them. Sized by the lead this
+            # fetch has alone (a file fetched ahead begins beside the end of
+            # the one before, with half of it), at most the limit it has
+            # now, so that the run fits.
+            n = whole_file_get_length(
+                self.cache.run_length(obj), self.cache.origin_first_byte(), alone
+            )
+            return min(n, lead.limit) if lead is not None and lead.limit else n
+
+        # Chunks in flight, whatever the length of the GETs carrying them.
+        in_flight = trio.Semaphore(self.concurrency)
         async with trio.open_nursery() as nursery:
             stored = lambda n: self.cache.chunk_state(obj, n) is not ChunkState.MISSING  # noqa: E731
             for run in _runs(order, longest, stored):
@@ -692,10 +737,12 @@ class OpenPrefetch:
                     await lead.room(len(run))
                     if lead.abandoned:
                         return
-                await in_flight.acquire()
+                tokens = min(len(run), self.concurrency)
+                for _ in range(tokens):  # the only acquirer: no deadlock
+                    await in_flight.acquire()
                 if lead is not None:
                     lead.fetching(run)
-                nursery.start_soon(self._one, obj, run, in_flight, priority, lead)
+                nursery.start_soon(self._one, obj, run, in_flight, tokens, priority, lead)
             upcoming = self._upcoming.pop(obj.obj_id, None)
             if lead is not None and upcoming is not None and not lead.stopped:
                 self.spawn(self._fetch_ahead, upcoming)
@@ -705,32 +752,40 @@ class OpenPrefetch:
         obj: CachedObject,
         run: list[int],
         in_flight: trio.Semaphore,
+        tokens: int,
         priority: list[Priority],
         lead: _Lead | None,
     ) -> None:
         # A failed chunk never ends the mount: a reader that needs it fetches
         # it again and gets the error itself.
         try:
-            await self.cache.ensure_run(
-                obj, run, priority[0], lead.fetched if lead is not None else None
-            )
+            if lead is None:
+                await self.cache.ensure_run(obj, run, priority[0])
+            else:
+                await self.cache.ensure_run(obj, run, priority[0], lead.fetched, lead.unread)
         except ModelfsError as exc:
             log.debug("prefetch on open of chunks %s of %s failed: %s", run, obj.key, exc)
         finally:
-            in_flight.release()
+            for _ in range(tokens):
+                in_flight.release()
 
-    async def _order(self, obj: CachedObject, name: str) -> list[int]:
-        header = b""
+    async def _order(self, obj: CachedObject, name: str) -> tuple[list[int], int]:
+        """The chunks of `obj` in the order a loader reads them, and how
+        many bytes from the start were read to learn it (the header)."""
+        header, head = b"", 0
         if name.endswith(".safetensors") and obj.size >= 8:
             (hlen,) = struct.unpack(
                 "<Q", await self.cache.read(obj, 0, 8, priority=Priority.BACKGROUND)
             )
+            head = 8
             if hlen <= min(SAFETENSORS_MAX_HEADER, obj.size - 8):
                 header = bytes(await self.cache.read(obj, 8, hlen, priority=Priority.BACKGROUND))
+                head += hlen
         # Parsing up to 100 MiB of JSON and ordering every chunk of the
         # object must not stall the trio thread, which answers every FUSE
         # request of the mount.
-        return await trio.to_thread.run_sync(_open_order, header, obj.size, obj.chunk_size)
+        order = await trio.to_thread.run_sync(_open_order, header, obj.size, obj.chunk_size)
+        return order, head
 
 
 def _open_order(header: bytes, size: int, chunk_size: int) -> list[int]:

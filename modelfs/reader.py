@@ -29,17 +29,20 @@ class OpenFile:
     async def read(self, offset: int, size: int) -> Buffer:
         if self.stale:
             raise ObjectChanged(f"{self.obj.key} changed since it was opened")
-        whole = self.open_prefetch is not None and self.open_prefetch.on_read(
-            self.obj, offset, size
-        )
+        whole = self.open_prefetch is not None and self.open_prefetch.paces(self.obj)
         if self.readahead is not None and not whole:
             # Issued before the demand read, so both proceed in parallel.
             self.readahead.on_read(self.obj, offset, size)
         try:
-            return await self.cache.read(self.obj, offset, size)
+            data = await self.cache.read(self.obj, offset, size)
         except ObjectChanged:
             self.stale = True
             raise
+        if self.open_prefetch is not None:
+            # Told once the bytes are in memory: a chunk read in part is kept
+            # there for the rest of it (see prefetch._Lead.on_read).
+            self.open_prefetch.on_read(self.obj, offset, size)
+        return data
 
     def close(self) -> None:
         self.cache.close_object(self.obj)

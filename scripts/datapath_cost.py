@@ -104,7 +104,9 @@ def measure(
             "faults_per_mib": (d_flt2 - d_flt) / (total / MiB),
             "peak_rss_mib": proc_hwm(pid) / MiB,
         }
-        cache_stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))["cache"]
+        stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
+        cache_stats = stats["cache"]
+        out[phase]["gets_per_gib"] = stats["store"]["get_requests"] / gib
         # Chunks read back from the disk cache: on a cold read, chunks fetched
         # ahead of the reader and dropped from memory before it got there.
         out[phase]["disk_chunks"] = cache_stats["verified_chunks"]
@@ -189,7 +191,8 @@ def main() -> int:
                 f"server {m['server_cpu_s_per_gib']:.2f}, "
                 f"machine {m['machine_cpu_s_per_gib']:.2f} CPU s/GiB, "
                 f"{m['faults_per_mib']:.0f} faults/MiB, peak RSS {m['peak_rss_mib']:.0f} MiB, "
-                f"{m['disk_chunks']:.0f} chunks read from disk, {m['fetched_chunks']:.0f} fetched"
+                f"{m['disk_chunks']:.0f} chunks read from disk, {m['fetched_chunks']:.0f} fetched, "
+                f"{m['gets_per_gib']:.0f} GETs/GiB"
             )
     return 0
 

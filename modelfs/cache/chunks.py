@@ -98,6 +98,7 @@ class DiskChunks:
             raise
         if got == rec.length and digest == rec.checksum:
             self.counters.verified_chunks += 1
+            log.debug("chunk %d of %s read from disk", n, obj.key)
             self.pool.publish((obj.obj_id, n), slab, rec.length)
             return slab
         self.pool.release(slab)

@@ -46,7 +46,7 @@ from .index import Victim
 from .objects import CachedObject
 from .parts import CacheParts, open_parts
 from .pool import Slab
-from .runs import Arrived
+from .runs import Arrived, Wanted
 from .slots import Priority, Ticket
 from .states import ChunkState
 
@@ -289,19 +289,31 @@ class ChunkCache:
         chunks: list[int],
         priority: Priority = Priority.BACKGROUND,
         arrived: Arrived | None = None,
+        wanted: Wanted | None = None,
     ) -> int:
         """Background work: load consecutive `chunks`, the missing ones in
         coalesced GETs (see runs.py). Returns how many came from the origin.
         With a shared tier, chunk by chunk (the tier is read per chunk).
         `arrived(n)`, if given, is called the moment chunk n is in memory,
-        while it cannot have been evicted yet (see `ensure`)."""
+        while it cannot have been evicted yet (see `ensure`); a chunk that
+        `wanted` turns down when its turn comes is skipped."""
         if self.tier is not None or len(chunks) == 1 or obj.chunk_size > self.pool.slab_size:
             return sum(
-                [await self.ensure(obj, n, priority=priority, arrived=arrived) for n in chunks]
+                [
+                    await self.ensure(obj, n, priority=priority, arrived=arrived)
+                    for n in chunks
+                    if wanted is None or wanted(n)
+                ]
             )
         one = functools.partial(self.ensure, priority=priority, arrived=arrived)
         return await self.runs.ensure_run(
-            obj, chunks, one, self._miss.store_run_chunk, priority=priority, arrived=arrived
+            obj,
+            chunks,
+            one,
+            self._miss.store_run_chunk,
+            priority=priority,
+            arrived=arrived,
+            wanted=wanted,
         )
 
     async def ensure(

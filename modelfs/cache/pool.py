@@ -20,7 +20,9 @@ A slab is, at any time, in exactly one of three states:
 Only the trio thread calls into the pool; a worker thread that fills or
 writes a slab holds a reference that is dropped back on the trio thread.
 When every slab is held, a reader that must not wait gets an overflow slab
-of its own (counted); background work waits for a slab instead.
+of its own (counted); background work waits for a slab instead. A filled
+overflow slab is cached like the others while it has holders, never taken
+back for other bytes, and dropped (and unmapped) with its last holder.
 """
 
 from __future__ import annotations
@@ -135,8 +137,9 @@ class BufferPool:
         could hold the chunk as cut with another chunk size)."""
         self.forget(key)
         slab.length = length
-        if slab.overflow:
-            return  # never cached: it goes away with its last holder
+        # An overflow slab is found like the others while it has holders (a
+        # store, prefetch keeping it for a reader): invisible, it was read
+        # back from disk while held in memory. It goes with its last holder.
         slab.key = key
         self._lru[key] = slab
 
@@ -169,7 +172,11 @@ class BufferPool:
         slab.refs -= 1
         if slab.refs:
             return
-        if not slab.overflow:
+        if slab.overflow:
+            if slab.key is not None and self._lru.get(slab.key) is slab:
+                del self._lru[slab.key]
+            slab.key = None
+        else:
             self._busy -= 1
             if slab.key is None:
                 self._give_back(slab)
@@ -229,6 +236,8 @@ class BufferPool:
                 await event.wait()
 
     def _give_back(self, slab: Slab) -> None:
+        if slab.overflow:
+            return  # not the pool's: freed with its last reference
         slab.length = 0
         self._free.append(slab)
         self._wake()

@@ -41,6 +41,10 @@ StoreBehind = Callable[[CachedObject, int, Slab, int, trio.Nursery], None]
 # Told the number of each chunk the moment it is in memory (a run's chunk as
 # it arrives, before its store can end and leave it to eviction).
 Arrived = Callable[[int], None]
+# Asked of each chunk as its turn comes: whether it is still worth loading
+# (prefetch on open: not if a reader has read it meanwhile, which left it in
+# memory or on disk; loading it was a disk read for nobody).
+Wanted = Callable[[int], bool]
 
 
 class Runs:
@@ -79,13 +83,18 @@ class Runs:
         *,
         priority: Priority = Priority.BACKGROUND,
         arrived: Arrived | None = None,
+        wanted: Wanted | None = None,
     ) -> int:
         """Load consecutive `chunks`, fetching those missing everywhere in
         runs; chunks on disk (or that cannot be claimed) go one by one
-        through `ensure_one` (which tells `arrived` itself). Returns how
+        through `ensure_one` (which tells `arrived` itself). A chunk that
+        `wanted` turns down when its turn comes is skipped. Returns how
         many came from the origin."""
         fetched, i = 0, 0
         while i < len(chunks):
+            if wanted is not None and not wanted(chunks[i]):
+                i += 1
+                continue
             await self.pool.wait_idle(self.reserve)
             ticket = Ticket(priority)
             await self.slots.acquire(ticket)

@@ -588,3 +588,53 @@ def test_arrival_evict_race(tmp_path: Path) -> None:
         assert cache.counters.fetched_chunks == SIZE // CS
     finally:
         cache.close()
+
+
+class _NearAfter(MemoryStore):
+    """An origin whose first GETs look far (unknown, then slow first
+    bytes: new connections, a cold client) and, from the `warm`-th GET
+    on, answers at once."""
+
+    def __init__(self, warm: int) -> None:
+        super().__init__()
+        self.warm = warm
+
+    def get_into(self, key, version, start, bufs, deliver=None):  # type: ignore[no-untyped-def]
+        self.counters.first_byte(0.001 if len(self.requests) >= self.warm else 0.040)
+        return super().get_into(key, version, start, bufs, deliver)
+
+
+def test_a_whole_file_fetch_sizes_each_get_by_the_distance_known_then(tmp_path: Path) -> None:
+    """The GET length follows the origin's distance as the fetch learns it:
+    sized once at the start, from a mount's first GETs, a whole fetch went
+    on in one-chunk GETs from a gateway on the same host (62-93 GETs for
+    the 132 chunks of a 1 GiB read)."""
+    store = _NearAfter(warm=4)
+    v = store.put("m.bin", pattern(8, 0, SIZE))
+    cache = ChunkCache(
+        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
+        fetch_concurrency=4,
+    )  # fmt: skip
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            op = OpenPrefetch(cache, nursery.start_soon, ("*.bin",), concurrency=4)
+            obj = cache.open_object("m.bin", v, CS)
+            h = OpenFile(1, 2, obj, cache, None, op)
+            op.on_open(obj, "m.bin")
+            for off in range(0, SIZE, CS):
+                assert await h.read(off, CS) == pattern(8, off, off + CS)
+                await trio.sleep(0.002)
+            h.close()
+
+    try:
+        trio.run(main)
+        lengths = [(end - start) // CS for _, start, end in store.requests]
+        # Far at first: one chunk per GET; near once known: four (half of
+        # the lead of 8 that half of 16 chunks of memory gives one file).
+        assert lengths[:4] == [1, 1, 1, 1], lengths
+        assert max(lengths) == 4 and lengths.count(4) >= 8, lengths
+        assert sum(lengths) == SIZE // CS  # each chunk once
+        assert cache.counters.verified_chunks == 0
+    finally:
+        cache.close()

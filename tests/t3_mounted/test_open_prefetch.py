@@ -51,7 +51,7 @@ def _sent_once(proxy: CountingProxy, m: Mount, name: str, size: int, longest_get
     failure: every GET of the object, and the daemon's store counters."""
     store = m.stats()["store"]
     twice = proxy.object_bytes(name) - size
-    assert 0 <= twice <= store["retries"] * longest_get, (name, proxy.get_log(name), store)
+    assert 0 <= twice <= store["retries"] * longest_get, f"{name} {proxy.get_log(name)} {store}"
 
 
 @pytest.mark.mount
@@ -270,4 +270,5 @@ def test_the_next_shard_is_fetched_before_the_loader_opens_it(
     for name, data in shards.items():
         _sent_once(proxy, m, name, len(data), longest_get=4 * MiB)
     assert min(r.at for r in proxy.object_gets(second)) < opened
-    assert stats["cache"]["verified_chunks"] == 0, (stats, proxy.get_log())  # none read back
+    # None read back from disk.
+    assert stats["cache"]["verified_chunks"] == 0, f"{stats['cache']} {proxy.get_log()}"

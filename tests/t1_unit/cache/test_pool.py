@@ -106,3 +106,27 @@ def test_the_pool_is_faulted_in_by_a_thread_that_leaves_the_gil() -> None:
     assert any(64 << 20 < grown < size - (64 << 20) for grown in seen), seen[:5] + seen[-5:]
     assert _rss() - before >= size - (16 << 20), "the pool was not faulted in whole"
     assert pool.size == size
+
+
+def test_held_overflow_evict_race() -> None:
+    """A chunk fetched into an overflow slab (every pool slab held) is found
+    by readers while anyone holds it: prefetch kept one for its reader, and
+    the reader, not finding it, read it back from disk. With its last
+    holder it goes, and is never taken back for other bytes."""
+    pool = BufferPool(2 * SLAB, SLAB)
+    held = [pool.take(), pool.take()]
+    extra = pool.take_or_overflow(SLAB)
+    assert extra.overflow
+    pool.publish(("o", 7), extra, SLAB)
+    kept = pool.get(("o", 7))  # prefetch keeps it for the reader
+    assert kept is extra
+    pool.release(extra)  # the fetch's own hold ends
+    assert pool.get(("o", 7)) is extra  # the reader finds it
+    pool.release(extra)
+    for slab in held:
+        assert slab is not None
+        pool.release(slab)
+    assert pool.take() is not extra and pool.take() is not extra
+    pool.release(kept)  # the last holder: it goes
+    assert ("o", 7) not in pool
+    assert pool.take() is None  # both pool slabs are lent; nothing else
