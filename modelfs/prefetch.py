@@ -710,10 +710,10 @@ class OpenPrefetch:
         # Sized once, when the fetch begins, by the lead it has once alone (a
         # file fetched ahead begins beside the end of the one before, with
         # half of it), at most the limit it has now, so that a run fits.
-        # Sized as each run began instead, from the distance known then, a
-        # fetch behind a capped link took the queue its own GETs made for
-        # distance and went on in one-chunk GETs (129 GETs per GiB at
-        # 2 Gbit/s against 38-39; daemon 2.05 CPU s/GiB against 1.58-1.63).
+        # Sized as each run began instead (tried), no gain measured on
+        # loopback, and behind a capped link the time to first byte holds
+        # the queue the fetch's own GETs make: one run went on in one-chunk
+        # GETs (129 per GiB at 2 Gbit/s; sized once: 38, 39 and 108).
         longest = whole_file_get_length(
             self.cache.run_length(obj),
             self.cache.origin_first_byte(),
