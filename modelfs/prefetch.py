@@ -395,9 +395,10 @@ class _Lead:
 
     def fetched(self, n: int) -> None:
         """Chunk `n` is in memory: kept there until it is read. Told as it
-        arrives, not when its GET ends: a chunk of a long GET is stored and
-        let go while the rest of the GET comes in, and another GET's slab
-        took it (read back from disk in one CI run)."""
+        arrives, not when its GET ends: between the end of the GET (its
+        thread lets go of the slabs, which wakes fetches waiting for one)
+        and this fetch's next step, another GET's slab could take it
+        (`test_arrival_evict_race`)."""
         if self.limit and n in self.ahead and n not in self.held:
             held = self.cache.hold(self.obj, n)
             if held is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modelfs import prefetch
-from modelfs.cache import ChunkCache
+from modelfs.cache import CachedObject, ChunkCache
 from modelfs.errors import StoreError
 from modelfs.prefetch import (
     SEEK_TOLERANCE,
@@ -328,6 +329,18 @@ def test_a_reader_waiting_on_data_goes_before_background_fetches(tmp_path: Path)
     assert sorted(order[:1] + order[2:]) == [1, 2, 3, 4, 5]
 
 
+def _opened(
+    cache: ChunkCache, nursery: trio.Nursery, v: ObjectVersion, name: str = "m.bin"
+) -> tuple[OpenPrefetch, CachedObject, OpenFile]:
+    """`name` opened through a handle, with prefetch on open for *.bin and
+    *.safetensors (its fetch runs in `nursery`)."""
+    op = OpenPrefetch(cache, nursery.start_soon, ("*.bin", "*.safetensors"), concurrency=4)
+    obj = cache.open_object(name, v, CS)
+    h = OpenFile(1, 2, obj, cache, None, op)
+    op.on_open(obj, name)
+    return op, obj, h
+
+
 def _open_prefetch_run(
     tmp_path: Path, reads: list[tuple[int, int]], pause: float
 ) -> tuple[ChunkCache, list[int]]:
@@ -344,10 +357,7 @@ def _open_prefetch_run(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            op = OpenPrefetch(cache, nursery.start_soon, ("*.bin",), concurrency=4)
-            obj = cache.open_object("m.bin", v, CS)
-            h = OpenFile(1, 2, obj, cache, None, op)
-            op.on_open(obj, "m.bin")
+            op, obj, h = _opened(cache, nursery, v)
             await trio.sleep(0.3)
             before.append(cache.counters.fetched_chunks)
             for off, n in reads:
@@ -563,10 +573,7 @@ def test_arrival_evict_race(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            op = OpenPrefetch(cache, nursery.start_soon, ("*.bin",), concurrency=4)
-            obj = cache.open_object("m.bin", v, CS)
-            h = OpenFile(1, 2, obj, cache, None, op)
-            op.on_open(obj, "m.bin")
+            op, obj, h = _opened(cache, nursery, v)
             try:
                 with trio.fail_after(10):
                     while not store.paused.is_set():
@@ -586,5 +593,65 @@ def test_arrival_evict_race(tmp_path: Path) -> None:
         trio.run(main)
         assert cache.counters.verified_chunks == 0  # none read back from disk
         assert cache.counters.fetched_chunks == SIZE // CS
+    finally:
+        cache.close()
+
+
+def test_a_chunk_the_reader_has_read_is_not_loaded_again_for_a_run(tmp_path: Path) -> None:
+    """A run's chunk that the reader got to first (the kernel's readahead
+    outruns the lead) is on disk or in memory: loading it from disk for the
+    run was a disk read for nobody."""
+    store = MemoryStore()
+    v = store.put("m.bin", pattern(5, 0, 8 * CS))
+    cache = ChunkCache(tmp_path / "c", store, chunk_size=CS, capacity=1 << 30)
+
+    async def main() -> None:
+        obj = cache.open_object("m.bin", v, CS)
+        try:
+            await cache.ensure(obj, 2)  # the reader's
+            await cache.stored()
+            cache.pool.clear()  # and memory dropped it
+            assert await cache.ensure_run(obj, [0, 1, 2, 3], wanted=lambda n: n != 2) == 3
+        finally:
+            cache.close_object(obj)
+
+    try:
+        trio.run(main)
+        assert cache.counters.verified_chunks == 0
+        assert sorted(store.requests) == [("m.bin", 0, 2 * CS), ("m.bin", 2 * CS, 3 * CS),
+                                          ("m.bin", 3 * CS, 4 * CS)]  # fmt: skip
+    finally:
+        cache.close()
+
+
+def test_a_file_fetched_ahead_keeps_the_chunk_its_header_came_from(tmp_path: Path) -> None:
+    """The header is read before the lead has a size; once it has one, the
+    header's chunk is kept for the reader like any chunk fetched ahead (a
+    file fetched ahead found it evicted by its opening)."""
+    header = json.dumps(
+        {"t": {"dtype": "F32", "shape": [8 * CS // 4], "data_offsets": [0, 8 * CS]}}
+    )
+    blob = struct.pack("<Q", len(header)) + header.encode() + pattern(6, 0, 8 * CS)
+    store = MemoryStore()
+    v = store.put("m.safetensors", blob)
+    cache = ChunkCache(
+        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
+    )  # fmt: skip
+    held: list[set[int]] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            op, obj, h = _opened(cache, nursery, v, "m.safetensors")
+            with trio.fail_after(10):
+                while not (lead := op._leads[obj.obj_id]).limit:
+                    await trio.sleep(0.001)
+            held.append(set(lead.held))
+            for off in range(0, len(blob), CS):
+                await h.read(off, CS)
+            h.close()
+
+    try:
+        trio.run(main)
+        assert 0 in held[0]
     finally:
         cache.close()
