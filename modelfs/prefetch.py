@@ -288,17 +288,23 @@ class Prefetcher:
             self.cache.close_object(self.obj)
 
 
-def _runs(order: list[int], longest: int, stored: Callable[[int], bool]) -> Iterator[list[int]]:
+def _runs(
+    order: list[int], longest: Callable[[], int], stored: Callable[[int], bool]
+) -> Iterator[list[int]]:
     """`order` cut into runs of consecutive chunks not yet stored, each at
-    most `longest` long; `stored` is asked lazily, as the runs are taken, so
-    chunks stored meanwhile (a reader got there first) are skipped."""
+    most `longest()` long (asked as each run begins); `stored` is asked
+    lazily, as the runs are taken, so chunks stored meanwhile (a reader
+    got there first) are skipped."""
     run: list[int] = []
+    most = 0
     for n in order:
         if stored(n):
             continue
-        if run and (n != run[-1] + 1 or len(run) == longest):
+        if run and (n != run[-1] + 1 or len(run) == most):
             yield run
             run = []
+        if not run:
+            most = max(1, longest())
         run.append(n)
     if run:
         yield run
@@ -708,20 +714,21 @@ class OpenPrefetch:
         `lead` (if any); once every run is issued, start the next model
         file's fetch (a lead's readers are a loader going through them)."""
         priority = self._running[obj.obj_id]
-        # Sized once, when the fetch begins, by the lead it has once alone (a
-        # file fetched ahead begins beside the end of the one before, with
-        # half of it), at most the limit it has now, so that a run fits.
-        # Sized as each run began instead (tried), no gain measured on
-        # loopback, and behind a capped link the time to first byte holds
-        # the queue the fetch's own GETs make: one run went on in one-chunk
-        # GETs (129 per GiB at 2 Gbit/s; sized once: 38, 39 and 108).
-        longest = whole_file_get_length(
-            self.cache.run_length(obj),
-            self.cache.origin_first_byte(),
-            self._lead_limit(obj, 1) if lead is not None else None,
-        )
-        if lead is not None:
-            longest = min(longest, max(1, lead.limit))
+        alone = self._lead_limit(obj, 1) if lead is not None else None
+
+        def longest() -> int:
+            # Asked as each run begins, from the distance the origin's GETs
+            # have shown so far (a fetch sized once at its start from a
+            # mount's first, slow GETs went on in one-chunk GETs from the
+            # gateway on this host: 43-110 GETs per GiB where 32 MiB GETs
+            # make 36). By the lead this fetch has alone (a file fetched
+            # ahead begins beside the end of the one before, with half of
+            # it), at most the limit it has now, so that the run fits.
+            n = whole_file_get_length(
+                self.cache.run_length(obj), self.cache.origin_first_byte(), alone
+            )
+            return min(n, lead.limit) if lead is not None and lead.limit else n
+
         # Chunks in flight, whatever the length of the GETs carrying them.
         in_flight = trio.Semaphore(self.concurrency)
         async with trio.open_nursery() as nursery:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,16 @@ from .stats import LATENCY_BUCKETS, StoreStats
 # that would overflow the kernel's file size (2^63) or make per-chunk work
 # without bound; such an object is refused, never served.
 MAX_OBJECT_SIZE = 1 << 50
-# Recent GETs whose time to the response's headers is kept (first_byte_floor).
-FIRST_BYTE_SAMPLES = 32
+# How long a GET's time to its response's headers counts toward the origin's
+# distance (`first_byte_floor`, the least of them). A near origin can look far
+# (a mount's first GETs on new connections, the cores busy, a capped link
+# queueing the fetch's own GETs: 16-42 ms from the gateway here, against
+# 3.4-6 ms quiet) but a far one never looks near, so the least over minutes
+# is the distance; an origin that moved (a failover) is seen as it is within
+# the window. The last 32 GETs (1 GiB at 32 MiB each) were all slow behind a
+# 2 Gbit/s cap or on two busy cores.
+FIRST_BYTE_WINDOW = 300.0
+FIRST_BYTE_SAMPLES = 1024  # kept at most, the newest
 
 
 @dataclass(frozen=True)
@@ -102,8 +111,8 @@ class StoreCounters:
     list_results: dict[str, int] = field(default_factory=dict)  # the same results, for listings
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
-    # Seconds from sending each of the last GETs to its response's headers.
-    first_bytes: deque[float] = field(
+    # (when, seconds from sending a GET to its response's headers), newest last.
+    first_bytes: deque[tuple[float, float]] = field(
         default_factory=lambda: deque(maxlen=FIRST_BYTE_SAMPLES), repr=False
     )
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -131,16 +140,20 @@ class StoreCounters:
             self.latency_counts[i] += 1
             self.latency_sum += seconds
 
-    def first_byte(self, seconds: float) -> None:
+    def first_byte(self, seconds: float, now: float | None = None) -> None:
         """A GET's response headers came `seconds` after it was sent."""
         with self.lock:
-            self.first_bytes.append(seconds)
+            self.first_bytes.append((time.monotonic() if now is None else now, seconds))
 
-    def first_byte_floor(self) -> float | None:
-        """The least time to first byte of the recent GETs (None before the
-        first): how far the origin is, less any queueing on either side."""
+    def first_byte_floor(self, now: float | None = None) -> float | None:
+        """The least time to first byte of the GETs of the last
+        FIRST_BYTE_WINDOW seconds (None without any): how far the origin
+        is, less any queueing on either side."""
+        since = (time.monotonic() if now is None else now) - FIRST_BYTE_WINDOW
         with self.lock:
-            return min(self.first_bytes) if self.first_bytes else None
+            while self.first_bytes and self.first_bytes[0][0] < since:
+                self.first_bytes.popleft()
+            return min(s for _, s in self.first_bytes) if self.first_bytes else None
 
     def snapshot(self) -> StoreStats:
         with self.lock:

@@ -655,3 +655,52 @@ def test_a_file_fetched_ahead_keeps_the_chunk_its_header_came_from(tmp_path: Pat
         assert 0 in held[0]
     finally:
         cache.close()
+
+
+class _NearAfterColdStart(MemoryStore):
+    """A near origin whose first GETs are slow, as a mount's first GETs are
+    (new connections, a cold client, the cores busy); records each GET's
+    length in chunks."""
+
+    def __init__(self, slow_gets: int) -> None:
+        super().__init__()
+        self.slow_gets = slow_gets
+        self.lengths: list[int] = []
+
+    def get_into(self, key, version, start, bufs, deliver=None):  # type: ignore[no-untyped-def]
+        self.lengths.append(len(bufs))
+        self.counters.first_byte(0.030 if len(self.lengths) <= self.slow_gets else 0.002)
+        time.sleep(0.005)
+        return super().get_into(key, version, start, bufs, deliver)
+
+
+def test_a_fetch_takes_longer_gets_once_the_origin_shows_it_is_near(tmp_path: Path) -> None:
+    """The GET length of a whole-file fetch follows the origin's distance as
+    its GETs show it, run by run: sized once, at the fetch's start, from a
+    mount's first slow GETs, a fetch from the gateway on this host went on
+    in one-chunk GETs to its end (43-110 GETs per GiB where 36 would do)."""
+    store = _NearAfterColdStart(slow_gets=3)
+    v = store.put("m.bin", pattern(8, 0, SIZE))
+    cache = ChunkCache(
+        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
+        fetch_concurrency=4,
+    )  # fmt: skip
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            op, obj, h = _opened(cache, nursery, v)
+            for off in range(0, SIZE, CS):
+                assert await h.read(off, CS) == pattern(8, off, off + CS)
+                await trio.sleep(0.01)  # the fetch leads its reader
+            while op.is_running(obj):
+                await trio.sleep(0.01)
+            h.close()
+
+    try:
+        trio.run(main)
+    finally:
+        cache.close()
+    # Far at first (one chunk per GET), then the lead's half (4) per GET.
+    assert store.lengths[0] == 1, store.lengths
+    assert max(store.lengths) == 4, str(store.lengths)
+    assert len(store.lengths) <= 3 + SIZE // CS // 4 + 8, str(store.lengths)
