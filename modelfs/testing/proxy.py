@@ -227,6 +227,11 @@ class _Handler(BaseHTTPRequestHandler):
 class _ThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # A mount opens up to --fetch-concurrency connections at once; with the
+    # default backlog of 5 the rest waited for their SYN to be sent again:
+    # 32 connections at once, the slowest took 1015-1026 ms (backlog 128:
+    # 2-5 ms). GETs in the next-shard test's debug logs stalled so, ~1 s.
+    request_queue_size = 128
     proxy: CountingProxy
 
 
