@@ -112,6 +112,18 @@ class ModelfsCollector(Collector):
         yield gauge("open_files", "Files open through the mount", s.open_files)
         yield from _shared_tier(s.shared)
         yield gauge("origin_requests_in_flight", "GETs in progress", store.in_flight)
+        if store.first_byte_floor is not None:
+            yield gauge(
+                "origin_first_byte_floor_seconds",
+                "Least time to first byte of the last minutes' GETs (the origin's distance)",
+                store.first_byte_floor,
+            )
+        yield counter("prefetch_on_open_files", "Files fetched whole on open", s.prefetched_on_open)
+        yield counter(
+            "prefetch_ahead_of_open_files",
+            "Files fetched whole before a loader opened them (the next model file)",
+            s.fetched_ahead_of_open,
+        )
         pre = s.preload
         if pre is not None:
             yield gauge("preload_bytes", "Bytes --preload is to fetch", pre.bytes)

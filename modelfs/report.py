@@ -77,5 +77,6 @@ class MountReport:
             **dataclasses.asdict(fs),
             readahead_chunks=self.readahead.budget.issued_chunks if self.readahead else 0,
             prefetched_on_open=self.open_prefetch.started_files if self.open_prefetch else 0,
+            fetched_ahead_of_open=self.open_prefetch.files_ahead if self.open_prefetch else 0,
             last_minute=self.rates.rates(),
         )

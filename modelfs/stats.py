@@ -41,6 +41,9 @@ class StoreStats:
     # Requests per LATENCY_BUCKETS bound, then above the last one.
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
+    # The least time to first byte of the last minutes' GETs: how far the
+    # origin is (whole-file fetches size their GETs by it); None: no GET yet.
+    first_byte_floor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ class MountStats:
     inodes: int = 0
     readahead_chunks: int = 0
     prefetched_on_open: int = 0
+    fetched_ahead_of_open: int = 0  # of those, the next model file before its opening
     last_minute: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

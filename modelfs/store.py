@@ -156,6 +156,7 @@ class StoreCounters:
             return min(s for _, s in self.first_bytes) if self.first_bytes else None
 
     def snapshot(self) -> StoreStats:
+        floor = self.first_byte_floor()
         with self.lock:
             return StoreStats(
                 list_requests=self.list_requests,
@@ -167,6 +168,7 @@ class StoreCounters:
                 list_results=dict(self.list_results),
                 latency_counts=list(self.latency_counts),
                 latency_sum=self.latency_sum,
+                first_byte_floor=floor,
             )
 
 

@@ -18,6 +18,7 @@ from ..config import format_size
 from ..humane import escape, for_humans
 from ..progress import percent
 from ..stats import MountStats, SnapshotStats, TierStats
+from ..store import FIRST_BYTE_WINDOW
 
 if TYPE_CHECKING:
     # Types only: importing the layers (trio, lmdb) would slow every
@@ -73,10 +74,13 @@ def render_stats(s: MountStats) -> str:
         f"(mean {mean_ms:.0f} ms, {errors} failed, {store.retries} retried), "
         f"{store.list_requests} listings; "
         f"last minute {format_size(recent.get('origin_bytes_per_s', 0))}/s",
+        f"distance   {_distance(store.first_byte_floor)}",
         f"prefetch   {format_size(cache.prefetch_fetched_bytes)} fetched ahead: "
         f"{format_size(cache.prefetch_used_bytes)} used, "
         f"{format_size(cache.prefetch_wasted_bytes)} evicted unused, "
-        f"{format_size(cache.prefetch_pending_bytes)} not read yet",
+        f"{format_size(cache.prefetch_pending_bytes)} not read yet; "
+        f"{s.prefetched_on_open} files fetched whole on open, "
+        f"{s.fetched_ahead_of_open} of them before their opening",
         f"cache      {format_size(cache.used_bytes)} of {format_size(cache.capacity_bytes)} "
         f"({percent(cache.used_bytes, cache.capacity_bytes)}) in {s.cache_dir}: "
         f"{cache.chunks} chunks of {cache.objects} objects; "
@@ -95,6 +99,15 @@ def render_stats(s: MountStats) -> str:
     if s.shared is not None:
         lines.insert(3, _tier_line(s.shared))
     return "\n".join(lines)
+
+
+def _distance(first_byte: float | None) -> str:
+    if first_byte is None:
+        return "not known yet (no GET)"
+    return (
+        f"first byte in {first_byte * 1000:.1f} ms at the least "
+        f"(GETs of the last {FIRST_BYTE_WINDOW / 60:g} minutes)"
+    )
 
 
 def _snapshot_line(snap: SnapshotStats) -> str:

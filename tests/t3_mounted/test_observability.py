@@ -216,6 +216,13 @@ def test_stats_command(bucket: Bucket, mounter: Mounter) -> None:
     assert "last minute" in out and f"in {m.cache_dir}" in out
     assert raw["store"]["get_bytes"] == TOTAL
     assert raw["last_minute"]["served_bytes_per_s"] > 0
+    # The origin's distance, as its GETs showed it (a gateway on this host).
+    floor = raw["store"]["first_byte_floor"]
+    assert 0 < floor < 1 and f"first byte in {floor * 1000:.1f} ms" in out
+    # Both files match the default patterns (*.safetensors, *.bin) and were
+    # fetched whole once opened; neither is the next shard of a model.
+    assert raw["prefetched_on_open"] == 2 and raw["fetched_ahead_of_open"] == 0
+    assert "2 files fetched whole on open, 0 of them before their opening" in out
     proc = run_modelfs("stats", str(m.cache_dir))
     assert proc.returncode == 1 and "is not inside a modelfs mount" in proc.stderr
 
@@ -378,11 +385,13 @@ def test_typed_stats_round_trip_and_reach_the_metrics() -> None:
 
     stats = MountStats(
         source="s3://b/m/",
-        store=StoreStats(get_bytes=1234, get_results={"ok": 3, "stale": 1}),
+        store=StoreStats(get_bytes=1234, get_results={"ok": 3, "stale": 1}, first_byte_floor=0.004),
         cache=CacheStats(hit_bytes=77, corrupt_chunks=2),
         shared=TierStats(hits=5, errors={"denied": 1}),
         snapshot=SnapshotStats(objects=4, stale=1),
         open_files=2,
+        prefetched_on_open=3,
+        fetched_ahead_of_open=1,
     )
     doc = json.loads(json.dumps(stats.to_json()))
     assert MountStats.from_json(doc) == stats
@@ -397,5 +406,8 @@ def test_typed_stats_round_trip_and_reach_the_metrics() -> None:
         'modelfs_shared_errors_total{kind="denied"} 1.0',
         "modelfs_snapshot_stale_objects 1.0",
         "modelfs_open_files 2.0",
+        "modelfs_origin_first_byte_floor_seconds 0.004",
+        "modelfs_prefetch_on_open_files_total 3.0",
+        "modelfs_prefetch_ahead_of_open_files_total 1.0",
     ):
         assert line in text, line
