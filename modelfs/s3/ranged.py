@@ -55,7 +55,8 @@ class RangedGet:
         self.bucket, self._endpoint = bucket, endpoint
         self._new_client = new_client
         self._timeouts = timeouts
-        self._clients = {timeouts: new_client(*timeouts)}
+        self._sent = threading.local()  # when this thread's GET was sent
+        self._clients = {timeouts: self._made(*timeouts)}
         self._lock = threading.Lock()
         self.retry_timeout = retry_timeout
         self.counters = counters
@@ -72,8 +73,19 @@ class RangedGet:
         with self._lock:
             got = self._clients.get((connect, read))
             if got is None:
-                got = self._clients[(connect, read)] = self._new_client(connect, read)
+                got = self._clients[(connect, read)] = self._made(connect, read)
             return got
+
+    def _made(self, connect: float, read: float) -> Any:
+        client = self._new_client(connect, read)
+        # Time to first byte is counted from the send, not from the call:
+        # signing and building the request wait for the GIL on a busy
+        # daemon, which is not the origin's time. (None: a handler's value
+        # would replace the response.)
+        client.meta.events.register(
+            "before-send.s3.GetObject", lambda **_: setattr(self._sent, "at", time.monotonic())
+        )
+        return client
 
     def get(
         self,
@@ -143,9 +155,9 @@ class RangedGet:
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         before = sink.received
         try:
-            asked = time.monotonic()
+            self._sent.at = time.monotonic()
             resp = client.get_object(**self._get_args(key, version, start, end))
-            headers_in = time.monotonic() - asked
+            headers_in = time.monotonic() - self._sent.at
             body = resp["Body"]
             try:
                 check_response(what, version, start, end, resp)

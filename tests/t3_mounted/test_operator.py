@@ -95,6 +95,32 @@ def test_a_failed_listing_is_counted_as_a_failure_not_ok(
     assert store.counters.snapshot().list_results == {"denied": 1}
 
 
+def test_the_mounts_listing_is_a_first_sample_of_the_origins_distance(
+    bucket: Bucket, proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's listing, on an idle link, times the origin before any
+    GET (a mount's first GETs, several at once and cold, made the gateway
+    on this host look far); a far origin looks far by it too."""
+    for name, value in bucket.env.items():
+        monkeypatch.setenv(name, value)
+    bucket.put("a.bin", b"x")
+
+    def probed(endpoint: str) -> float | None:
+        store = S3Store(_cfg(endpoint_url=endpoint).origin_settings(), bucket.name)
+        assert store.counters.first_byte_floor() is None
+        store.probe("")
+        return store.counters.first_byte_floor()
+
+    near = probed(bucket.endpoint_url)
+    assert near is not None and near < 0.05
+    proxy.first_byte_delay = 0.05  # an origin 50 ms away
+    try:
+        far = probed(proxy.endpoint_url)
+    finally:
+        proxy.first_byte_delay = 0.0
+    assert far is not None and far >= 0.05
+
+
 def test_custom_endpoints_send_checksums_only_when_required(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """boto3 >= 1.36 adds CRC headers by default, which some S3-compatible
     stores refuse; against a custom endpoint modelfs asks for them only when
