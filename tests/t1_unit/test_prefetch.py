@@ -329,6 +329,15 @@ def test_a_reader_waiting_on_data_goes_before_background_fetches(tmp_path: Path)
     assert sorted(order[:1] + order[2:]) == [1, 2, 3, 4, 5]
 
 
+def _small_memory_cache(tmp_path: Path, store: MemoryStore) -> ChunkCache:
+    """A cache whose memory holds 16 chunks (a lead of 8 for one file), with
+    4 chunks fetched at once."""
+    return ChunkCache(
+        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
+        fetch_concurrency=4,
+    )  # fmt: skip
+
+
 def _opened(
     cache: ChunkCache, nursery: trio.Nursery, v: ObjectVersion, name: str = "m.bin"
 ) -> tuple[OpenPrefetch, CachedObject, OpenFile]:
@@ -349,10 +358,7 @@ def _open_prefetch_run(
     and the chunks fetched before the first read."""
     store = MemoryStore()
     v = store.put("m.bin", pattern(3, 0, SIZE))
-    cache = ChunkCache(
-        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
-        fetch_concurrency=4,
-    )  # fmt: skip
+    cache = _small_memory_cache(tmp_path, store)
     before: list[int] = []
 
     async def main() -> None:
@@ -431,10 +437,7 @@ def _two_files(
     store = MemoryStore()
     va = store.put("a.bin", pattern(3, 0, SIZE))
     vb = store.put("b.bin", pattern(4, 0, SIZE))
-    cache = ChunkCache(
-        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
-        fetch_concurrency=4,
-    )  # fmt: skip
+    cache = _small_memory_cache(tmp_path, store)
     before: list[int] = []
     op: list[OpenPrefetch] = []
 
@@ -566,10 +569,7 @@ def test_arrival_evict_race(tmp_path: Path) -> None:
     store = _PausesAfterFirstChunk()
     v = store.put("m.bin", pattern(6, 0, SIZE))
     store.counters.first_byte(0.001)  # a near origin: GETs of several chunks
-    cache = ChunkCache(
-        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
-        fetch_concurrency=4,
-    )  # fmt: skip
+    cache = _small_memory_cache(tmp_path, store)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -681,10 +681,7 @@ def test_a_fetch_takes_longer_gets_once_the_origin_shows_it_is_near(tmp_path: Pa
     in one-chunk GETs to its end (43-110 GETs per GiB where 36 would do)."""
     store = _NearAfterColdStart(slow_gets=3)
     v = store.put("m.bin", pattern(8, 0, SIZE))
-    cache = ChunkCache(
-        tmp_path / "c", store, chunk_size=CS, capacity=1 << 30, memory_cache=16 * CS,
-        fetch_concurrency=4,
-    )  # fmt: skip
+    cache = _small_memory_cache(tmp_path, store)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
