@@ -352,10 +352,13 @@ class _Lead:
         self.abandoned = False  # fetched ahead, and nobody came: the fetch ends
         self.ahead: set[int] = set()  # fetched by the prefetch, not yet read
         self.read: set[int] = set()  # read whole by readers
-        # Bytes read so far of chunks not yet read whole: a chunk that holds
-        # the end of one tensor and the start of another is read in two
-        # visits, and must stay in memory for the second.
-        self._partial: dict[int, int] = {}
+        # What was read so far of chunks not yet read whole: a chunk that
+        # holds the end of one tensor and the start of another is read in
+        # two visits, and must stay in memory for the second. Spans (start,
+        # end in the file), merged: the same bytes may be asked for twice
+        # (the kernel's readahead beside a reader's own read), and a sum of
+        # sizes would call the chunk read whole before it is.
+        self._partial: dict[int, list[tuple[int, int]]] = {}
         self.held: dict[int, Any] = {}  # ahead and in memory: kept there
         self._moved = trio.Event()
 
@@ -365,10 +368,11 @@ class _Lead:
         for n in range(offset // cs, (end - 1) // cs + 1):
             if n in self.read:
                 continue
-            got = min(end, (n + 1) * cs) - max(offset, n * cs)
-            total = self._partial.get(n, 0) + got
-            if total < min(cs, self.obj.size - n * cs):
-                self._partial[n] = total
+            spans = _merged(
+                [*self._partial.get(n, ()), (max(offset, n * cs), min(end, (n + 1) * cs))]
+            )
+            if sum(e - s for s, e in spans) < min(cs, self.obj.size - n * cs):
+                self._partial[n] = spans
                 # Read in part (a page fault or a readahead window that
                 # does not start on a chunk boundary): kept in memory for
                 # the rest, also when the reader fetched it itself, not this
@@ -452,6 +456,17 @@ class _Lead:
         for held in self.held.values():
             self.cache.let_go(held)
         self.held.clear()
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`spans` (start, end) as disjoint spans, in order."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def whole_file_get_length(longest: int, first_byte: float | None, limit: int | None) -> int:

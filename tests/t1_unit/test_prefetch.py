@@ -701,3 +701,35 @@ def test_a_fetch_takes_longer_gets_once_the_origin_shows_it_is_near(tmp_path: Pa
     assert store.lengths[0] == 1, store.lengths
     assert max(store.lengths) == 4, str(store.lengths)
     assert len(store.lengths) <= 3 + SIZE // CS // 4 + 8, str(store.lengths)
+
+
+class _Holds:
+    """The two calls a lead makes of the cache: which chunks it holds."""
+
+    def __init__(self) -> None:
+        self.held: set[int] = set()
+
+    def hold(self, obj: object, n: int) -> int:
+        self.held.add(n)
+        return n
+
+    def let_go(self, n: int) -> None:
+        self.held.discard(n)
+
+
+def test_a_chunk_read_twice_in_part_is_not_read_whole() -> None:
+    """The same bytes read twice (the kernel's readahead beside a reader's
+    own read) do not make a chunk read whole: counted as a sum of sizes,
+    the chunk was let go with half of it unread, and that half was read
+    back from disk."""
+    cache = _Holds()
+    obj = type("Obj", (), {"chunk_size": CS, "size": 4 * CS})()
+    lead = prefetch._Lead(cache, obj)  # type: ignore[arg-type]
+    lead.limit = 8
+    lead.on_read(0, CS // 2)
+    lead.on_read(0, CS // 2)  # the same half again
+    assert 0 not in lead.read and cache.held == {0}
+    lead.on_read(CS // 4, CS // 2)  # overlapping, and a quarter more
+    assert 0 not in lead.read and cache.held == {0}
+    lead.on_read(3 * CS // 4, CS // 4 + 10)  # the rest, and 10 bytes of chunk 1
+    assert lead.read == {0} and cache.held == {1}
