@@ -115,7 +115,7 @@ class ModelfsCollector(Collector):
         if store.first_byte_floor is not None:
             yield gauge(
                 "origin_first_byte_floor_seconds",
-                "Least time to first byte of the last minutes' GETs (the origin's distance)",
+                "Least time to first byte of the last minutes' requests (the origin's distance)",
                 store.first_byte_floor,
             )
         yield counter("prefetch_on_open_files", "Files fetched whole on open", s.prefetched_on_open)

@@ -41,8 +41,9 @@ class StoreStats:
     # Requests per LATENCY_BUCKETS bound, then above the last one.
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
-    # The least time to first byte of the last minutes' GETs: how far the
-    # origin is (whole-file fetches size their GETs by it); None: no GET yet.
+    # The least time to first byte of the last minutes' requests (the probe
+    # listing, GETs): how far the origin is (whole-file fetches size their
+    # GETs by it); None: none timed yet.
     first_byte_floor: float | None = None
 
 

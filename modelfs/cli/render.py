@@ -103,10 +103,10 @@ def render_stats(s: MountStats) -> str:
 
 def _distance(first_byte: float | None) -> str:
     if first_byte is None:
-        return "not known yet (no GET)"
+        return "not known yet (no request timed)"
     return (
         f"first byte in {first_byte * 1000:.1f} ms at the least "
-        f"(GETs of the last {FIRST_BYTE_WINDOW / 60:g} minutes)"
+        f"(requests of the last {FIRST_BYTE_WINDOW / 60:g} minutes)"
     )
 
 

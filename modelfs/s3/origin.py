@@ -129,7 +129,8 @@ class S3Store:
                 # gateway on this host). A listing is, as a rule, no quicker
                 # to answer than a GET: a far origin does not look near by it.
                 sent, answered = self._probe_times
-                self.counters.first_byte(answered - sent)
+                if answered > sent:  # both events came for this attempt
+                    self.counters.first_byte(answered - sent)
                 break
             except Exception as exc:
                 err = self._translate(exc, f"listing s3://{self.bucket}/{prefix}")
