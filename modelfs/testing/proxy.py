@@ -64,11 +64,6 @@ class Request:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    # TCP_NODELAY: the headers and the body go out in separate writes, and
-    # Nagle's algorithm held the last small segment for the client's delayed
-    # ACK: a listing or a small GET took 51-52 ms through the proxy, 4.6 ms
-    # with it off (the gateway alone: ~5 ms).
-    disable_nagle_algorithm = True
     server: _ThreadingServer
     _conn: http.client.HTTPConnection | None = None
     _arrived = 0.0
