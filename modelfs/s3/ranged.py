@@ -155,6 +155,8 @@ class RangedGet:
         what = f"s3://{self.bucket}/{key} bytes {start}-{end - 1}"
         before = sink.received
         try:
+            # Set again by the client's before-send: this is for a response
+            # that comes without a send (a handler answering before-call).
             self._sent.at = time.monotonic()
             resp = client.get_object(**self._get_args(key, version, start, end))
             headers_in = time.monotonic() - self._sent.at
